@@ -1,0 +1,223 @@
+"""backends.py: detection of optional packages, impl selection, UNIMRG_FAST_IMPL."""
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+import unimrg_fast as uf
+from unimrg_fast import backends
+
+
+@pytest.fixture(autouse=True)
+def fresh_probes(monkeypatch):
+    monkeypatch.delenv(backends.ENV_IMPL, raising=False)
+    backends.refresh()
+    yield
+    backends.refresh()
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+    return module
+
+
+def _absent(monkeypatch, name):
+    # A None entry in sys.modules makes `import name` raise ImportError.
+    monkeypatch.setitem(sys.modules, name, None)
+
+
+# ------------------------------------------------------------------ detection
+def test_flash_attn_detected_with_a_stand_in(monkeypatch):
+    _fake_module(monkeypatch, "flash_attn", __version__="2.7.4", flash_attn_varlen_func=None)
+    probe = backends.flash_attn()
+    assert probe.available and probe.version == "2.7.4"
+
+
+def test_flash_attn_missing_says_how_to_install(monkeypatch):
+    _absent(monkeypatch, "flash_attn")
+    probe = backends.flash_attn()
+    assert not probe.available
+    assert "unimrg-fast[flash]" in probe.detail
+
+
+def test_broken_install_is_reported_not_raised(monkeypatch):
+    def failing_import(name, *args, **kwargs):
+        if name == "xformers.ops":
+            raise OSError("undefined symbol: _ZN3c10...")
+        return real_import(name, *args, **kwargs)
+
+    real_import = backends.importlib.import_module
+    monkeypatch.setattr(backends.importlib, "import_module", failing_import)
+    probe = backends.xformers()
+    assert not probe.available and "failed to import" in probe.detail and "undefined symbol" in probe.detail
+
+
+def test_xformers_detected_with_a_stand_in(monkeypatch):
+    _fake_module(monkeypatch, "xformers", __version__="0.0.29")
+    _fake_module(monkeypatch, "xformers.ops", memory_efficient_attention=None)
+    assert backends.xformers().available
+
+
+def test_pypi_apex_is_not_nvidia_apex(monkeypatch):
+    # The unrelated PyPI project "apex" imports fine but has no apex.normalization.
+    _fake_module(monkeypatch, "apex", __version__="0.9.10dev")
+    _absent(monkeypatch, "apex.normalization")
+    probe = backends.apex()
+    assert not probe.available and "not NVIDIA apex" in probe.detail
+
+
+def test_nvidia_apex_detected(monkeypatch):
+    _fake_module(monkeypatch, "apex")
+    _fake_module(monkeypatch, "apex.normalization", FusedRMSNorm=None)
+    assert backends.apex().available
+
+
+def test_triton_mode_follows_the_interpreter_flag(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU lane check: with CUDA Triton runs natively")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends.refresh()
+    assert backends.triton().detail == "interpreter"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.refresh()
+    probe = backends.triton()
+    assert not probe.available and "TRITON_INTERPRET=1" in probe.detail
+
+
+def test_cuda_probe_matches_torch():
+    assert backends.cuda().available == torch.cuda.is_available()
+    assert (backends.cuda_capability() is None) == (not torch.cuda.is_available())
+
+
+def test_describe_lists_every_probe():
+    found = backends.describe()
+    assert set(found) >= {"cuda", "triton", "flash_attn", "xformers", "apex"}
+    assert all(isinstance(p, backends.Probe) for p in found.values())
+
+
+# ------------------------------------------------------------------ selection
+def test_auto_on_cpu_resolves_to_the_reference():
+    name, fn = backends.resolve("linear_cross_entropy", "auto", device=torch.device("cpu"))
+    assert name == "reference"
+    from unimrg_fast.reference import linear_cross_entropy
+
+    assert fn is linear_cross_entropy
+
+
+def test_auto_logs_its_choice_once(caplog):
+    with caplog.at_level(logging.INFO, logger="unimrg_fast"):
+        for _ in range(3):
+            backends.resolve("regression_loss", "auto", device=torch.device("cpu"))
+    choices = [r for r in caplog.records if "regression_loss uses impl='reference'" in r.getMessage()]
+    assert len(choices) == 1
+
+
+def test_unknown_impl_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of auto, .*reference"):
+        backends.resolve("packed_attention", "cudnn", device=torch.device("cpu"))
+
+
+def test_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        backends.resolve("softmax")
+
+
+def test_impl_must_be_a_string():
+    with pytest.raises(TypeError, match="impl must be a string"):
+        backends.resolve("joint_loss", None)
+
+
+def test_missing_backend_raises_with_install_hint(monkeypatch):
+    _absent(monkeypatch, "flash_attn")
+    backends.register(backends.Implementation(
+        "packed_attention", "flash", "unimrg_fast.reference:packed_attention", ("flash_attn",)))
+    try:
+        with pytest.raises(RuntimeError, match=r"impl='flash'.*pip install 'unimrg-fast\[flash\]'"):
+            backends.resolve("packed_attention", "flash", device=torch.device("cpu"))
+        # ... while "auto" falls back quietly.
+        name, _ = backends.resolve("packed_attention", "auto", device=torch.device("cpu"))
+        assert name == "reference"
+    finally:
+        backends._TABLE[:] = [i for i in backends._TABLE if i.name != "flash"]
+
+
+def test_accepts_predicate_steers_auto_and_rejects_explicit(monkeypatch):
+    _fake_module(monkeypatch, "flash_attn", __version__="2.7.4")
+    only_causal = lambda device=None, layout=None, **_: None if layout == "causal" else "mask too rich"
+    backends.register(backends.Implementation(
+        "packed_attention", "flash", "unimrg_fast.reference:packed_attention", ("flash_attn",),
+        accepts=only_causal), before="reference")
+    try:
+        cpu = torch.device("cpu")
+        assert backends.resolve("packed_attention", "auto", device=cpu, layout="causal")[0] == "flash"
+        assert backends.resolve("packed_attention", "auto", device=cpu, layout="mixed")[0] == "reference"
+        with pytest.raises(ValueError, match="mask too rich"):
+            backends.resolve("packed_attention", "flash", device=cpu, layout="mixed")
+    finally:
+        backends._TABLE[:] = [i for i in backends._TABLE if i.name != "flash"]
+
+
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "regression_loss", "joint_loss",
+                                "packed_attention"])
+def test_planned_triton_impl_is_a_clear_not_implemented(op):
+    impl = next(i for i in backends.implementations(op) if i.name == "triton")
+    if impl.planned is None:
+        pytest.skip(f"{op}'s Triton kernel has landed")
+    with pytest.raises(NotImplementedError, match=r"not implemented yet \(issue #\d\).*impl='reference'"):
+        backends.resolve(op, "triton", device=torch.device("cpu"))
+
+
+def test_env_forces_one_impl_for_every_op(monkeypatch):
+    monkeypatch.setenv(backends.ENV_IMPL, "reference")
+    for op in ("linear_cross_entropy", "packed_attention"):
+        assert backends.resolve(op, "auto", device=torch.device("cpu"))[0] == "reference"
+
+
+def test_env_per_op_and_unknown_name(monkeypatch):
+    monkeypatch.setenv(backends.ENV_IMPL, "linear_cross_entropy=nope")
+    with pytest.raises(ValueError, match="UNIMRG_FAST_IMPL='nope'"):
+        backends.resolve("linear_cross_entropy", "auto", device=torch.device("cpu"))
+    # Other ops are untouched by a per-op setting.
+    assert backends.resolve("regression_loss", "auto", device=torch.device("cpu"))[0] == "reference"
+
+
+def test_env_global_name_an_op_lacks_leaves_it_on_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_IMPL, "flash")
+    assert backends.resolve("joint_loss", "auto", device=torch.device("cpu"))[0] == "reference"
+
+
+def test_explicit_impl_wins_over_env(monkeypatch):
+    monkeypatch.setenv(backends.ENV_IMPL, "linear_cross_entropy=nope")
+    assert backends.resolve("linear_cross_entropy", "reference")[0] == "reference"
+
+
+def test_public_ops_dispatch_through_backends(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(())
+
+    _fake_module(monkeypatch, "spy_impl", regression_loss=spy)
+    backends.register(backends.Implementation("regression_loss", "spy", "spy_impl:regression_loss"),
+                      before="reference")
+    try:
+        h, w, t = torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 2)
+        uf.regression_loss(h, w, t, reduction="sum", impl="spy")
+        assert calls == [{"bias": None, "token_weight": None, "reduction": "sum"}]
+    finally:
+        backends._TABLE[:] = [i for i in backends._TABLE if i.name != "spy"]
+
+
+def test_cli_prints_a_report(capsys):
+    backends._main()
+    out = capsys.readouterr().out
+    assert "flash_attn" in out and "packed_attention:" in out

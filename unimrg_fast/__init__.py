@@ -1,0 +1,23 @@
+"""unimrg-fast: fused kernels for UniMRG / SGT post-training of unified multimodal models.
+
+Public surface (DESIGN.md section 2)::
+
+    import unimrg_fast as uf
+    uf.linear_cross_entropy(hidden, weight, target, impl="auto")
+    uf.regression_loss(hidden, weight, target, impl="auto")
+    uf.joint_loss(hidden, heads, num_tasks, impl="auto")
+    uf.packed_attention(q, k, v, layout, impl="auto")
+    uf.PackedLayout.from_spans([[(1088, "full"), (40, "causal")], ...])
+
+Every op takes impl="auto" | "triton" | "reference" (| peers); see unimrg_fast.backends.
+"""
+from unimrg_fast.layout import PackedLayout, TileMetadata
+from unimrg_fast.ops import joint_loss, linear_cross_entropy, packed_attention, regression_loss
+from unimrg_fast.specs import CEHeadSpec, JointLossOutput, RegressionHeadSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PackedLayout", "TileMetadata", "CEHeadSpec", "RegressionHeadSpec", "JointLossOutput",
+    "linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention",
+]

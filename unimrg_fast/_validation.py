@@ -1,0 +1,102 @@
+"""Argument checks shared by every op and its reference twin.
+
+Every check raises an error that names the argument and what was expected, so a bad
+call fails at the boundary instead of deep inside a kernel. None of them synchronises
+with a GPU: value checks (index ranges) run only where they are free (CPU tensors) or
+when UNIMRG_FAST_DEBUG=1 asks for them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64", torch.int64: "int64", torch.int32: "int32"}
+
+
+def _dtype_list(dtypes: Iterable[torch.dtype]) -> str:
+    return " / ".join(_DTYPE_NAMES.get(d, str(d)) for d in dtypes)
+
+
+def check_tensor(x, name: str, *, ndim: Optional[int] = None,
+                 dtypes: Optional[Sequence[torch.dtype]] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Checks that `x` is a tensor of the given rank, dtype family and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_list(dtypes)}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {x.device}")
+    return x
+
+
+def check_shape(x: torch.Tensor, name: str, expected: Sequence[int], what: str) -> None:
+    """Checks an exact shape; `what` explains where the expected sizes come from."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({what}), got {tuple(x.shape)}")
+
+
+def debug_checks_enabled() -> bool:
+    return os.environ.get("UNIMRG_FAST_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def check_index_range(x: torch.Tensor, name: str, low: int, high: int,
+                      allowed_extra: Optional[int] = None) -> None:
+    """Checks low <= x < high (x == allowed_extra is also accepted, e.g. ignore_index).
+
+    Runs on CPU tensors, where it costs no synchronisation, and on GPU tensors only in
+    debug mode; on a GPU the kernels poison bad rows with NaN instead of reading
+    out of bounds, so a bad index is never a silent wrong answer.
+    """
+    if x.numel() == 0 or (x.is_cuda and not debug_checks_enabled()):
+        return
+    bad = (x < low) | (x >= high)
+    if allowed_extra is not None:
+        bad &= x != allowed_extra
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0]) if x.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        extra = f" or {allowed_extra}" if allowed_extra is not None else ""
+        raise ValueError(f"{name} must hold values in [{low}, {high}){extra}; "
+                         f"found {x.flatten()[bad.flatten()][0].item()} at index {pos}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def flatten_rows(hidden: torch.Tensor, name: str = "hidden") -> torch.Tensor:
+    """[..., H] -> [N, H]; leading dimensions are flattened as DESIGN.md 3.1 says."""
+    if hidden.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension [..., H], got a scalar")
+    return hidden.reshape(-1, hidden.shape[-1]) if hidden.dim() != 2 else hidden
+
+
+def check_linear_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      out_name: str) -> None:
+    """Common checks for a fused linear head: hidden [N, H], weight [O, H], bias [O]."""
+    check_tensor(hidden, "hidden", ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(weight, "weight", ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [{out_name}, H] with H = hidden.shape[-1] = "
+                         f"{hidden.shape[1]}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one output row ({out_name} >= 1)")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtypes=FLOAT_DTYPES, device=hidden.device)
+        check_shape(bias, "bias", (weight.shape[0],), f"[{out_name}] = weight.shape[0]")
+
+
+def check_token_weight(token_weight: Optional[torch.Tensor], n: int, device: torch.device) -> None:
+    if token_weight is None:
+        return
+    check_tensor(token_weight, "token_weight", dtypes=FLOAT_DTYPES + (torch.float64,), device=device)
+    if token_weight.numel() != n:
+        raise ValueError(f"token_weight must have one weight per row ({n} rows), "
+                         f"got shape {tuple(token_weight.shape)}")

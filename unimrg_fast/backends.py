@@ -1,0 +1,322 @@
+"""What this process can run, and which implementation of each op to use.
+
+This is the only module that probes the environment (CUDA, Triton native or
+interpreted, flash-attn, xformers, apex, Liger-Kernel, Cut Cross-Entropy,
+FlexAttention). Ops never import optional packages themselves: they ask
+`resolve(op, impl, device=...)` for a callable.
+
+Choosing an implementation:
+- an explicit `impl="name"` is honoured or fails with an error that says how to get it;
+- `impl="auto"` takes the first implementation, in the table's priority order, that is
+  built, available here and accepts the call (for example FlashAttention only for
+  layouts it can express); it falls back quietly and logs its choice once;
+- the environment variable `UNIMRG_FAST_IMPL` overrides "auto": either one name for
+  every op that has it (`UNIMRG_FAST_IMPL=reference`) or per op
+  (`UNIMRG_FAST_IMPL=packed_attention=flex,linear_cross_entropy=reference`).
+
+`python -m unimrg_fast.backends` prints what was found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger("unimrg_fast")
+
+ENV_IMPL = "UNIMRG_FAST_IMPL"
+
+
+# --------------------------------------------------------------------------- probes
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The outcome of looking for one capability."""
+
+    available: bool
+    version: Optional[str] = None
+    detail: str = ""  # why it is missing, or what was found (device name, mode)
+
+
+def _import_probe(module: str, missing: str) -> Probe:
+    """Imports `module`; an ImportError or a broken install (ABI mismatch) is 'missing'."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        return Probe(False, None, f"{missing} ({exc.__class__.__name__}: {exc})")
+    except Exception as exc:  # e.g. a CUDA extension built for another torch
+        return Probe(False, None, f"{module} is installed but failed to import: {exc}")
+    version = getattr(mod, "__version__", None)
+    return Probe(True, str(version) if version is not None else None, module)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda() -> Probe:
+    if not torch.cuda.is_available():
+        return Probe(False, None, "no CUDA device visible to torch")
+    major, minor = torch.cuda.get_device_capability()
+    return Probe(True, f"sm_{major}{minor}", torch.cuda.get_device_name())
+
+
+def cuda_capability() -> Optional[Tuple[int, int]]:
+    return torch.cuda.get_device_capability() if cuda().available else None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton() -> Probe:
+    found = _import_probe("triton", "pip install triton (Linux)")
+    if not found.available:
+        return found
+    if triton_interpreted():
+        return Probe(True, found.version, "interpreter")
+    if cuda().available:
+        return Probe(True, found.version, "native")
+    return Probe(False, found.version,
+                 "no CUDA device; set TRITON_INTERPRET=1 before importing unimrg_fast "
+                 "to run the Triton kernels on the CPU interpreter")
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn() -> Probe:
+    return _import_probe("flash_attn", "pip install 'unimrg-fast[flash]' (builds flash-attn; needs CUDA)")
+
+
+@functools.lru_cache(maxsize=None)
+def xformers() -> Probe:
+    return _import_probe("xformers.ops", "pip install 'unimrg-fast[xformers]' (needs a matching torch build)")
+
+
+@functools.lru_cache(maxsize=None)
+def apex() -> Probe:
+    # NVIDIA apex is never a dependency: it is not on PyPI, and the PyPI project named
+    # "apex" is unrelated. Tell them apart by a module only NVIDIA's has.
+    found = _import_probe("apex", "NVIDIA apex is not installed (build it from NVIDIA's repository)")
+    if not found.available:
+        return found
+    nvidia = _import_probe("apex.normalization", "")
+    if not nvidia.available:
+        return Probe(False, None, "the installed 'apex' is not NVIDIA apex (no apex.normalization)")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def liger() -> Probe:
+    return _import_probe("liger_kernel", "pip install liger-kernel")
+
+
+@functools.lru_cache(maxsize=None)
+def cut_cross_entropy() -> Probe:
+    return _import_probe("cut_cross_entropy", "pip install cut-cross-entropy")
+
+
+@functools.lru_cache(maxsize=None)
+def flex_attention() -> Probe:
+    return _import_probe("torch.nn.attention.flex_attention", "needs torch >= 2.5")
+
+
+PROBES: Dict[str, Callable[[], Probe]] = {
+    "cuda": cuda, "triton": triton, "flash_attn": flash_attn, "xformers": xformers,
+    "apex": apex, "liger": liger, "cut_cross_entropy": cut_cross_entropy,
+    "flex_attention": flex_attention,
+}
+
+
+def refresh() -> None:
+    """Forgets every probe and logged choice (after installing a package, or in tests)."""
+    for probe in PROBES.values():
+        probe.cache_clear()
+    _logged_choices.clear()
+
+
+def describe() -> Dict[str, Probe]:
+    return {name: probe() for name, probe in PROBES.items()}
+
+
+# ------------------------------------------------------------------ implementations
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to compute an op.
+
+    `target` is "module:function", imported only when first used. `requires` names
+    probes that must be available. `accepts(device=..., **call)` returns None when this
+    implementation can compute the call, else the reason it cannot (e.g. a mask
+    FlashAttention cannot express): "auto" skips it then, an explicit request fails.
+    `prefer(device=..., **call)` is consulted by "auto" only: a reason not to choose
+    it by default although it could run (the Triton interpreter is exact but slow).
+    `planned` marks an implementation that a later issue delivers.
+    """
+
+    op: str
+    name: str
+    target: str
+    requires: Tuple[str, ...] = ()
+    accepts: Optional[Callable[..., Optional[str]]] = None
+    prefer: Optional[Callable[..., Optional[str]]] = None
+    auto: bool = True
+    planned: Optional[str] = None
+
+    def load(self) -> Callable:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
+        if self.planned:
+            return f"not implemented yet ({self.planned})"
+        for req in self.requires:
+            probe = PROBES[req]()
+            if not probe.available:
+                return f"{req} is unavailable: {probe.detail}"
+        if "triton" in self.requires and device is not None:
+            if device.type == "cpu" and not triton_interpreted():
+                return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+            if device.type == "cuda" and triton_interpreted():
+                return "the Triton interpreter runs on CPU tensors only"
+        return None
+
+
+def _not_interpreted_on_cpu(device: Optional[torch.device] = None, **_) -> Optional[str]:
+    # The interpreter is exact but orders of magnitude slower than the reference on a
+    # CPU, so "auto" never picks it; ask for impl="triton" explicitly to use it.
+    if device is None or device.type != "cuda":
+        return "the Triton kernels are chosen automatically for CUDA tensors only"
+    return None
+
+
+_REF = "unimrg_fast.reference"
+_TABLE: List[Implementation] = [
+    # Order within an op is the "auto" priority.
+    Implementation("linear_cross_entropy", "triton", "unimrg_fast.ops.linear_cross_entropy:_triton",
+                   ("triton",), prefer=_not_interpreted_on_cpu),
+    Implementation("linear_cross_entropy", "reference", f"{_REF}:linear_cross_entropy"),
+    Implementation("regression_loss", "triton", "unimrg_fast.ops.regression_loss:_triton",
+                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #3"),
+    Implementation("regression_loss", "reference", f"{_REF}:regression_loss"),
+    Implementation("joint_loss", "triton", "unimrg_fast.ops.joint_loss:_triton",
+                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #3"),
+    Implementation("joint_loss", "reference", f"{_REF}:joint_loss"),
+    Implementation("packed_attention", "triton", "unimrg_fast.ops.packed_attention:_triton",
+                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #4"),
+    Implementation("packed_attention", "reference", f"{_REF}:packed_attention"),
+]
+
+
+def implementations(op: str) -> List[Implementation]:
+    found = [impl for impl in _TABLE if impl.op == op]
+    if not found:
+        known = sorted({impl.op for impl in _TABLE})
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(known)}")
+    return found
+
+
+def register(impl: Implementation, *, before: Optional[str] = None) -> None:
+    """Adds or replaces an implementation (adapters and tests use this)."""
+    global _TABLE
+    _TABLE = [i for i in _TABLE if not (i.op == impl.op and i.name == impl.name)]
+    names = [i.name for i in _TABLE if i.op == impl.op]
+    if before is not None and before in names:
+        pos = next(k for k, i in enumerate(_TABLE) if i.op == impl.op and i.name == before)
+        _TABLE.insert(pos, impl)
+    else:
+        _TABLE.append(impl)
+    _logged_choices.clear()
+
+
+def forced_impl(op: str) -> Optional[str]:
+    """The implementation UNIMRG_FAST_IMPL forces for `op`, if any."""
+    spec = os.environ.get(ENV_IMPL, "").strip()
+    if not spec:
+        return None
+    glob = None
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if "=" in part:
+            name_op, _, name = part.partition("=")
+            if name_op.strip() == op:
+                return name.strip()
+        else:
+            glob = part
+    if glob is not None and glob not in ("auto",):
+        if any(i.name == glob for i in implementations(op)):
+            return glob
+        # A global name this op lacks (e.g. "flash" for a loss) leaves the op on "auto".
+    return None
+
+
+_logged_choices: set = set()
+
+
+def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = None,
+            **call) -> Tuple[str, Callable]:
+    """Returns (name, function) of the implementation to run for this call.
+
+    `device` and `call` describe the call (e.g. layout=...) for `accepts` predicates.
+    """
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a string, got {type(impl).__name__}")
+    table = implementations(op)
+    names = [i.name for i in table]
+    if impl == "auto":
+        forced = forced_impl(op)
+        if forced is not None:
+            return _explicit(op, forced, table, names, device, call, source=f"{ENV_IMPL}")
+        reasons = []
+        for cand in table:
+            if not cand.auto:
+                continue
+            why = cand.unavailable_reason(device)
+            for predicate in (cand.accepts, cand.prefer):
+                if why is None and predicate is not None:
+                    why = predicate(device=device, **call)
+            if why is None:
+                key = (op, cand.name, device.type if device is not None else None)
+                if key not in _logged_choices:
+                    _logged_choices.add(key)
+                    skipped = "; ".join(reasons)
+                    log.info("unimrg_fast: %s uses impl=%r%s", op, cand.name,
+                             f" (skipped: {skipped})" if skipped else "")
+                return cand.name, cand.load()
+            reasons.append(f"{cand.name}: {why}")
+        raise RuntimeError(f"no implementation of {op} can run this call: " + "; ".join(reasons))
+    return _explicit(op, impl, table, names, device, call, source="impl")
+
+
+def _explicit(op, impl, table, names, device, call, source) -> Tuple[str, Callable]:
+    if impl not in names:
+        raise ValueError(f"{source}={impl!r} is not an implementation of {op}; "
+                         f"choose one of {', '.join(['auto'] + names)}")
+    cand = next(i for i in table if i.name == impl)
+    why = cand.unavailable_reason(device)
+    if why is not None:
+        if cand.planned:
+            raise NotImplementedError(f"{op}(impl={impl!r}) is {why}; use impl='reference' "
+                                      f"or impl='auto' meanwhile")
+        raise RuntimeError(f"{op}(impl={impl!r}) cannot run here: {why}")
+    if cand.accepts is not None:
+        reason = cand.accepts(device=device, **call)
+        if reason is not None:
+            raise ValueError(f"{op}(impl={impl!r}) cannot compute this call: {reason}")
+    return cand.name, cand.load()
+
+
+def _main() -> None:
+    print(f"torch {torch.__version__}")
+    for name, probe in describe().items():
+        state = "yes" if probe.available else "no "
+        version = f" {probe.version}" if probe.version else ""
+        print(f"  {name:18s} {state}{version}  {probe.detail}")
+    ops = sorted({i.op for i in _TABLE})
+    for op in ops:
+        names = ", ".join(i.name + (" (planned)" if i.planned else "") for i in implementations(op))
+        print(f"  {op}: {names}")
+
+
+if __name__ == "__main__":
+    _main()
