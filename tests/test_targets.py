@@ -1,0 +1,166 @@
+"""Regression-target helpers: cosine DDPM schedule, epsilon and flow-matching targets."""
+import math
+
+import pytest
+import torch
+
+from unimrg_fast.targets import (RegressionTarget, cosine_alphas_cumprod, ddpm_eps_target,
+                                 flow_matching_target, latent_mse_target)
+
+
+def assert_rel(actual, expected, tol, what):
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    diff = a - e
+    err = (diff.norm() / e.norm()).item()
+    if err > tol:
+        pos = diff.abs().argmax()
+        idx = [int(i) for i in torch.unravel_index(pos, a.shape)]
+        raise AssertionError(f"{what}: rel err {err:.3e} > {tol:.1e}; worst at {idx}: "
+                             f"got {a.flatten()[pos].item():.10g}, expected {e.flatten()[pos].item():.10g}")
+
+
+def alpha_bar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+# -------------------------------------------------------------------------- schedule
+def test_cosine_schedule_values():
+    a = cosine_alphas_cumprod()
+    assert a.dtype == torch.float64 and a.shape == (1000,)
+    assert (a > 0).all() and (a <= 1).all()
+    assert (a[1:] < a[:-1]).all(), "alphas_cumprod must strictly decrease"
+    assert 1 - 1e-4 < a[0] < 1, f"first alpha_bar should be ~1, got {a[0]}"
+    assert a[-1] < 1e-6, f"last alpha_bar should be ~0, got {a[-1]}"
+    # The cumulative product telescopes to alpha_bar((i + 1) / T) / alpha_bar(0) wherever
+    # beta was not clipped at 0.999 (everywhere but the very last steps).
+    expected = torch.tensor([alpha_bar((i + 1) / 1000) / alpha_bar(0) for i in range(1000)],
+                            dtype=torch.float64)
+    assert torch.allclose(a[:990], expected[:990], rtol=1e-9, atol=0), \
+        f"max diff {(a[:990] - expected[:990]).abs().max()}"
+    betas = 1 - a / torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    assert betas.max() <= 0.999 + 1e-12 and abs(betas[-1].item() - 0.999) < 1e-12
+
+
+def test_cosine_schedule_other_length_and_errors():
+    a = cosine_alphas_cumprod(7)
+    assert a.shape == (7,) and (a[1:] < a[:-1]).all()
+    kept = a.clone()
+    a.zero_()  # the helper caches its table; a caller's in-place edit must not leak into it
+    assert torch.equal(cosine_alphas_cumprod(7), kept)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="num_steps must be an int >= 1"):
+            cosine_alphas_cumprod(bad)
+
+
+# ---------------------------------------------------------------------------- DDPM
+def test_ddpm_formula_with_explicit_noise_and_steps(seed):
+    x0 = torch.randn(5, 3, 7)
+    eps = torch.randn(5, 3, 7)
+    t = torch.tensor([0, 1, 499, 998, 999])
+    out = ddpm_eps_target(x0, eps=eps, timesteps=t)
+    assert isinstance(out, RegressionTarget)
+    assert torch.equal(out.target, eps) and torch.equal(out.timestep, t)
+    a = torch.tensor([alpha_bar((int(i) + 1) / 1000) / alpha_bar(0) for i in t], dtype=torch.float64)
+    a[-1] = cosine_alphas_cumprod()[-1]  # the last step's beta is clipped
+    expected = a.sqrt()[:, None, None] * x0.double() + (1 - a).sqrt()[:, None, None] * eps.double()
+    assert out.noisy.dtype == torch.float32
+    assert_rel(out.noisy, expected, 1e-6, "x_t")
+    # The ends of the schedule: almost clean at t = 0, almost pure noise at t = 999.
+    # (sqrt(1 - a_bar_0) ~ 6e-3: the first step already adds a little noise)
+    assert_rel(out.noisy[0], x0[0], 1e-2, "x_0 ~ x0")
+    assert_rel(out.noisy[-1], eps[-1], 1e-4, "x_999 ~ eps")
+
+
+def test_ddpm_draws_are_deterministic_with_a_generator(seed):
+    x0 = torch.randn(64, 5)
+    a = ddpm_eps_target(x0, generator=torch.Generator().manual_seed(seed))
+    b = ddpm_eps_target(x0, generator=torch.Generator().manual_seed(seed))
+    c = ddpm_eps_target(x0, generator=torch.Generator().manual_seed(seed + 1))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.target, c.target) and not torch.equal(a.timestep, c.timestep)
+    assert a.timestep.dtype == torch.int64 and a.timestep.shape == (64,)
+    assert a.timestep.min() >= 0 and a.timestep.max() < 1000
+    assert a.timestep.unique().numel() > 32, "timesteps should be spread over [0, 1000)"
+    # noisy is exactly the formula applied to the drawn eps and t
+    again = ddpm_eps_target(x0, eps=a.target, timesteps=a.timestep)
+    assert torch.equal(again.noisy, a.noisy)
+
+
+def test_ddpm_int_timestep_and_low_precision(seed):
+    x0 = torch.randn(3, 4, dtype=torch.bfloat16)
+    out = ddpm_eps_target(x0, timesteps=250, generator=torch.Generator().manual_seed(seed))
+    assert out.noisy.dtype == out.target.dtype == torch.bfloat16
+    assert torch.equal(out.timestep, torch.full((3,), 250))
+    a = cosine_alphas_cumprod()[250]
+    assert_rel(out.noisy, a.sqrt() * x0.double() + (1 - a).sqrt() * out.target.double(), 1e-2,
+               "bf16 x_t")
+
+
+def test_ddpm_errors():
+    x0 = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"timesteps must hold values in \[0, 1000\)"):
+        ddpm_eps_target(x0, timesteps=torch.tensor([0, 1, 1000, 2]))
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, num_steps\)"):
+        ddpm_eps_target(x0, timesteps=-1)
+    with pytest.raises(TypeError, match="timesteps must have dtype int64"):
+        ddpm_eps_target(x0, timesteps=torch.rand(4))
+    with pytest.raises(ValueError, match=r"timesteps must have shape \[B\] = \(4,\)"):
+        ddpm_eps_target(x0, timesteps=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="eps must have the shape of x0"):
+        ddpm_eps_target(x0, eps=torch.randn(4, 2))
+    with pytest.raises(TypeError, match="x0 must have dtype"):
+        ddpm_eps_target(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x0 must have at least 1 dimension"):
+        ddpm_eps_target(torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------- flow
+def test_flow_formula_and_ends(seed):
+    x0, eps = torch.randn(4, 2, 5), torch.randn(4, 2, 5)
+    s = torch.tensor([0.0, 0.3, 0.77, 1.0])
+    out = flow_matching_target(x0, eps=eps, timesteps=s)
+    s64 = s.double()[:, None, None]
+    assert_rel(out.noisy, (1 - s64) * x0.double() + s64 * eps.double(), 1e-6, "x_s")
+    assert_rel(out.target, eps.double() - x0.double(), 1e-7, "eps - x0")
+    assert torch.equal(out.noisy[0], x0[0]) and torch.equal(out.noisy[-1], eps[-1])
+    assert out.timestep.dtype == torch.float32 and torch.equal(out.timestep, s)
+    # the velocity integrates from x0 at s = 0 to eps at s = 1
+    assert_rel(x0 + out.target, eps, 1e-6, "x0 + v")
+
+
+def test_flow_draws_deterministic_and_shifted(seed):
+    x0 = torch.randn(256, 3)
+    a = flow_matching_target(x0, generator=torch.Generator().manual_seed(seed))
+    b = flow_matching_target(x0, generator=torch.Generator().manual_seed(seed))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    s = a.timestep
+    assert s.shape == (256,) and (s > 0).all() and (s < 1).all()
+    assert abs(s.mean().item() - 0.5) < 0.1, "logit-normal draws are centred on 0.5"
+    shifted = flow_matching_target(x0, generator=torch.Generator().manual_seed(seed), shift=3.0)
+    assert_rel(shifted.timestep, 3 * s.double() / (1 + 2 * s.double()), 1e-6, "shifted s")
+    assert torch.equal(shifted.target, a.target), "the shift changes s, not the noise"
+
+
+def test_flow_float_timestep_and_errors():
+    x0 = torch.randn(3, 4)
+    out = flow_matching_target(x0, timesteps=0.25, eps=torch.zeros(3, 4) + 2)
+    assert torch.allclose(out.noisy, 0.75 * x0 + 0.5)
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1\]"):
+        flow_matching_target(x0, timesteps=1.5)
+    with pytest.raises(ValueError, match=r"timesteps must hold values in \[0, 1\]; found"):
+        flow_matching_target(x0, timesteps=torch.tensor([0.1, -0.2, 0.5]))
+    with pytest.raises(ValueError, match=r"timesteps must hold values in \[0, 1\]"):
+        flow_matching_target(x0, timesteps=torch.tensor([0.1, float("nan"), 0.5]))
+    with pytest.raises(ValueError, match="shift must be"):
+        flow_matching_target(x0, shift=0.0)
+
+
+def test_latent_mse_target(seed):
+    x0 = torch.randn(3, 7)
+    out = latent_mse_target(x0)
+    assert out.noisy is x0 and out.target is x0 and out.timestep is None
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
+        latent_mse_target([1.0, 2.0])

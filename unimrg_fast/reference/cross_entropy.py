@@ -1,0 +1,122 @@
+"""Plain PyTorch linear cross-entropy (DESIGN.md section 3.1): the oracle and the baseline.
+
+This is the way UMM codebases compute the loss today: materialise the [N, V] logits
+with `F.linear`, upcast them to fp32, and call `F.cross_entropy(reduction="none")`.
+It therefore costs N * V * 4 bytes (plus the same again for the gradient) that the
+fused path never allocates; that is the point of the comparison.
+
+Where torch and the contract differ, the contract wins: every-row-ignored "mean" is
+0 with zero gradient (torch gives NaN), and per-token weights are folded in with
+`torch.where` so that an ignored row can never leak a NaN or inf into a sum.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from unimrg_fast._validation import (check_index_range, check_linear_head, check_reduction,
+                                     check_tensor, check_token_weight, flatten_rows)
+
+
+def check_ce_options(ignore_index, label_smoothing, z_loss, softcap) -> None:
+    """Validates the scalar options of a cross-entropy call (shared with joint_loss)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or isinstance(z_loss, bool) \
+            or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def masked_weighted_reduce(per_row: torch.Tensor, valid: Optional[torch.Tensor],
+                           weight: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """w_i * l_i with zeros where not valid, reduced; "mean" divides by sum of valid w
+    and is 0 (zero gradient, no NaN) when that sum is 0. All fp32, no host sync."""
+    n = per_row.shape[0]
+    w = (torch.ones_like(per_row) if weight is None
+         else weight.reshape(n).to(device=per_row.device, dtype=torch.float32))
+    zero = torch.zeros((), dtype=torch.float32, device=per_row.device)
+    if valid is None:
+        weighted = w * per_row
+        w_valid = w
+    else:
+        weighted = torch.where(valid, w * per_row, zero)
+        w_valid = torch.where(valid, w, zero)
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    den = w_valid.sum()
+    has_weight = den > 0
+    return torch.where(has_weight, total / torch.where(has_weight, den, torch.ones_like(den)), zero)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: Optional[float] = None,
+                         token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of the logits cap(hidden @ weight.T + bias), materialised.
+
+    Args:
+        hidden: [..., H] fp32 / fp16 / bf16; leading dimensions are flattened to N rows.
+        weight: [V, H] fp32 / fp16 / bf16, same device. bias: [V] or None.
+        target: int64 with N elements (e.g. [N] or hidden's leading dims); values in
+            [0, V) or `ignore_index`. Ignored rows contribute nothing, get zero gradient.
+        reduction: "mean" (sum_i w_i l_i / sum_i w_i over non-ignored rows, 0 when none),
+            "sum" (sum_i w_i l_i) or "none" ([N], zeros at ignored rows).
+        label_smoothing: e in [0, 1], torch's definition:
+            l_i = (1 - e)(lse_i - z_iy) + e(lse_i - mean_j z_ij) + z_loss * lse_i^2.
+        z_loss: coefficient >= 0 of lse_i^2 (PaLM's auxiliary loss).
+        softcap: c > 0 applies z -> c * tanh(z / c) to the logits (Gemma 2), or None.
+        token_weight: [N] non-negative per-row weights w_i, or None for 1.
+
+    Returns:
+        fp32 scalar, or fp32 [N] for reduction="none". Gradients reach hidden, weight
+        and bias in their own dtypes. Mixed input dtypes are promoted for the matmul.
+    """
+    check_reduction(reduction)
+    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+    check_tensor(hidden, "hidden")
+    h = flatten_rows(hidden)
+    check_linear_head(h, weight, bias, "V")
+    n, vocab = h.shape[0], weight.shape[0]
+    check_tensor(target, "target", dtypes=(torch.int64,), device=h.device)
+    if target.numel() != n:
+        raise ValueError(f"target must hold one class id per row of hidden ({n} rows = "
+                         f"hidden.shape[:-1] {tuple(hidden.shape[:-1])}), got shape "
+                         f"{tuple(target.shape)}")
+    y = target.reshape(n)
+    check_index_range(y, "target", 0, vocab, allowed_extra=ignore_index)
+    check_token_weight(token_weight, n, h.device)
+
+    dtype = _common_dtype(h, weight, bias)
+    logits = F.linear(h.to(dtype), weight.to(dtype),
+                      None if bias is None else bias.to(dtype)).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    # F.cross_entropy already gives 0 (and zero gradient) at ignored rows.
+    per_row = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=float(label_smoothing))
+    valid = y != ignore_index
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        per_row = per_row + torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+    return masked_weighted_reduce(per_row, valid, token_weight, reduction)
