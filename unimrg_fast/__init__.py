@@ -12,12 +12,14 @@ Public surface (DESIGN.md section 2)::
 Every op takes impl="auto" | "triton" | "reference" (| peers); see unimrg_fast.backends.
 """
 from unimrg_fast.layout import PackedLayout, TileMetadata
-from unimrg_fast.ops import joint_loss, linear_cross_entropy, packed_attention, regression_loss
+from unimrg_fast import heads
+from unimrg_fast.ops import (joint_loss, linear_cross_entropy, linear_cross_entropy_with_stats,
+                             packed_attention, regression_loss)
 from unimrg_fast.specs import CEHeadSpec, JointLossOutput, RegressionHeadSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PackedLayout", "TileMetadata", "CEHeadSpec", "RegressionHeadSpec", "JointLossOutput",
-    "linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention",
+    "linear_cross_entropy", "linear_cross_entropy_with_stats", "regression_loss", "joint_loss", "packed_attention",
 ]

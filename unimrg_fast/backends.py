@@ -198,7 +198,7 @@ _TABLE: List[Implementation] = [
                    ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("linear_cross_entropy", "reference", f"{_REF}:linear_cross_entropy"),
     Implementation("regression_loss", "triton", "unimrg_fast.ops.regression_loss:_triton",
-                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #3"),
+                   ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("regression_loss", "reference", f"{_REF}:regression_loss"),
     Implementation("joint_loss", "triton", "unimrg_fast.ops.joint_loss:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #3"),

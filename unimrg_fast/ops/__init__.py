@@ -1,8 +1,8 @@
 """Public ops: each validates its arguments once, then dispatches through
 `unimrg_fast.backends.resolve` to the fused kernel, the reference or a peer."""
-from unimrg_fast.ops.linear_cross_entropy import linear_cross_entropy
+from unimrg_fast.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_with_stats
 from unimrg_fast.ops.regression_loss import regression_loss
 from unimrg_fast.ops.joint_loss import joint_loss
 from unimrg_fast.ops.packed_attention import packed_attention
 
-__all__ = ["linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "regression_loss", "joint_loss", "packed_attention"]
