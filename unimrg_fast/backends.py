@@ -201,7 +201,7 @@ _TABLE: List[Implementation] = [
                    ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("regression_loss", "reference", f"{_REF}:regression_loss"),
     Implementation("joint_loss", "triton", "unimrg_fast.ops.joint_loss:_triton",
-                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #3"),
+                   ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("joint_loss", "reference", f"{_REF}:joint_loss"),
     Implementation("packed_attention", "triton", "unimrg_fast.ops.packed_attention:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #4"),

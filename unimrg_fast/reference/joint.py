@@ -12,7 +12,7 @@ handful per pack), never over tasks, and nothing synchronises with the host.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -59,7 +59,19 @@ def _head_tasks(task, name: str, rows: int, num_tasks: int, device: torch.device
 def joint_loss(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, *,
                task_weights: Optional[Union[torch.Tensor, Sequence[float]]] = None
                ) -> JointLossOutput:
-    """Scores every head of a pack and reduces per task.
+    """Scores every head of a pack and reduces per task (see score_heads)."""
+    return score_heads(hidden, heads, num_tasks, task_weights=task_weights,
+                       ce_fn=linear_cross_entropy, regression_fn=regression_loss)
+
+
+def score_heads(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, *,
+                task_weights: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+                ce_fn: Callable[..., torch.Tensor],
+                regression_fn: Callable[..., torch.Tensor]) -> JointLossOutput:
+    """Scores every head of a pack with the given per-head losses and reduces per task.
+
+    The reference passes its materialising losses, the fused path its Triton kernels:
+    the per-task reduction (index_add, no host sync) is the same code for both.
 
     Args:
         hidden: [T, H] fp32 / fp16 / bf16 final hidden states of the pack.
@@ -103,14 +115,14 @@ def joint_loss(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, 
                 raise ValueError(f"{name}.target must have shape [R] = ({r},) (one class id "
                                  f"per row of {name}.rows), got {tuple(head.target.shape)}")
             valid = head.target != head.ignore_index
-            call = lambda: linear_cross_entropy(  # noqa: E731
+            call = lambda: ce_fn(  # noqa: E731
                 h, head.weight, head.target, bias=head.bias, ignore_index=head.ignore_index,
                 reduction="none", label_smoothing=head.label_smoothing, z_loss=head.z_loss,
                 softcap=head.softcap, token_weight=head.token_weight)
         else:
             check_tensor(head.target, f"{name}.target", ndim=2, device=device)
             valid = None
-            call = lambda: regression_loss(  # noqa: E731
+            call = lambda: regression_fn(  # noqa: E731
                 h, head.weight, head.target, bias=head.bias, token_weight=head.token_weight,
                 reduction="none")
         try:

@@ -1,4 +1,4 @@
-"""Reference joint loss (DESIGN.md 3.3) against an independent float64 loop over tasks."""
+"""joint_loss (DESIGN.md 3.3), reference and fused, against an independent float64 loop over tasks."""
 import pytest
 import torch
 
@@ -73,6 +73,8 @@ def joint_float64(hidden64, heads, params64, num_tasks, task_weights):
 
 # -------------------------------------------------------------------------- inputs
 T, H = 61, 13
+# The fused path shares the oracle: every pack test runs both implementations.
+IMPLS = ["reference", "triton"]
 
 
 def leaf(*shape, scale=1.0, dtype=torch.float32):
@@ -114,8 +116,8 @@ def to64(heads):
              None if b is None else b.detach().double().requires_grad_()) for w, b in params(heads)]
 
 
-def check_pack(hidden, heads, num_tasks, task_weights, *, tol, grad_tol):
-    out = joint_loss(hidden, heads, num_tasks, task_weights=task_weights)
+def check_pack(hidden, heads, num_tasks, task_weights, *, tol, grad_tol, impl="reference"):
+    out = uf.joint_loss(hidden, heads, num_tasks, task_weights=task_weights, impl=impl)
     assert isinstance(out, JointLossOutput)
     h64 = hidden.detach().double().requires_grad_()
     p64 = to64(heads)
@@ -139,29 +141,33 @@ def check_pack(hidden, heads, num_tasks, task_weights, *, tol, grad_tol):
 
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("task_weights", [None, [1.0, 0.5, 2.0, 3.0], "tensor"])
-def test_pack_matches_float64_loop_over_tasks(seed, task_weights):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pack_matches_float64_loop_over_tasks(seed, impl, task_weights):
     hidden, heads = make_pack()
     if task_weights == "tensor":
         task_weights = torch.tensor([0.25, 1.0, 1.5, 7.0])
-    out = check_pack(hidden, heads, 4, task_weights, tol=1e-5, grad_tol=1e-5)
+    out = check_pack(hidden, heads, 4, task_weights, tol=1e-5, grad_tol=1e-5, impl=impl)
     # task 3 has no rows: contributes 0, no NaN anywhere
     assert out.task_rows[3] == 0 and out.task_loss_sum[3] == 0 and out.task_weight_sum[3] == 0
     assert torch.isfinite(hidden.grad).all()
 
 
-def test_task_with_only_ignored_rows_counts_nothing(seed):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_task_with_only_ignored_rows_counts_nothing(seed, impl):
     hidden, heads = make_pack()
     text = heads[0]
     heads[0] = CEHeadSpec(weight=text.weight, rows=text.rows,
                           target=torch.full_like(text.target, -100), task=0)
-    out = check_pack(hidden, heads, 4, [2.0, 1.0, 1.0, 1.0], tol=1e-5, grad_tol=1e-5)
+    out = check_pack(hidden, heads, 4, [2.0, 1.0, 1.0, 1.0], tol=1e-5, grad_tol=1e-5,
+                     impl=impl)
     assert out.task_rows[0] == 0 and out.task_loss_sum[0] == 0 and out.task_weight_sum[0] == 0
     assert (heads[0].weight.grad == 0).all(), "a head whose rows are all ignored gets zero gradient"
 
 
-def test_half_precision_pack(seed):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_precision_pack(seed, impl):
     hidden, heads = make_pack(torch.bfloat16)
-    check_pack(hidden, heads, 4, None, tol=2e-2, grad_tol=3e-2)
+    check_pack(hidden, heads, 4, None, tol=2e-2, grad_tol=3e-2, impl=impl)
     assert hidden.grad.dtype == torch.bfloat16 and heads[2].weight.grad.dtype == torch.bfloat16
 
 
@@ -280,3 +286,38 @@ def test_no_host_sync_on_cuda(seed):
         torch.cuda.set_sync_debug_mode("default")
     assert_rel(out.total.cpu(), ref.total, 1e-3, "total on CUDA (tf32 allowed)")
     assert torch.equal(out.task_rows.cpu(), ref.task_rows)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_pack_matches_reference_without_logits():
+    """A UniMRG-shaped pack on the GPU: same result as the plain path, and peak memory far
+    below the [R, V] fp32 logits the plain path materialises."""
+    torch.manual_seed(0)
+    dev, t, h, v = "cuda", 8192, 1536, 151936
+    hidden = (torch.randn(t, h, device=dev) * 0.05).bfloat16().requires_grad_()
+    lm = (torch.randn(v, h, device=dev) * 0.02).bfloat16().requires_grad_()
+    codebook = (torch.randn(8192, h, device=dev) * 0.02).bfloat16().requires_grad_()
+    depth = (torch.randn(16, h, device=dev) * 0.02).bfloat16().requires_grad_()
+    rows = torch.randperm(t, device=dev)
+    heads = [CEHeadSpec(lm, rows[:2048], torch.randint(0, v, (2048,), device=dev), task=0),
+             CEHeadSpec(codebook, rows[2048:5120], torch.randint(0, 8192, (3072,), device=dev), task=1),
+             RegressionHeadSpec(depth, rows[5120:], torch.randn(t - 5120, 16, device=dev), task=2)]
+    lam = torch.ones(4, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fused = uf.joint_loss(hidden, heads, 4, task_weights=lam, impl="triton")
+    fused.total.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = [p.grad.clone() for p in (hidden, lm, codebook, depth)]
+    for p in (hidden, lm, codebook, depth):
+        p.grad = None
+    plain = uf.joint_loss(hidden, heads, 4, task_weights=lam, impl="reference")
+    plain.total.backward()
+    assert_rel(fused.task_loss_sum, plain.task_loss_sum, 2e-2, "task_loss_sum vs reference")
+    for name, g, p in zip(("hidden", "lm", "codebook", "depth"), grads, (hidden, lm, codebook, depth)):
+        assert_rel(g.float(), p.grad.float(), 3e-2, f"d{name} vs reference")
+    logits_bytes = 2048 * v * 4
+    # fp32 dW of the LM head (V x H x 4 bytes) is allowed; the logits are not.
+    assert peak < v * h * 4 + logits_bytes / 4, f"peak extra memory {peak / 2**30:.2f} GiB"
