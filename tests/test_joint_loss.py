@@ -5,22 +5,7 @@ import torch
 import unimrg_fast as uf
 from unimrg_fast.reference.joint import joint_loss
 from unimrg_fast.specs import CEHeadSpec, JointLossOutput, RegressionHeadSpec
-
-
-def assert_rel(actual, expected, tol, what):
-    """||actual - expected|| / ||expected|| <= tol, reporting the worst element."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    bad = ~torch.isfinite(a)
-    assert not bad.any(), f"{what}: non-finite value at {bad.nonzero()[0].tolist()}"
-    diff = a - e
-    scale = e.norm()
-    err = (diff.norm() / scale).item() if scale > 0 else diff.norm().item()
-    if err > tol:
-        pos = diff.abs().argmax()
-        idx = [int(i) for i in torch.unravel_index(pos, a.shape)] if a.dim() else []
-        raise AssertionError(f"{what}: rel err {err:.3e} > {tol:.1e}; worst at {idx}: "
-                             f"got {a.flatten()[pos].item():.8g}, expected {e.flatten()[pos].item():.8g}")
+from numerics import assert_rel
 
 
 # ------------------------------------------------------- independent float64 oracle

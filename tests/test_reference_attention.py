@@ -13,6 +13,7 @@ import torch
 
 from unimrg_fast.layout import PackedLayout
 from unimrg_fast.reference.attention import packed_attention
+from numerics import assert_rel as assert_close
 
 MODES = ("causal", "full", "noise")
 
@@ -47,24 +48,6 @@ def attention64(q, k, v, mask, scale):
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v), torch.logsumexp(scores, dim=-1)
-
-
-def assert_close(actual, expected, tol, name):
-    """||actual - expected|| / ||expected|| < tol, with a message that says where it differs."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
-    bad = ~torch.isfinite(a)
-    if bad.any():
-        where = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} non-finite values, first at {where}")
-    err = float((a - e).norm() / e.norm().clamp_min(1e-300))
-    if not err < tol:
-        diff = (a - e).abs()
-        where = np.unravel_index(int(diff.argmax()), tuple(diff.shape))
-        where = tuple(int(i) for i in where)
-        raise AssertionError(f"{name}: relative error {err:.3e} >= {tol:.1e}; largest |diff| "
-                             f"{float(diff.max()):.3e} at {where}: got {float(a[where]):.6g}, "
-                             f"expected {float(e[where]):.6g}")
 
 
 # --------------------------------------------------------------------------- layouts

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import unimrg_fast as uf
+from numerics import assert_rel, rel_err
 
 rl = importlib.import_module("unimrg_fast.ops.regression_loss")
 try:
@@ -25,26 +26,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 # ------------------------------------------------------------------ helpers
-def assert_rel(actual, expected, tol, what):
-    """||actual - expected|| / ||expected|| <= tol (exact zeros expected when expected is 0),
-    reporting the worst element."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    bad = ~torch.isfinite(a)
-    assert not bad.any(), f"{what}: non-finite value at {bad.nonzero()[0].tolist()} (unwritten?)"
-    diff = a - e
-    scale = e.norm()
-    err = (diff.norm() / scale).item() if scale > 0 else diff.norm().item()
-    if err > tol:
-        pos = diff.abs().argmax()
-        idx = [int(i) for i in torch.unravel_index(pos, a.shape)] if a.dim() else []
-        raise AssertionError(f"{what}: rel err {err:.3e} > {tol:.1e}; worst at {idx}: got "
-                             f"{a.flatten()[pos].item():.8g}, expected {e.flatten()[pos].item():.8g}")
-
-
-def rel_err(actual, expected):
-    a, e = actual.detach().double(), expected.detach().double()
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
 
 
 def float64_oracle(hidden, weight, target, bias, token_weight, reduction, grad_out):

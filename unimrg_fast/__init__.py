@@ -12,7 +12,7 @@ Public surface (DESIGN.md section 2)::
 Every op takes impl="auto" | "triton" | "reference" (| peers); see unimrg_fast.backends.
 """
 from unimrg_fast.layout import PackedLayout, TileMetadata
-from unimrg_fast import heads
+from unimrg_fast import heads  # noqa: F401  (uf.heads.LMHead, ...)
 from unimrg_fast.ops import (joint_loss, linear_cross_entropy, linear_cross_entropy_with_stats,
                              packed_attention, regression_loss)
 from unimrg_fast.specs import CEHeadSpec, JointLossOutput, RegressionHeadSpec

@@ -28,11 +28,10 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast._validation import (check_index_range, check_linear_head, check_reduction,
-                                     check_tensor, check_token_weight, flatten_rows)
+from unimrg_fast._validation import flatten_rows
 # The option checks and the weighted reduction are the reference's own, so the two
 # paths cannot drift apart on validation or on the "mean" / all-ignored rules.
-from unimrg_fast.reference.cross_entropy import check_ce_options, masked_weighted_reduce
+from unimrg_fast.reference.cross_entropy import check_ce_args, masked_weighted_reduce
 
 _NEG_INF = tl.constexpr(float("-inf"))  # a constexpr: jit code may read only those globals
 
@@ -511,24 +510,13 @@ def _compute_dtype(device: torch.device, *tensors: Optional[torch.Tensor]) -> to
 
 def _fused(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing, z_loss,
            softcap, token_weight, track_argmax):
-    check_reduction(reduction)
-    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
-    check_tensor(hidden, "hidden")
-    h = flatten_rows(hidden)
-    check_linear_head(h, weight, bias, "V")
-    n = h.shape[0]
-    check_tensor(target, "target", dtypes=(torch.int64,), device=h.device)
-    if target.numel() != n:
-        raise ValueError(f"target must hold one class id per row of hidden ({n} rows = "
-                         f"hidden.shape[:-1] {tuple(hidden.shape[:-1])}), got shape "
-                         f"{tuple(target.shape)}")
-    y = target.reshape(n)
-    if not y.is_contiguous():
-        y = y.contiguous()
-    if not torch.compiler.is_compiling():
-        # a value check (free on CPU only); compiled graphs rely on the kernels' NaN poison
-        check_index_range(y, "target", 0, weight.shape[0], allowed_extra=ignore_index)
-    check_token_weight(token_weight, n, h.device)
+    # The target range check is a value check (free on CPU only); compiled graphs rely
+    # on the kernels' NaN poison instead.
+    h, y = check_ce_args(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                         softcap=softcap, token_weight=token_weight,
+                         check_values=not torch.compiler.is_compiling())
+    y = y.contiguous()
 
     dtype = _compute_dtype(h.device, h, weight, bias)
     h, w = h.to(dtype), weight.to(dtype)

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast._validation import (FLOAT_DTYPES, check_linear_head, check_reduction,
-                                     check_tensor, check_token_weight, flatten_rows)
+from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
+from unimrg_fast.reference.regression import check_regression_args
 
 _MAX_BLOCK_C = 64  # C above this loops over channel blocks (a fallback: latents have <= 64)
 
@@ -355,19 +355,9 @@ def _triton(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
     are computed in fp32 inside the kernel; under autocast the inputs are cast to the
     autocast dtype first, as F.linear would.
     """
-    from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
 
-    check_reduction(reduction)
-    check_tensor(hidden, "hidden")
-    h = flatten_rows(hidden)
-    check_linear_head(h, weight, bias, "C")
-    n, channels = h.shape[0], weight.shape[0]
-    check_tensor(target, "target", dtypes=FLOAT_DTYPES + (torch.float64,), device=h.device)
-    leading = tuple(hidden.shape[:-1])
-    if tuple(target.shape) not in ((n, channels), leading + (channels,)):
-        raise ValueError(f"target must have shape [N, C] = {(n, channels)} (N rows of hidden, "
-                         f"C = weight.shape[0]), got {tuple(target.shape)}")
-    check_token_weight(token_weight, n, h.device)
+    h, t = check_regression_args(hidden, weight, target, bias=bias, token_weight=token_weight,
+                                 reduction=reduction)
     if h.device.type == "cpu" and not backends.triton_interpreted():
         raise ValueError("hidden is on the CPU: the Triton kernels need CUDA tensors, or "
                          "TRITON_INTERPRET=1 set before importing unimrg_fast")
@@ -377,7 +367,7 @@ def _triton(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), w.to(dtype)
         b = b.to(dtype) if b is not None else None
-    mse, _ = _fwd_op(h, w, target.reshape(n, channels), b)
+    mse, _ = _fwd_op(h, w, t, b)
     return masked_weighted_reduce(mse, None, token_weight, reduction)
 
 

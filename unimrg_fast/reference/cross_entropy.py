@@ -68,6 +68,31 @@ def masked_weighted_reduce(per_row: torch.Tensor, valid: Optional[torch.Tensor],
     return torch.where(has_weight, total / torch.where(has_weight, den, torch.ones_like(den)), zero)
 
 
+def check_ce_args(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing,
+                  z_loss, softcap, token_weight, check_values: bool = True):
+    """Every argument check of linear_cross_entropy, shared by all its implementations.
+
+    Returns (h [N, H], y [N]): hidden with leading dims flattened, target as a vector.
+    `check_values=False` skips the (CPU-only) target range check, e.g. while compiling.
+    """
+    check_reduction(reduction)
+    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+    check_tensor(hidden, "hidden")
+    h = flatten_rows(hidden)
+    check_linear_head(h, weight, bias, "V")
+    n = h.shape[0]
+    check_tensor(target, "target", dtypes=(torch.int64,), device=h.device)
+    if target.numel() != n:
+        raise ValueError(f"target must hold one class id per row of hidden ({n} rows = "
+                         f"hidden.shape[:-1] {tuple(hidden.shape[:-1])}), got shape "
+                         f"{tuple(target.shape)}")
+    y = target.reshape(n)
+    if check_values:
+        check_index_range(y, "target", 0, weight.shape[0], allowed_extra=ignore_index)
+    check_token_weight(token_weight, n, h.device)
+    return h, y
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0,
@@ -92,20 +117,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         fp32 scalar, or fp32 [N] for reduction="none". Gradients reach hidden, weight
         and bias in their own dtypes. Mixed input dtypes are promoted for the matmul.
     """
-    check_reduction(reduction)
-    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
-    check_tensor(hidden, "hidden")
-    h = flatten_rows(hidden)
-    check_linear_head(h, weight, bias, "V")
-    n, vocab = h.shape[0], weight.shape[0]
-    check_tensor(target, "target", dtypes=(torch.int64,), device=h.device)
-    if target.numel() != n:
-        raise ValueError(f"target must hold one class id per row of hidden ({n} rows = "
-                         f"hidden.shape[:-1] {tuple(hidden.shape[:-1])}), got shape "
-                         f"{tuple(target.shape)}")
-    y = target.reshape(n)
-    check_index_range(y, "target", 0, vocab, allowed_extra=ignore_index)
-    check_token_weight(token_weight, n, h.device)
+    h, y = check_ce_args(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                         softcap=softcap, token_weight=token_weight)
 
     dtype = _common_dtype(h, weight, bias)
     logits = F.linear(h.to(dtype), weight.to(dtype),

@@ -16,6 +16,25 @@ from unimrg_fast._validation import (FLOAT_DTYPES, check_linear_head, check_redu
 from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
 
 
+def check_regression_args(hidden, weight, target, *, bias, token_weight, reduction):
+    """Every argument check of regression_loss, shared by all its implementations.
+
+    Returns (h [N, H], t [N, C]): hidden and target with leading dims flattened.
+    """
+    check_reduction(reduction)
+    check_tensor(hidden, "hidden")
+    h = flatten_rows(hidden)
+    check_linear_head(h, weight, bias, "C")
+    n, channels = h.shape[0], weight.shape[0]
+    check_tensor(target, "target", dtypes=FLOAT_DTYPES + (torch.float64,), device=h.device)
+    leading = tuple(hidden.shape[:-1])
+    if tuple(target.shape) not in ((n, channels), leading + (channels,)):
+        raise ValueError(f"target must have shape [N, C] = {(n, channels)} (N rows of hidden, "
+                         f"C = weight.shape[0]), got {tuple(target.shape)}")
+    check_token_weight(token_weight, n, h.device)
+    return h, target.reshape(n, channels)
+
+
 def regression_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None,
                     token_weight: Optional[torch.Tensor] = None,
@@ -34,20 +53,12 @@ def regression_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Te
     Returns:
         fp32 scalar, or [N] fp32 for reduction="none".
     """
-    check_reduction(reduction)
-    check_tensor(hidden, "hidden")
-    h = flatten_rows(hidden)
-    check_linear_head(h, weight, bias, "C")
-    n, channels = h.shape[0], weight.shape[0]
-    check_tensor(target, "target", dtypes=FLOAT_DTYPES + (torch.float64,), device=h.device)
-    leading = tuple(hidden.shape[:-1])
-    if tuple(target.shape) not in ((n, channels), leading + (channels,)):
-        raise ValueError(f"target must have shape [N, C] = {(n, channels)} (N rows of hidden, "
-                         f"C = weight.shape[0]), got {tuple(target.shape)}")
-    check_token_weight(token_weight, n, h.device)
+    h, t = check_regression_args(hidden, weight, target, bias=bias, token_weight=token_weight,
+                                 reduction=reduction)
+    n, channels = t.shape
 
     pred = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
-    diff = pred - target.reshape(n, channels).float()
+    diff = pred - t.float()
     # mean over zero channels cannot happen: check_linear_head asks for C >= 1.
     per_row = (diff * diff).mean(dim=-1)
     return masked_weighted_reduce(per_row, None, token_weight, reduction)
