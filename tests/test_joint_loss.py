@@ -306,3 +306,18 @@ def test_gpu_fused_pack_matches_reference_without_logits():
     logits_bytes = 2048 * v * 4
     # fp32 dW of the LM head (V x H x 4 bytes) is allowed; the logits are not.
     assert peak < v * h * 4 + logits_bytes / 4, f"peak extra memory {peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traces_under_torch_compile(seed, impl):
+    """The trainer compiles its step: the joint loss must trace (custom ops, no host sync)
+    and give the eager result."""
+    hidden, heads = make_pack()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: uf.joint_loss(h, heads, 4, impl=impl), backend="aot_eager")
+    got = compiled(hidden)
+    want = uf.joint_loss(hidden, heads, 4, impl=impl)
+    assert_rel(got.total, want.total, 1e-6, "compiled total")
+    assert torch.equal(got.task_rows, want.task_rows)
+    got.total.backward()
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
