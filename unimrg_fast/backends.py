@@ -42,6 +42,23 @@ class Probe:
     detail: str = ""  # why it is missing, or what was found (device name, mode)
 
 
+_probe_results: Dict[str, "Probe"] = {}
+
+
+def _memo(probe: Callable[[], "Probe"]) -> Callable[[], "Probe"]:
+    """Runs a probe once per process (until refresh()). A plain dict rather than
+    functools.lru_cache, because torch.compile traces resolve() and warns about (and may
+    mistrust) lru_cache wrappers."""
+
+    @functools.wraps(probe)
+    def cached() -> "Probe":
+        if probe.__name__ not in _probe_results:
+            _probe_results[probe.__name__] = probe()
+        return _probe_results[probe.__name__]
+
+    return cached
+
+
 def _import_probe(module: str, missing: str) -> Probe:
     """Imports `module`; an ImportError or a broken install (ABI mismatch) is 'missing'."""
     try:
@@ -54,7 +71,7 @@ def _import_probe(module: str, missing: str) -> Probe:
     return Probe(True, str(version) if version is not None else None, module)
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def cuda() -> Probe:
     if not torch.cuda.is_available():
         return Probe(False, None, "no CUDA device visible to torch")
@@ -71,7 +88,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def triton() -> Probe:
     found = _import_probe("triton", "pip install triton (Linux)")
     if not found.available:
@@ -85,17 +102,17 @@ def triton() -> Probe:
                  "to run the Triton kernels on the CPU interpreter")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def flash_attn() -> Probe:
     return _import_probe("flash_attn", "pip install 'unimrg-fast[flash]' (builds flash-attn; needs CUDA)")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def xformers() -> Probe:
     return _import_probe("xformers.ops", "pip install 'unimrg-fast[xformers]' (needs a matching torch build)")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def apex() -> Probe:
     # NVIDIA apex is never a dependency: it is not on PyPI, and the PyPI project named
     # "apex" is unrelated. Tell them apart by a module only NVIDIA's has.
@@ -108,17 +125,17 @@ def apex() -> Probe:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def liger() -> Probe:
     return _import_probe("liger_kernel", "pip install liger-kernel")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def cut_cross_entropy() -> Probe:
     return _import_probe("cut_cross_entropy", "pip install cut-cross-entropy")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def flex_attention() -> Probe:
     return _import_probe("torch.nn.attention.flex_attention", "needs torch >= 2.5")
 
@@ -132,8 +149,7 @@ PROBES: Dict[str, Callable[[], Probe]] = {
 
 def refresh() -> None:
     """Forgets every probe and logged choice (after installing a package, or in tests)."""
-    for probe in PROBES.values():
-        probe.cache_clear()
+    _probe_results.clear()
     _logged_choices.clear()
 
 
