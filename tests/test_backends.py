@@ -14,7 +14,9 @@ from unimrg_fast import backends
 def fresh_probes(monkeypatch):
     monkeypatch.delenv(backends.ENV_IMPL, raising=False)
     backends.refresh()
+    table = list(backends._TABLE)  # tests register stand-ins; put the real table back
     yield
+    backends._TABLE[:] = table
     backends.refresh()
 
 
@@ -221,3 +223,16 @@ def test_cli_prints_a_report(capsys):
     backends._main()
     out = capsys.readouterr().out
     assert "flash_attn" in out and "packed_attention:" in out
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_public_op_traces_fullgraph(impl, seed):
+    """Dispatch must not graph-break: a trainer compiles its whole step."""
+    h, w = torch.randn(9, 16, requires_grad=True), torch.randn(21, 16)
+    t = torch.randint(0, 21, (9,))
+    want = uf.linear_cross_entropy(h, w, t, impl=impl)  # eager first, as a trainer's warm-up
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h: uf.linear_cross_entropy(h, w, t, impl=impl), fullgraph=True,
+                       backend="aot_eager")
+    got = fn(h)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -43,6 +43,7 @@ class Probe:
 
 
 _probe_results: Dict[str, "Probe"] = {}
+_loaded: Dict[str, Callable] = {}  # "module:function" -> the function (Implementation.load)
 
 
 def _memo(probe: Callable[[], "Probe"]) -> Callable[[], "Probe"]:
@@ -150,6 +151,7 @@ PROBES: Dict[str, Callable[[], Probe]] = {
 def refresh() -> None:
     """Forgets every probe and logged choice (after installing a package, or in tests)."""
     _probe_results.clear()
+    _loaded.clear()
     _logged_choices.clear()
 
 
@@ -181,8 +183,12 @@ class Implementation:
     planned: Optional[str] = None
 
     def load(self) -> Callable:
-        module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        # Cached so that, once an op has run eagerly, torch.compile traces the dispatch as
+        # a dict lookup instead of graph-breaking on importlib.
+        if self.target not in _loaded:
+            module, _, attr = self.target.partition(":")
+            _loaded[self.target] = getattr(importlib.import_module(module), attr)
+        return _loaded[self.target]
 
     def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
         if self.planned:
@@ -207,6 +213,20 @@ def _not_interpreted_on_cpu(device: Optional[torch.device] = None, **_) -> Optio
     return None
 
 
+def _attention_peer_predicate(name: str) -> Callable[..., Optional[str]]:
+    # The predicates live with the peers (unimrg_fast.ops.attention_peers); import them on
+    # first use, because the ops package imports this module.
+    def predicate(**call) -> Optional[str]:
+        from unimrg_fast.ops import attention_peers
+
+        return getattr(attention_peers, name)(**call)
+
+    predicate.__name__ = name
+    return predicate
+
+
+_PEERS = "unimrg_fast.ops.attention_peers"
+
 _REF = "unimrg_fast.reference"
 _TABLE: List[Implementation] = [
     # Order within an op is the "auto" priority.
@@ -219,8 +239,16 @@ _TABLE: List[Implementation] = [
     Implementation("joint_loss", "triton", "unimrg_fast.ops.joint_loss:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("joint_loss", "reference", f"{_REF}:joint_loss"),
+    # FlashAttention / xFormers come first where their one-flag-per-pack masks suffice;
+    # flex is a benchmark peer and an explicit fallback, never picked by "auto".
+    Implementation("packed_attention", "flash", f"{_PEERS}:flash", ("flash_attn",),
+                   accepts=_attention_peer_predicate("flash_accepts")),
+    Implementation("packed_attention", "xformers", f"{_PEERS}:xformers", ("xformers",),
+                   accepts=_attention_peer_predicate("xformers_accepts")),
+    Implementation("packed_attention", "flex", f"{_PEERS}:flex", ("flex_attention",),
+                   accepts=_attention_peer_predicate("flex_accepts"), auto=False),
     Implementation("packed_attention", "triton", "unimrg_fast.ops.packed_attention:_triton",
-                   ("triton",), prefer=_not_interpreted_on_cpu, planned="issue #4"),
+                   ("triton",), prefer=_not_interpreted_on_cpu),
     Implementation("packed_attention", "reference", f"{_REF}:packed_attention"),
 ]
 

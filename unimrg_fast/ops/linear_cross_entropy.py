@@ -510,12 +510,9 @@ def _compute_dtype(device: torch.device, *tensors: Optional[torch.Tensor]) -> to
 
 def _fused(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing, z_loss,
            softcap, token_weight, track_argmax):
-    # The target range check is a value check (free on CPU only); compiled graphs rely
-    # on the kernels' NaN poison instead.
     h, y = check_ce_args(hidden, weight, target, bias=bias, ignore_index=ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                         softcap=softcap, token_weight=token_weight,
-                         check_values=not torch.compiler.is_compiling())
+                         softcap=softcap, token_weight=token_weight)
     y = y.contiguous()
 
     dtype = _compute_dtype(h.device, h, weight, bias)

@@ -1,16 +1,592 @@
 """Task-interleaved packed attention (DESIGN.md sections 3.4 and 3.5).
 
-The Triton kernels land with issue #4; until then `impl="auto"` resolves to the
-reference and `impl="triton"` raises NotImplementedError (see backends.py).
+Block-sparse FlashAttention-2 over a pack. The layout's tile metadata lists, for each
+query tile, the key tiles holding at least one visible pair (a CSR row), and flags
+the tiles in which every pair is visible; the kernels visit only those tiles, and
+build a per-element mask from the per-token sample / span ids only in the partial
+ones. A pack of short samples therefore costs what its samples cost, not T^2.
+
+    forward, dq: grid (query tile i, q head h)    dk, dv: grid (key tile j, kv head)
+          keys ->                                       queries ->
+       ┌───────────────────────┐                     ┌───────────────────────┐
+     i │ F F P . . . . . . . . │  walk the CSR     j │ . . P F F F P . . . . │  walk the
+       └───────────────────────┘  row of tile i      └───────────────────────┘  transpose,
+       F full: no mask   P partial: mask from ids    for every q head of the group
+       . never visited (other sample, or masked)
+
+Forward: online softmax in fp32 in the log2 domain (exp2 of fma(s, scale * log2(e),
+-max)), out [T, Hq, D] in q's dtype, lse [Hq, T] fp32 (natural log). Backward
+recomputes the probabilities from lse, p = exp(fma(s, scale, -lse)); delta =
+rowsum(dO * O) - dlse (so lse is differentiable too); one kernel for dk / dv over key
+tiles, summing the q heads of each GQA group, and one for dq over query tiles. Each
+gradient element is written by exactly one program that adds its terms in a fixed
+order: no atomics, so the backward is deterministic (bitwise run to run) by
+construction.
+
+Nothing depends on the layout at compile time: the CSR arrays, token ids and T are
+runtime arguments, and neither T nor the layout's pointers are specialised on, so a
+new pack with other lengths reuses the compiled kernels.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import inspect
+from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.layout import PackedLayout
+from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
+# The argument checks are the reference's own, so the two paths cannot drift apart.
+from unimrg_fast.reference.attention import _check_inputs as check_attention_args
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+_CAUSAL = tl.constexpr(CAUSAL)
+_NOISE = tl.constexpr(NOISE)
+MAX_HEAD_DIM = 256
+
+# Arguments whose values change from pack to pack: T, and the layout's int32 arrays
+# (views into one transfer buffer, so their 16-byte alignment depends on the lengths).
+# Specialising on them would compile a new kernel per T % 16 class and per alignment.
+_LAYOUT_ARGS = ["T", "q_tile_ptr", "k_tile_idx", "k_tile_full", "k_tile_ptr", "q_tile_idx",
+                "q_tile_full", "token_sample", "token_span", "span_modes"]
+
+
+def _jit(**kwargs):
+    """triton.jit without specialisation on the layout's arguments (where supported)."""
+    params = inspect.signature(triton.jit).parameters
+    kw = {}
+    if "do_not_specialize" in params:
+        kw["do_not_specialize"] = ["T"]
+    if "do_not_specialize_on_alignment" in params:
+        kw["do_not_specialize_on_alignment"] = _LAYOUT_ARGS
+    kw.update(kwargs)
+    return triton.jit(**kw)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _token_ids(token_sample, token_span, span_modes, pos, ok, OUTSIDE: tl.constexpr):
+    """(sample, span, mode) of tokens `pos`; tokens past T get sample OUTSIDE, which
+    differs between query (-1) and key (-2) side so they never see each other."""
+    sample = tl.load(token_sample + pos, mask=ok, other=OUTSIDE)
+    span = tl.load(token_span + pos, mask=ok, other=OUTSIDE)
+    mode = tl.load(span_modes + span, mask=ok, other=_NOISE)
+    return sample, span, mode
+
+
+@triton.jit
+def _visible(q_pos, q_sample, q_span, q_mode, k_pos, k_sample, k_span, k_mode):
+    """The rule of DESIGN.md 3.4, elementwise over broadcast query / key operands."""
+    same_span = q_span == k_span
+    ordered = (k_pos <= q_pos) | (same_span & (q_mode != _CAUSAL))
+    return (q_sample == k_sample) & ordered & ((k_mode != _NOISE) | same_span)
+
+
+@_jit()
+def _attn_fwd_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh,
+                     v_ptr, stride_vt, stride_vh, o_ptr, stride_ot, stride_oh, lse_ptr,
+                     q_tile_ptr, k_tile_idx, k_tile_full, token_sample, token_span, span_modes,
+                     T, num_heads, group, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One (query tile, q head): out = softmax(q k^T * scale) v over the tile's CSR row.
+
+    qk_scale = scale * log2(e); lse is stored as natural log, [Hq, T] contiguous.
+    """
+    pid = tl.program_id(0)
+    head = pid % num_heads  # heads fastest: a GQA group's programs share K / V in L2
+    tile = pid // num_heads
+    kv_head = head // group
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter treats bf16 as raw bits: compute in fp32 there
+        q = q.to(tl.float32)
+    q_sample, q_span, q_mode = _token_ids(token_sample, token_span, span_modes, offs_m, m_ok, -1)
+    k_base = k_ptr + kv_head * stride_kh + offs_d[None, :]
+    v_base = v_ptr + kv_head * stride_vh + offs_d[None, :]
+
+    m_i = tl.full((BLOCK_M,), _NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    start = tl.load(q_tile_ptr + tile)
+    end = tl.load(q_tile_ptr + tile + 1)
+    for idx in range(start, end):
+        k_tile = tl.load(k_tile_idx + idx)
+        full = tl.load(k_tile_full + idx)
+        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        cols = offs_n.to(tl.int64)
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if full == 0:
+            k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes,
+                                                  offs_n, n_ok, -2)
+            vis = _visible(offs_m[:, None], q_sample[:, None], q_span[:, None], q_mode[:, None],
+                           offs_n[None, :], k_sample[None, :], k_span[None, :], k_mode[None, :])
+            s = tl.where(vis, s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # A row may see nothing yet (a partial tile, or a row past T): keep it finite.
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        # One rounding of the small difference, not of the large scaled score.
+        p = tl.exp2(tl.fma(s, qk_scale, -m_use[:, None]))
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # Every token sees itself, so l_i > 0 on every row inside the pack.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_safe)) * _LN2
+    tl.store(lse_ptr + head.to(tl.int64) * T + rows, lse, mask=m_ok)
+
+
+@_jit()
+def _attn_bwd_preprocess_kernel(o_ptr, stride_ot, stride_oh, do_ptr, stride_dot, stride_doh,
+                                dlse_ptr, delta_ptr, T,
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr,
+                                UPCAST: tl.constexpr):
+    """delta [Hq, T] = rowsum(dO * O) - dlse (dlse: the gradient reaching lse, if any).
+
+    d lse_i / d s_ij = p_ij, so an lse gradient only shifts delta: ds = p (dp - delta).
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)
+    o = tl.load(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(do_ptr + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=ok, other=0.0)
+    if UPCAST:
+        o = o.to(tl.float32)
+        do = do.to(tl.float32)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    at = head.to(tl.int64) * T + rows
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + at, mask=m_ok, other=0.0)
+    tl.store(delta_ptr + at, delta, mask=m_ok)
+
+
+@_jit()
+def _attn_bwd_dkdv_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh,
+                          v_ptr, stride_vt, stride_vh, do_ptr, stride_dot, stride_doh,
+                          dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+                          k_tile_ptr, q_tile_idx, q_tile_full, token_sample, token_span,
+                          span_modes, T, num_kv_heads, group, sm_scale,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """One (key tile, kv head): dk, dv summed over the query tiles of the transposed CSR
+    row and over every q head of the group, in one fixed order (no atomics).
+
+    dk, dv are [T, Hkv, D] contiguous; computed transposed (keys as rows):
+    p^T = exp(k q^T * scale - lse), dv += p^T dO, ds^T = p^T (v dO^T - delta),
+    dk += ds^T q * scale.
+    """
+    pid = tl.program_id(0)
+    kv_head = pid % num_kv_heads
+    tile = pid // num_kv_heads
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    cols = offs_n.to(tl.int64)
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + cols[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + cols[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes, offs_n, n_ok, -2)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    start = tl.load(k_tile_ptr + tile)
+    end = tl.load(k_tile_ptr + tile + 1)
+    # One flat loop over (query tile, head of the group), tile-major: a single loop
+    # for the software pipeliner, and the group's heads read the same query rows.
+    for it in range(0, (end - start) * group):
+        idx = start + it // group
+        head = kv_head * group + it % group
+        q_tile = tl.load(q_tile_idx + idx)
+        full = tl.load(q_tile_full + idx)
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < T
+        rows = offs_m.to(tl.int64)
+        q_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=q_ok, other=0.0)
+        do = tl.load(do_ptr + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                     mask=q_ok, other=0.0)
+        at = head.to(tl.int64) * T + rows
+        lse = tl.load(lse_ptr + at, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + at, mask=m_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if full == 0:  # masked before exp2: a hidden pair's score may exceed lse
+            q_sample, q_span, q_mode = _token_ids(token_sample, token_span, span_modes,
+                                                  offs_m, m_ok, -1)
+            vis = _visible(offs_m[None, :], q_sample[None, :], q_span[None, :], q_mode[None, :],
+                           offs_n[:, None], k_sample[:, None], k_span[:, None], k_mode[:, None])
+            s_t = tl.where(vis, s_t, _NEG_INF)
+        # Natural units and one fma: large scores lose no more than one rounding of
+        # s * scale - lse (the scaled score itself is never rounded).
+        p_t = tl.exp(tl.fma(s_t, sm_scale, -lse[None, :]))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    out = cols[:, None] * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+@_jit()
+def _attn_bwd_dq_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh,
+                        v_ptr, stride_vt, stride_vh, do_ptr, stride_dot, stride_doh,
+                        dq_ptr, lse_ptr, delta_ptr,
+                        q_tile_ptr, k_tile_idx, k_tile_full, token_sample, token_span,
+                        span_modes, T, num_heads, group, sm_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One (query tile, q head): dq = scale * sum_j ds_j k_j over the tile's CSR row.
+
+    dq is [T, Hq, D] contiguous.
+    """
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    tile = pid // num_heads
+    kv_head = head // group
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    q_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=q_ok, other=0.0)
+    do = tl.load(do_ptr + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
+                 mask=q_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    at = head.to(tl.int64) * T + rows
+    lse = tl.load(lse_ptr + at, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + at, mask=m_ok, other=0.0)
+    q_sample, q_span, q_mode = _token_ids(token_sample, token_span, span_modes, offs_m, m_ok, -1)
+    k_base = k_ptr + kv_head * stride_kh + offs_d[None, :]
+    v_base = v_ptr + kv_head * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    start = tl.load(q_tile_ptr + tile)
+    end = tl.load(q_tile_ptr + tile + 1)
+    for idx in range(start, end):
+        k_tile = tl.load(k_tile_idx + idx)
+        full = tl.load(k_tile_full + idx)
+        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        cols = offs_n.to(tl.int64)
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if full == 0:
+            k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes,
+                                                  offs_n, n_ok, -2)
+            vis = _visible(offs_m[:, None], q_sample[:, None], q_span[:, None], q_mode[:, None],
+                           offs_n[None, :], k_sample[None, :], k_span[None, :], k_mode[None, :])
+            s = tl.where(vis, s, _NEG_INF)
+        p = tl.exp(tl.fma(s, sm_scale, -lse[:, None]))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    out = rows[:, None] * (num_heads * HEAD_DIM) + head * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptr + out, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_ok)
+
+
+# ------------------------------------------------------------------------ launchers
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Tile sizes and launch options of the three passes.
+
+    The forward and dq share one tile metadata (query tiles of fwd_block_m rows, key
+    tiles of fwd_block_n); dk / dv uses its own (kv_block_m x kv_block_n), whose
+    transpose it walks. Not autotuned: the tile size also selects the layout metadata.
+    """
+
+    fwd_block_m: int
+    fwd_block_n: int
+    kv_block_m: int
+    kv_block_n: int
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    dq_warps: int = 4
+    dq_stages: int = 2
+    kv_warps: int = 4
+    kv_stages: int = 2
+
+
+def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool) -> _Config:
+    if interpreted:
+        # The interpreter's cost is per tile operation; 16-wide tiles give tiny test
+        # packs several tiles, partial and full ones, and ragged ends.
+        return _Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1)
+    # Untimed choices, checked only by compiling offline for sm_90a (triton 3.9):
+    # none spills registers and all fit in shared memory, except the fp32 backward at
+    # D = 128 (tf32x3 triples the dots; fp32 is the correctness path, not the fast one).
+    # In half precision dk / dv takes 128-key tiles and short query tiles, as
+    # FlashAttention-2's Triton tutorial does: its accumulators are [BLOCK_N, D] fp32.
+    if dtype == torch.float32 and block_d <= 64:
+        return _Config(64, 32, 16, 64, 8, 2, 8, 2, 8, 2)
+    if dtype == torch.float32 or block_d > 128:
+        return _Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2)
+    if block_d <= 64:
+        return _Config(128, 64, 64, 128, 8, 3, 8, 2, 8, 2)
+    return _Config(128, 64, 32, 128, 8, 3, 8, 2, 8, 2)
+
+
+def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
+    # The interpreter treats bf16 as raw bits, so bf16 tiles are upcast right after
+    # loading there; fp16 keeps its real dtype so the CPU lane runs the GPU's casts.
+    return interpreted and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype, interpreted: bool) -> str:
+    # fp32 inputs: "tf32x3" on a GPU (three tf32 tensor-core products, ~fp32 accuracy;
+    # plain tf32 would cost ~1e-3 relative error, and "ieee" CUDA-core dots spill
+    # registers heavily at these tile sizes); exact "ieee" in the interpreter.
+    # fp16/bf16 dots are exact products with fp32 accumulation whatever this says.
+    if interpreted:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Every buffer a kernel must fill comes from here, so that tests can poison them.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
+    # The interpreter cannot round fp32 to bf16 in a kernel: store fp32, cast outside.
+    return torch.float32 if _upcast(dtype, interpreted) else dtype
+
+
+def _forward(q, k, v, token_sample, token_span, span_modes, q_tile_ptr, k_tile_idx,
+             k_tile_full, scale: float, block_m: int, block_n: int):
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    interpreted = backends.triton_interpreted()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg = _pick_config(q.dtype, block_d, interpreted)
+    out = _empty((num_tokens, num_heads, head_dim), _store_dtype(q.dtype, interpreted), q.device)
+    lse = _empty((num_heads, num_tokens), torch.float32, q.device)
+    num_q_tiles = q_tile_ptr.shape[0] - 1
+    _attn_fwd_kernel[(num_q_tiles * num_heads,)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        out, out.stride(0), out.stride(1), lse,
+        q_tile_ptr, k_tile_idx, k_tile_full, token_sample, token_span, span_modes,
+        num_tokens, num_heads, group, scale * _LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+        UPCAST=_upcast(q.dtype, interpreted), PRECISION=_precision(q.dtype, interpreted),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return out.to(q.dtype), lse
+
+
+def _backward(grad_out, grad_lse, q, k, v, out, lse, token_sample, token_span, span_modes,
+              q_tile_ptr, k_tile_idx, k_tile_full, k_tile_ptr, q_tile_idx, q_tile_full,
+              scale: float, fwd_block_m: int, fwd_block_n: int, kv_block_m: int,
+              kv_block_n: int, compute_dq: bool, compute_dkv: bool):
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    dev = q.device
+    interpreted = backends.triton_interpreted()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg = _pick_config(q.dtype, block_d, interpreted)
+    upcast, precision = _upcast(q.dtype, interpreted), _precision(q.dtype, interpreted)
+    store = _store_dtype(q.dtype, interpreted)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+
+    delta = _empty((num_heads, num_tokens), torch.float32, dev)
+    pre_block = 64 if not interpreted else 16
+    has_dlse = grad_lse is not None
+    if has_dlse:
+        grad_lse = grad_lse.float().contiguous()
+    _attn_bwd_preprocess_kernel[(triton.cdiv(num_tokens, pre_block), num_heads)](
+        out, out.stride(0), out.stride(1), grad_out, grad_out.stride(0), grad_out.stride(1),
+        grad_lse if has_dlse else delta, delta, num_tokens,
+        BLOCK_M=pre_block, BLOCK_D=block_d, HEAD_DIM=head_dim, HAS_DLSE=has_dlse,
+        UPCAST=upcast, num_warps=4)
+
+    dk = dv = dq = None
+    if compute_dkv:
+        dk = _empty((num_tokens, num_kv_heads, head_dim), store, dev)
+        dv = _empty((num_tokens, num_kv_heads, head_dim), store, dev)
+        num_k_tiles = k_tile_ptr.shape[0] - 1
+        _attn_bwd_dkdv_kernel[(num_k_tiles * num_kv_heads,)](
+            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+            grad_out, grad_out.stride(0), grad_out.stride(1), dk, dv, lse, delta,
+            k_tile_ptr, q_tile_idx, q_tile_full, token_sample, token_span, span_modes,
+            num_tokens, num_kv_heads, group, scale,
+            BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            UPCAST=upcast, PRECISION=precision, num_warps=cfg.kv_warps,
+            num_stages=cfg.kv_stages)
+    if compute_dq:
+        dq = _empty((num_tokens, num_heads, head_dim), store, dev)
+        num_q_tiles = q_tile_ptr.shape[0] - 1
+        _attn_bwd_dq_kernel[(num_q_tiles * num_heads,)](
+            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+            grad_out, grad_out.stride(0), grad_out.stride(1), dq, lse, delta,
+            q_tile_ptr, k_tile_idx, k_tile_full, token_sample, token_span, span_modes,
+            num_tokens, num_heads, group, scale,
+            BLOCK_M=fwd_block_m, BLOCK_N=fwd_block_n, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            UPCAST=upcast, PRECISION=precision, num_warps=cfg.dq_warps,
+            num_stages=cfg.dq_stages)
+    return (dq.to(q.dtype) if dq is not None else q.new_empty((0,)),
+            dk.to(k.dtype) if dk is not None else k.new_empty((0,)),
+            dv.to(v.dtype) if dv is not None else v.new_empty((0,)))
+
+
+# -------------------------------------------------------- custom ops and autograd
+# torch.library custom ops (rather than a bare autograd.Function) so that
+# torch.compile traces through attention without graph breaks. The layout is not a
+# tensor: the ops take the tensors it carries. fwd tiles: the query-tile CSR at
+# (fwd_block_m, fwd_block_n), used by the forward and by dq; kv tiles: the key-tile
+# CSR (transpose) at (kv_block_m, kv_block_n), used by dk / dv.
+@torch.library.custom_op("unimrg_fast::packed_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_sample: torch.Tensor,
+            token_span: torch.Tensor, span_modes: torch.Tensor, q_tile_ptr: torch.Tensor,
+            k_tile_idx: torch.Tensor, k_tile_full: torch.Tensor, k_tile_ptr: torch.Tensor,
+            q_tile_idx: torch.Tensor, q_tile_full: torch.Tensor, scale: float,
+            fwd_block_m: int, fwd_block_n: int, kv_block_m: int, kv_block_n: int
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [T, Hq, D] in q's dtype, lse [Hq, T] fp32). The kv tiles are not read
+    here; they are inputs so that the backward finds them."""
+    return _forward(q, k, v, token_sample, token_span, span_modes, q_tile_ptr, k_tile_idx,
+                    k_tile_full, scale, fwd_block_m, fwd_block_n)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, token_sample, token_span, span_modes, q_tile_ptr, k_tile_idx, k_tile_full,
+      k_tile_ptr, q_tile_idx, q_tile_full, scale, fwd_block_m, fwd_block_n, kv_block_m,
+      kv_block_n):
+    num_tokens, num_heads, head_dim = q.shape
+    return (q.new_empty((num_tokens, num_heads, head_dim)),
+            q.new_empty((num_heads, num_tokens), dtype=torch.float32))
+
+
+@torch.library.custom_op("unimrg_fast::packed_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor,
+            k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            token_sample: torch.Tensor, token_span: torch.Tensor, span_modes: torch.Tensor,
+            q_tile_ptr: torch.Tensor, k_tile_idx: torch.Tensor, k_tile_full: torch.Tensor,
+            k_tile_ptr: torch.Tensor, q_tile_idx: torch.Tensor, q_tile_full: torch.Tensor,
+            scale: float, fwd_block_m: int, fwd_block_n: int, kv_block_m: int,
+            kv_block_n: int, compute_dq: bool, compute_dkv: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) in the inputs' dtypes, contiguous; one not asked for is empty [0]."""
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, token_sample, token_span,
+                     span_modes, q_tile_ptr, k_tile_idx, k_tile_full, k_tile_ptr, q_tile_idx,
+                     q_tile_full, scale, fwd_block_m, fwd_block_n, kv_block_m, kv_block_n,
+                     compute_dq, compute_dkv)
+
+
+@_bwd_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, token_sample, token_span, span_modes, q_tile_ptr,
+      k_tile_idx, k_tile_full, k_tile_ptr, q_tile_idx, q_tile_full, scale, fwd_block_m,
+      fwd_block_n, kv_block_m, kv_block_n, compute_dq, compute_dkv):
+    return (q.new_empty(q.shape if compute_dq else (0,)),
+            k.new_empty(k.shape if compute_dkv else (0,)),
+            v.new_empty(v.shape if compute_dkv else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *layout_tensors, scale, fb_m, fb_n, kb_m, kb_n = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *layout_tensors)
+    ctx.options = (scale, fb_m, fb_n, kb_m, kb_n)
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, *layout_tensors = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    none = (None,) * 14
+    if not (need_dq or need_dkv) or (grad_out is None and grad_lse is None):
+        return (None, None, None) + none
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(grad_out, grad_lse, q, k, v, out, lse, *layout_tensors,
+                         *ctx.options, need_dq, need_dkv)
+    return ((dq if need_dq else None), (dk if need_dkv else None),
+            (dv if need_dkv else None)) + none
+
+
+torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ entry points
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *,
+            scale: Optional[float] = None, return_lse: bool = False,
+            deterministic: bool = False):
+    """The fused implementation behind `packed_attention(..., impl="triton")`.
+
+    `deterministic` is accepted for the shared signature: this backward is always
+    deterministic (no atomics). lse is differentiable.
+    """
+    check_attention_args(q, k, v, layout, scale)
+    head_dim = q.shape[2]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim D = {head_dim} is not supported by the Triton kernel "
+                         f"(D <= {MAX_HEAD_DIM}); use impl='reference'")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if torch.is_autocast_enabled(q.device.type):  # what SDPA does in the reference
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    # Any token / head strides are fine; the head dim must be contiguous.
+    q, k, v = (x if x.stride(2) == 1 or head_dim == 1 else x.contiguous() for x in (q, k, v))
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg = _pick_config(q.dtype, block_d, backends.triton_interpreted())
+    fwd = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n)
+    kv = layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
+    out, lse = _fwd_op(q, k, v, layout.token_sample, layout.token_span, layout.span_modes,
+                       fwd.q_tile_ptr, fwd.k_tile_idx, fwd.k_tile_full,
+                       kv.k_tile_ptr, kv.q_tile_idx, kv.q_tile_full, scale,
+                       cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n)
+    return (out, lse) if return_lse else out
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *,
@@ -37,7 +613,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         T    1 1 1 1 . .
         N    1 1 1 1 1 1
         N    1 1 1 1 1 1
+
+    impl="triton" (the block-sparse FlashAttention-2 kernels of this module):
+    q, k, v fp32 / fp16 / bf16 of one dtype, head dim D <= 256 (any D; powers of two
+    waste no work), any token and head strides (a head dim that is not contiguous is
+    copied). Query head h reads kv head h // (Hq // Hkv). Its backward is always
+    deterministic (each gradient element is summed by one program in a fixed order),
+    whatever `deterministic` says, and lse is differentiable. The tile metadata is
+    built once per layout and tile size (`layout.tiles`), then shared by every layer;
+    a new pack does not recompile the kernels.
     """
-    _, fn = backends.resolve("packed_attention", impl, device=q.device
-                             if isinstance(q, torch.Tensor) else None, layout=layout)
+    # dtype and deterministic let "auto" skip peers that cannot honour them (flash-attn
+    # has no fp32, xformers no deterministic backward) instead of failing in the call.
+    is_tensor = isinstance(q, torch.Tensor)
+    _, fn = backends.resolve("packed_attention", impl, device=q.device if is_tensor else None,
+                             layout=layout, dtype=q.dtype if is_tensor else None,
+                             deterministic=deterministic)
     return fn(q, k, v, layout, scale=scale, return_lse=return_lse, deterministic=deterministic)

@@ -69,11 +69,10 @@ def masked_weighted_reduce(per_row: torch.Tensor, valid: Optional[torch.Tensor],
 
 
 def check_ce_args(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing,
-                  z_loss, softcap, token_weight, check_values: bool = True):
+                  z_loss, softcap, token_weight):
     """Every argument check of linear_cross_entropy, shared by all its implementations.
 
     Returns (h [N, H], y [N]): hidden with leading dims flattened, target as a vector.
-    `check_values=False` skips the (CPU-only) target range check, e.g. while compiling.
     """
     check_reduction(reduction)
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
@@ -87,8 +86,7 @@ def check_ce_args(hidden, weight, target, *, bias, ignore_index, reduction, labe
                          f"hidden.shape[:-1] {tuple(hidden.shape[:-1])}), got shape "
                          f"{tuple(target.shape)}")
     y = target.reshape(n)
-    if check_values:
-        check_index_range(y, "target", 0, weight.shape[0], allowed_extra=ignore_index)
+    check_index_range(y, "target", 0, weight.shape[0], allowed_extra=ignore_index)
     check_token_weight(token_weight, n, h.device)
     return h, y
 
