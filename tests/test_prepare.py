@@ -1,0 +1,531 @@
+"""`python -m trainer.prepare`: target folders from an image folder with tiny, randomly
+initialised teachers (Depth Anything on a tiny DINOv2 backbone, a tiny SAM) saved to a temp
+folder, so nothing is downloaded. Random teachers rarely produce a SAM mask that passes the
+UniMRG thresholds, so the rendering path is also driven by hand-made masks."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import prepare as prep
+from trainer import scenes, teachers
+from trainer.teachers import (DepthTeacher, MaskGenerator, MaskSettings, box_nms,
+                              mask_boundary, palette, render_boundaries, render_instances,
+                              rle_to_mask)
+
+SIZES = {"top.png": (30, 45), "sub/deeper/b.jpg": (40, 28), "sub/c.webp": (25, 33)}
+CORRUPT = ("sub/bad.jpg", "trunc.png")
+
+
+# ------------------------------------------------------------------------------ fixtures
+def save_tiny_depth(path):
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    # The smallest valid setup: 4 backbone layers (the neck reassembles 4 distinct feature
+    # maps), hidden 16, patch 14 as in Depth Anything.
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=32, image_size=28, patch_size=14,
+                            out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16,
+                                 neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+                                 head_hidden_size=4, patch_size=14)
+    model = DepthAnythingForDepthEstimation(config)
+    # transformers' init (std 0.02) leaves a tiny net's output constant to 7 digits; wider
+    # weights and a positive bias before the final ReLU give a depth map that varies.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+        model.head.conv3.bias.fill_(3.0)
+    model.save_pretrained(path)
+    # Depth Anything V2's processor settings at a tiny size: keep the aspect ratio, sides
+    # multiples of 14, bicubic.
+    DPTImageProcessorPil(size={"height": 42, "width": 42}, keep_aspect_ratio=True,
+                         ensure_multiple_of=14).save_pretrained(path)
+
+
+def save_tiny_sam(path):
+    from transformers import (SamConfig, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig)
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    vision = SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             mlp_dim=32, image_size=64, patch_size=8, output_channels=16,
+                             window_size=4, global_attn_indexes=[1], num_pos_feats=8)
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8,
+                                    mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   mlp_dim=32, iou_head_hidden_dim=16)
+    SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt,
+                       mask_decoder_config=decoder)).save_pretrained(path)
+    image_processor = SamImageProcessorPil(size={"longest_edge": 64},
+                                           pad_size={"height": 64, "width": 64},
+                                           mask_size={"longest_edge": 16},
+                                           mask_pad_size={"height": 16, "width": 16})
+    SamProcessor(image_processor=image_processor).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    save_tiny_depth(root / "depth")
+    save_tiny_sam(root / "sam")
+    return {"depth": root / "depth", "sam": root / "sam"}
+
+
+def write_images(root, seed):
+    """A nested folder: 3 images of different sizes, 2 corrupt files, and files that are
+    not inputs (a text file, a hidden file)."""
+    rng = np.random.default_rng(seed)
+    for rel, (h, w) in SIZES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        # a smooth image with an edge, so a depth net sees structure; plus noise
+        image = np.zeros((h, w, 3), np.float64)
+        image[:, : w // 2] = rng.uniform(0, 255, 3)
+        image[:, w // 2:] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 20, image.shape)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / rel)
+    (root / "sub" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    good = root / "top.png"
+    (root / "trunc.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.jpg").write_bytes(b"macOS resource fork")
+
+
+@pytest.fixture
+def images(tmp_path, seed):
+    root = tmp_path / "tuning_data"
+    write_images(root, seed)
+    return root
+
+
+def run(images, models, **kwargs):
+    kwargs.setdefault("depth_model", models["depth"])
+    kwargs.setdefault("sam_model", models["sam"])
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("progress", False)
+    return prep.prepare(images, **kwargs)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def expected_png(rel):
+    return os.path.splitext(rel)[0] + ".png"
+
+
+# ------------------------------------------------------------------------ end to end
+def test_outputs_mirror_inputs_and_resume_does_nothing(images, models, monkeypatch):
+    summary = run(images, models)
+    depth_dir, seg_dir = images.parent / "tuning_data_depth", images.parent / "tuning_data_mask"
+    assert summary.out_dirs == {"depth": depth_dir, "seg": seg_dir}
+    assert summary.images == len(SIZES) + len(CORRUPT)
+    assert summary.written == {"depth": len(SIZES), "seg": len(SIZES)}
+    assert summary.existing == {"depth": 0, "seg": 0}
+    assert sorted(summary.skipped) == sorted(CORRUPT), summary.skipped
+
+    for folder in (depth_dir, seg_dir):
+        produced = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                          if p.is_file())
+        assert produced == sorted(expected_png(rel) for rel in SIZES), produced
+    for rel, (h, w) in SIZES.items():
+        with Image.open(depth_dir / expected_png(rel)) as depth:
+            assert depth.mode == "L" and depth.size == (w, h), (rel, depth.mode, depth.size)
+            d = np.asarray(depth)
+        assert (d.min(), d.max()) == (0, 255), (rel, d.min(), d.max())
+        with Image.open(seg_dir / expected_png(rel)) as seg:
+            assert seg.mode == "RGB" and seg.size == (w, h), (rel, seg.mode, seg.size)
+            s = np.asarray(seg)
+        assert (s[..., 0] == s[..., 1]).all() and (s[..., 1] == s[..., 2]).all(), rel
+        assert set(np.unique(s)) <= {0, 255}, (rel, np.unique(s))
+
+    before = {"depth": snapshot(depth_dir), "seg": snapshot(seg_dir)}
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("a resumed run with every output present must not run a model")
+
+    monkeypatch.setattr(DepthTeacher, "predict", no_call)
+    monkeypatch.setattr(MaskGenerator, "masks", no_call)
+    again = run(images, models)
+    assert again.written == {"depth": 0, "seg": 0}
+    assert again.existing == {"depth": len(SIZES), "seg": len(SIZES)}
+    # corrupt images are never done: each run tries and reports them again
+    assert sorted(again.skipped) == sorted(CORRUPT), again.skipped
+    assert {"depth": snapshot(depth_dir), "seg": snapshot(seg_dir)} == before
+
+    # with only header-less files pending, the teachers are not even loaded
+    (images / "trunc.png").unlink()
+    for cls in (DepthTeacher, MaskGenerator):
+        monkeypatch.setattr(cls, "load", no_call)
+    third = run(images, models)
+    assert third.written == {"depth": 0, "seg": 0} and list(third.skipped) == ["sub/bad.jpg"]
+    assert {"depth": snapshot(depth_dir), "seg": snapshot(seg_dir)} == before
+
+
+def test_leftover_temporary_or_empty_file_is_not_done(images, models):
+    out = images.parent / "tuning_data_depth"
+    (out / "sub").mkdir(parents=True)
+    # an interrupted write leaves only the temporary file; a power cut may leave 0 bytes
+    (out / ".top.png.x1y2z3.tmp").write_bytes(b"\x89PNG half")
+    (out / "sub" / "c.png").write_bytes(b"")
+    summary = run(images, models, tasks="depth")
+    assert summary.written == {"depth": len(SIZES)} and summary.existing == {"depth": 0}
+    for rel, (h, w) in SIZES.items():
+        with Image.open(out / expected_png(rel)) as depth:
+            assert depth.size == (w, h)
+    # the tmp file is not an output nor an input; no temporary file of ours is left over
+    leftovers = sorted(p.name for p in out.rglob("*.tmp"))
+    assert leftovers == [".top.png.x1y2z3.tmp"], leftovers
+
+
+def test_partial_previous_run_only_fills_the_gaps(images, models, monkeypatch):
+    # sorted: sub/bad.jpg (corrupt), sub/c.webp, sub/deeper/b.jpg, top.png, trunc.png
+    first = run(images, models, tasks="depth", limit=2)
+    assert first.images == 2 and list(first.skipped) == ["sub/bad.jpg"]
+    out = images.parent / "tuning_data_depth"
+    first = "sub/c.webp"
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.png")] == [expected_png(first)]
+    seen = []
+    original = DepthTeacher.predict
+    monkeypatch.setattr(DepthTeacher, "predict",
+                        lambda self, ims: seen.extend(im.size for im in ims) or original(self, ims))
+    summary = run(images, models, tasks="depth")
+    assert summary.existing == {"depth": 1} and summary.written == {"depth": len(SIZES) - 1}
+    h, w = SIZES[first]
+    assert (w, h) not in seen and len(seen) == len(SIZES) - 1, seen
+
+
+@pytest.mark.parametrize("style", ["unimrg", "sgt"])
+def test_segmentation_rendering_through_the_cli(images, models, monkeypatch, style):
+    made = {}
+
+    def fake_masks(self, ims):  # two overlapping rectangles per image, sizes from the image
+        out = []
+        for im in ims:
+            h, w = im.height, im.width
+            big = np.zeros((h, w), bool)
+            big[2:h - 3, 1:w - 2] = True
+            small = np.zeros((h, w), bool)
+            small[5:12, 4:10] = True
+            made[(h, w)] = [small, big]  # small first: the painter must sort by area
+            out.append([small, big])
+        return out
+
+    monkeypatch.setattr(MaskGenerator, "masks", fake_masks)
+    assert prep.main(["--images", str(images), "--tasks", "seg", "--sam-model",
+                      str(models["sam"]), "--seg-style", style, "--device", "cpu",
+                      "--no-progress"]) == 0
+    out = images.parent / "tuning_data_mask"
+    for rel, (h, w) in SIZES.items():
+        got = np.asarray(Image.open(out / expected_png(rel)))
+        small, big = made[(h, w)]
+        if style == "unimrg":
+            edges = np.zeros((h, w), bool)
+            for m in (small, big):
+                edges |= boundary_by_loops(m)
+            want = np.repeat(np.where(edges, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            want = np.zeros((h, w, 3), np.uint8)
+            want[big] = palette(2)[0]
+            want[small] = palette(2)[1]
+            assert len({tuple(c) for c in got.reshape(-1, 3)}) == 3  # black + two colours
+        np.testing.assert_array_equal(got, want, err_msg=f"{style} {rel}")
+
+
+def test_sam_settings_reach_transformers(models, monkeypatch):
+    """The UniMRG settings (32 x 32 points, IoU 0.88, stability 0.95, NMS 0.7) arrive at the
+    transformers calls that apply them, and points_per_batch splits the decoder calls."""
+    calls = {"filter": [], "nms": [], "grid": [], "points": []}
+    monkeypatch.setattr(prep, "IO_THREADS", 1)
+    original_load = MaskGenerator.load
+
+    def load(*args, **kwargs):
+        generator = original_load(*args, **kwargs)
+        ip = generator.image_processor
+        filter_masks, crop_boxes = ip.filter_masks, ip.generate_crop_boxes
+
+        def recording_filter(*a, **kw):
+            calls["filter"].append(dict(kw))
+            # let every mask through so NMS and rendering run on real SAM output
+            kw.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+            return filter_masks(*a, **kw)
+
+        def recording_grid(*a, **kw):
+            calls["grid"].append(dict(kw))
+            return crop_boxes(*a, **kw)
+
+        monkeypatch.setattr(ip, "filter_masks", recording_filter)
+        monkeypatch.setattr(ip, "generate_crop_boxes", recording_grid)
+        generator.model.register_forward_pre_hook(
+            lambda module, args, kwargs: calls["points"].append(kwargs["input_points"].shape[1]),
+            with_kwargs=True)
+        return generator
+
+    def recording_nms(boxes, scores, iou_threshold):
+        calls["nms"].append(iou_threshold)
+        return original_nms(boxes, scores, iou_threshold)
+
+    original_nms = teachers.box_nms
+    monkeypatch.setattr(MaskGenerator, "load", staticmethod(load))
+    monkeypatch.setattr(teachers, "box_nms", recording_nms)
+    generator = MaskGenerator.load(models["sam"], MaskSettings(points_per_batch=100))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (23, 31, 3), np.uint8))
+    (masks,) = generator.masks([image])
+
+    assert calls["grid"] == [{"crop_n_layers": 0, "points_per_crop": 32}]
+    assert calls["points"] == [100] * 10 + [24]  # 1,024 points, 100 per decoder call
+    assert len(calls["filter"]) == 11
+    for kw in calls["filter"]:
+        assert kw == {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+                      "mask_threshold": 0.0, "stability_score_offset": 1.0}, kw
+    assert calls["nms"] == [0.7]
+    assert masks and all(m.shape == (23, 31) and m.dtype == bool for m in masks)
+
+
+def test_cli_defaults_are_the_unimrg_settings():
+    assert MaskSettings() == MaskSettings(points_per_side=32, pred_iou_thresh=0.88,
+                                          stability_score_thresh=0.95, box_nms_thresh=0.7,
+                                          points_per_batch=64)
+    args = prep.build_parser().parse_args(["--images", "x"])
+    assert (args.tasks, args.seg_style, args.points_per_batch) == ("depth,seg", "unimrg", 64)
+
+
+def test_depth_batches_by_shape_and_keeps_order(models, seed):
+    rng = np.random.default_rng(seed)
+    shapes = [(20, 30), (31, 17), (20, 30), (20, 30), (31, 17)]
+    ims = [Image.fromarray(rng.integers(0, 255, (*s, 3), np.uint8)) for s in shapes]
+    teacher = DepthTeacher.load(models["depth"], batch_size=2)
+    forwards = []
+    teacher.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(kwargs["pixel_values"].shape[0]),
+        with_kwargs=True)
+    together = teacher.predict(ims)
+    assert sorted(forwards) == [1, 2, 2], forwards  # 3 of one shape in 2 + 1, 2 of the other
+    for image, depth in zip(ims, together):
+        assert depth.shape == (image.height, image.width) and depth.dtype == np.float32
+        alone = teacher.predict([image])[0]
+        np.testing.assert_allclose(depth, alone, atol=1e-4)
+        assert depth.min() == 0.0 and depth.max() == 1.0
+
+
+# ------------------------------------------------------------------------- rendering
+def boundary_by_loops(mask):
+    """Pixels of the mask with a 4-neighbour inside the image that is not in the mask."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for y in range(h):
+        for x in range(w):
+            if not mask[y, x]:
+                continue
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < h and 0 <= xx < w and not mask[yy, xx]:
+                    out[y, x] = True
+    return out
+
+
+def test_mask_boundary_on_hand_made_masks(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 13, 17
+    square = np.zeros((h, w), bool)
+    square[2:7, 3:9] = True
+    corner = np.zeros((h, w), bool)  # touches the image border: the border is no edge
+    corner[:5, 12:] = True
+    corner[4:9, 15:] = True  # an L
+    blob = rng.random((h, w)) < 0.5  # ragged, with holes and single pixels
+    for mask in (square, corner, blob, np.zeros((h, w), bool), np.ones((h, w), bool)):
+        np.testing.assert_array_equal(mask_boundary(mask), boundary_by_loops(mask))
+        # the synthetic scenes draw their UniMRG targets by the same rule
+        np.testing.assert_array_equal(mask_boundary(mask),
+                                      scenes.instance_boundaries(mask.astype(np.int64)))
+    # hand-checked: a 5 x 6 rectangle's boundary is its 18-pixel outline
+    assert boundary_by_loops(square).sum() == 2 * 6 + 2 * 3
+
+    rendered = render_boundaries([square, corner, blob], (h, w))
+    union = boundary_by_loops(square) | boundary_by_loops(corner) | boundary_by_loops(blob)
+    assert rendered.shape == (h, w, 3) and rendered.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(rendered[..., c], np.where(union, 255, 0))
+    assert not render_boundaries([], (h, w)).any()
+
+
+def test_render_instances_paints_large_masks_first(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 12, 14
+    big = np.zeros((h, w), bool)
+    big[1:11, 1:13] = True
+    medium = np.zeros((h, w), bool)
+    medium[2:8, 2:9] = True
+    small = np.zeros((h, w), bool)
+    small[4:6, 5:7] = True
+    scattered = rng.random((h, w)) < 0.05
+    scattered[0, 0] = True  # at least one pixel, outside every other mask
+    masks = [small, scattered, big, medium]  # not in area order
+    got = render_instances(masks, (h, w))
+
+    colours = palette(4)
+    by_area = sorted(range(4), key=lambda k: -int(masks[k].sum()))
+    want = np.zeros((h, w, 3), np.uint8)
+    for rank, k in enumerate(by_area):
+        for y in range(h):
+            for x in range(w):
+                if masks[k][y, x]:
+                    want[y, x] = colours[rank]
+    np.testing.assert_array_equal(got, want)
+    # the smallest mask is visible whole, in its own colour; the background stays black
+    assert (got[small] == colours[by_area.index(0)]).all()
+    assert (got[~(big | medium | small | scattered)] == 0).all()
+    assert not render_instances([], (h, w)).any()
+
+
+def test_palette_is_distinct_and_never_black():
+    colours = palette(700)
+    assert colours.shape == (700, 3) and colours.dtype == np.uint8
+    assert len({tuple(c) for c in colours}) == 700
+    assert not (colours == 0).all(axis=1).any()
+    # the synthetic scenes' SGT colours come first, so both data sources agree
+    np.testing.assert_array_equal(colours[: len(scenes.PALETTE)], np.array(scenes.PALETTE))
+
+
+def test_box_nms_hand_computed():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 9], [20, 20, 25, 25]],
+                         dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.95, 0.1])
+    # IoU(2, 0) = 90 / 100 = 0.9 -> box 0 goes; IoU(2, 1) = 72 / 118 = 0.61 -> box 1 stays
+    assert box_nms(boxes, scores, 0.7) == [2, 1, 3]
+    assert box_nms(boxes, scores, 0.95) == [2, 0, 1, 3]
+    assert box_nms(boxes, scores, 0.6) == [2, 3]
+    assert box_nms(torch.zeros(0, 4), torch.zeros(0), 0.7) == []
+
+
+def test_rle_decoding_matches_transformers_encoding(seed):
+    from transformers.models.sam.image_processing_pil_sam import _mask_to_rle
+
+    rng = np.random.default_rng(seed)
+    masks = torch.from_numpy(rng.random((4, 7, 9)) < 0.4)
+    masks[1] = True
+    masks[2] = False
+    masks[3, 0, 0] = True
+    for mask, rle in zip(masks, _mask_to_rle(masks)):
+        np.testing.assert_array_equal(rle_to_mask(rle), mask.numpy())
+
+
+def test_depth_normalisation():
+    depth = torch.tensor([[2.0, 4.0], [3.0, 6.0]])
+    np.testing.assert_allclose(teachers.normalise_depth(depth), [[0.0, 0.5], [0.25, 1.0]])
+    assert (teachers.normalise_depth(torch.full((3, 3), 7.0)) == 0).all()
+    png = teachers.depth_to_png_array(np.array([[0.0, 0.5], [0.25, 1.0]], np.float32))
+    np.testing.assert_array_equal(png, [[0, 128], [64, 255]])
+
+
+# ---------------------------------------------------------------------------- errors
+def error_of(argv, capsys):
+    code = prep.main(argv + ["--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def test_clear_errors_before_any_work(images, models, tmp_path, capsys):
+    base = ["--images", str(images), "--depth-model", str(models["depth"]),
+            "--sam-model", str(models["sam"]), "--device", "cpu"]
+
+    def check(argv, *phrases):
+        code, err = error_of(argv, capsys)
+        assert code == 2, (argv, err)
+        for phrase in phrases:
+            assert phrase in err, (phrase, err)
+        assert not (images.parent / "tuning_data_depth").exists()
+        assert not (images.parent / "tuning_data_mask").exists()
+
+    missing = tmp_path / "nowhere"
+    check(["--images", str(missing), "--depth-model", str(models["depth"]), "--sam-model",
+           str(models["sam"])], "image folder", "does not exist")
+    check(base[:2] + ["--sam-model", str(models["sam"])], "--depth-model is required")
+    check(base[:4] + ["--sam-model", str(missing)], "SAM model folder", "does not exist")
+    check(base[:2] + ["--depth-model", str(tmp_path), "--tasks", "depth"], "no config.json")
+    check(base + ["--tasks", "depth,normals"], "--tasks")
+    check(base + ["--batch-size", "0"], "--batch-size")
+    check(base + ["--depth-out", str(images)], "must not be the image folder")
+
+    # a folder that looks like a checkpoint but does not load: caught before writing
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((models["depth"] / "config.json").read_text())
+    check(base[:2] + ["--depth-model", str(broken), "--tasks", "depth"],
+          "cannot load the depth model")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = error_of(["--images", str(empty), "--depth-model", str(models["depth"]),
+                          "--tasks", "depth"], capsys)
+    assert code == 2 and "no images" in err, err
+
+    (images / "top.jpg").write_bytes((images / "top.png").read_bytes())
+    check(base, "top.jpg and top.png")
+    (images / "top.jpg").unlink()
+
+    if not torch.cuda.is_available():
+        check(base[:-2] + ["--device", "cuda"], "no CUDA device")
+
+
+def test_cli_reports_skipped_images(images, models, capsys):
+    code = prep.main(["--images", str(images), "--depth-model", str(models["depth"]),
+                      "--tasks", "depth", "--device", "cpu", "--batch-size", "2",
+                      "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"depth: {len(SIZES)} written, 0 already present" in out, out
+    assert f"skipped {len(CORRUPT)} unreadable image(s)" in out, out
+    for rel in CORRUPT:
+        assert rel in out
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "a.png"
+    original = Image.Image.save
+
+    def dies_halfway(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        prep.write_png(target, np.zeros((4, 5), np.uint8))
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.setattr(Image.Image, "save", original)
+    prep.write_png(target, np.full((4, 5), 7, np.uint8))
+    assert np.asarray(Image.open(target)).tolist() == [[7] * 5] * 4
+    assert [p.name for p in target.parent.iterdir()] == ["a.png"]
+
+
+def test_module_entry_point_exits_2_on_a_missing_folder(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.prepare", "--images",
+                           str(tmp_path / "missing"), "--depth-model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(images, models, tmp_path):
+    """fp16 autocast depth on the GPU agrees with fp32 on the CPU; SAM (fp32) the same."""
+    cpu = run(images, models, depth_out=tmp_path / "d_cpu", seg_out=tmp_path / "s_cpu")
+    gpu = run(images, models, depth_out=tmp_path / "d_gpu", seg_out=tmp_path / "s_gpu",
+              device="cuda")
+    assert cpu.written == gpu.written == {"depth": len(SIZES), "seg": len(SIZES)}
+    for rel in SIZES:
+        a = np.asarray(Image.open(tmp_path / "d_cpu" / expected_png(rel)), np.float64)
+        b = np.asarray(Image.open(tmp_path / "d_gpu" / expected_png(rel)), np.float64)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 3.0, (rel, np.abs(a - b).mean())
+        seg = [np.asarray(Image.open(tmp_path / f"s_{d}" / expected_png(rel)))
+               for d in ("cpu", "gpu")]
+        np.testing.assert_array_equal(*seg)

@@ -1,0 +1,431 @@
+"""`python -m trainer.prepare`: depth and segmentation targets for a folder of images, made
+by the teachers the papers use (DESIGN.md 6), laid out as in the UniMRG release:
+
+    tuning_data/coco/0001.jpg  ->  tuning_data_depth/coco/0001.png   8-bit grey, Depth Anything V2
+                                   tuning_data_mask/coco/0001.png    RGB, SAM automatic masks
+
+Any nesting under the image folder is mirrored; every output is a .png of the image's own
+size. --seg-style unimrg draws each mask's boundary, white on black (UniMRG); sgt fills
+each mask with its own colour (SGT). Teachers load from local folders only
+(save_pretrained output); nothing is downloaded.
+
+The run can be stopped and started again: an image whose output exists is skipped, and
+every output is written to a temporary file that then replaces the target, so a stopped
+run never leaves a truncated PNG behind. An image that cannot be decoded is skipped,
+counted and named at the end. Bad arguments, missing folders and models that do not load
+are reported before any work starts (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+TASKS = ("depth", "seg")
+SEG_STYLES = ("unimrg", "sgt")
+DEVICES = ("cuda", "cpu")
+# Batches decoded ahead of the model, and threads that decode images and encode PNGs.
+PREFETCH_BATCHES = 2
+IO_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class PrepareError(ValueError):
+    """A bad argument, a missing folder or a model that cannot be loaded (exit code 2)."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did. `skipped` maps an image's relative path to why it was not read."""
+
+    images: int
+    written: Dict[str, int]
+    existing: Dict[str, int]
+    skipped: Dict[str, str]
+    out_dirs: Dict[str, Path]
+
+
+# ------------------------------------------------------------------------------ files
+def list_images(root: Path, exclude: Sequence[Path] = ()) -> List[Path]:
+    """Relative paths of the images under root, sorted. Hidden files and folders (e.g.
+    macOS' ._name.jpg resource forks, .ipynb_checkpoints) and the `exclude` folders (output
+    folders placed inside the image folder) are left out."""
+    excluded = {os.path.realpath(p) for p in exclude}
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(folder, d)) not in excluded)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(os.path.relpath(os.path.join(folder, name), root)))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def output_path(out_root: Path, rel: Path) -> Path:
+    return out_root / rel.with_suffix(".png")
+
+
+def is_done(path: Path) -> bool:
+    """Only the final name counts (never a leftover temporary file); an empty file, what a
+    power cut can leave on some file systems, does not."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Writes the PNG to a temporary file next to `path`, then renames it over `path`
+    (os.replace is atomic), so an interrupted run leaves either the whole file or none."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(array).save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_image(path: Path):
+    """Decodes the whole file now (so a truncated or corrupt one fails here) into RGB. No
+    EXIF rotation: the targets share the pixel grid that Image.open(...).convert("RGB")
+    gives, the way the trainer reads the image."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def probe(path: Path) -> Tuple[Optional[tuple], Optional[str]]:
+    """Reads the header only: (sort key, None), or (None, why) for a file that is not an
+    image at all. The key puts images of one aspect ratio (one Depth Anything input shape)
+    next to each other so that they share batches."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+        return None, f"{type(exc).__name__}: {exc}"
+    return (round(width / max(height, 1), 3), height, width), None
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _try_load(root: Path, rel: Path):
+    try:
+        return rel, load_image(root / rel), None
+    except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped, not fatal
+        return rel, None, f"{type(exc).__name__}: {exc}"
+
+
+def _decoded_batches(pool: cf.Executor, root: Path, rels: Sequence[Path],
+                     batch_size: int) -> Iterator[list]:
+    """Batches of (rel, image or None, error or None), decoded by the pool while the model
+    runs on earlier batches (at most PREFETCH_BATCHES ahead, so memory stays bounded)."""
+    queue: collections.deque = collections.deque()
+    for batch in _batches(rels, batch_size):
+        queue.append([pool.submit(_try_load, root, rel) for rel in batch])
+        if len(queue) > PREFETCH_BATCHES:
+            yield [f.result() for f in queue.popleft()]
+    while queue:
+        yield [f.result() for f in queue.popleft()]
+
+
+# ------------------------------------------------------------------------------- runs
+@dataclasses.dataclass
+class _Plan:
+    root: Path
+    images: List[Path]
+    tasks: Tuple[str, ...]
+    out_dirs: Dict[str, Path]
+    models: Dict[str, Path]
+    device: str
+
+
+def _parse_tasks(tasks) -> Tuple[str, ...]:
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = tuple(dict.fromkeys(tasks))
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise PrepareError(f"--tasks must be a comma-separated subset of {','.join(TASKS)}, "
+                           f"got {','.join(tasks) or 'nothing'}")
+    return tasks
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise PrepareError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PrepareError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=None,
+         tasks=TASKS, batch_size: int = 8, points_per_batch: int = 64,
+         device: Optional[str] = None, seg_style: str = "unimrg",
+         limit: Optional[int] = None) -> _Plan:
+    """Checks everything that can be checked without loading a model; PrepareError if not."""
+    from trainer.teachers import TeacherError, _check_model_dir
+
+    if images is None:
+        raise PrepareError("--images is required")
+    root = Path(os.path.abspath(images))  # abspath: no symlink resolution, so the
+    if not root.is_dir():                 # sibling output folders sit where the user looks
+        raise PrepareError(f"image folder {str(images)!r} does not exist or is not a folder")
+    tasks = _parse_tasks(tasks)
+    if seg_style not in SEG_STYLES:
+        raise PrepareError(f"--seg-style must be one of {', '.join(SEG_STYLES)}, "
+                           f"got {seg_style!r}")
+    for flag, value in (("--batch-size", batch_size), ("--points-per-batch", points_per_batch)):
+        if int(value) < 1:
+            raise PrepareError(f"{flag} must be >= 1, got {value}")
+    if limit is not None and int(limit) < 1:
+        raise PrepareError(f"--limit must be >= 1, got {limit}")
+    device = _resolve_device(device)
+
+    defaults = {"depth": root.parent / f"{root.name}_depth",
+                "seg": root.parent / f"{root.name}_mask"}
+    given = {"depth": depth_out, "seg": seg_out}
+    out_dirs = {t: Path(os.path.abspath(given[t])) if given[t] else defaults[t] for t in tasks}
+    for task, out in out_dirs.items():
+        if os.path.realpath(out) == os.path.realpath(root):
+            raise PrepareError(f"the {task} output folder must not be the image folder ({out})")
+        if out.exists() and not out.is_dir():
+            raise PrepareError(f"the {task} output folder {str(out)!r} is a file")
+    if len(out_dirs) == 2 and (os.path.realpath(out_dirs["depth"])
+                               == os.path.realpath(out_dirs["seg"])):
+        raise PrepareError(f"depth and segmentation outputs need different folders, both are "
+                           f"{out_dirs['depth']}")
+
+    flags = {"depth": ("--depth-model", depth_model, "depth"),
+             "seg": ("--sam-model", sam_model, "SAM")}
+    models = {}
+    for task in tasks:
+        flag, path, what = flags[task]
+        if not path:
+            raise PrepareError(f"{flag} is required for the {task} task")
+        try:
+            models[task] = _check_model_dir(path, what)
+        except TeacherError as exc:
+            raise PrepareError(f"{exc} (given by {flag})") from None
+
+    found = list_images(root, exclude=list(out_dirs.values()))
+    if not found:
+        raise PrepareError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if limit is not None:
+        found = found[:int(limit)]
+    clashes = collections.defaultdict(list)
+    for rel in found:
+        clashes[rel.with_suffix(".png").as_posix()].append(rel.as_posix())
+    clashes = {k: v for k, v in clashes.items() if len(v) > 1}
+    if clashes:
+        shown = "; ".join(" and ".join(v) for v in list(clashes.values())[:5])
+        raise PrepareError(f"{len(clashes)} output name(s) would be shared by several images "
+                           f"(the outputs are .png): {shown}. Rename them first.")
+    return _Plan(root, found, tasks, out_dirs, models, device)
+
+
+def _load_teachers(p: _Plan, pending: Dict[str, List[Path]], batch_size: int,
+                   points_per_batch: int) -> dict:
+    """Loads (on the CPU) every teacher that has work, so a model that does not load stops
+    the run before any output is written."""
+    from trainer.teachers import DepthTeacher, MaskGenerator, MaskSettings, TeacherError
+
+    teachers = {}
+    try:
+        if pending.get("depth"):
+            teachers["depth"] = DepthTeacher.load(p.models["depth"], batch_size=batch_size)
+        if pending.get("seg"):
+            settings = MaskSettings(points_per_batch=points_per_batch)
+            teachers["seg"] = MaskGenerator.load(p.models["seg"], settings, batch_size=batch_size)
+    except TeacherError as exc:
+        raise PrepareError(str(exc)) from None
+    return teachers
+
+
+def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
+              rels: List[Path], batch_size: int, summary: Summary, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    out_root = p.out_dirs[task]
+    bar = tqdm(total=len(rels), desc=task, unit="img", disable=not progress, dynamic_ncols=True)
+    writes: List[cf.Future] = []
+    with cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="prepare-io") as pool:
+        for batch in _decoded_batches(pool, p.root, rels, batch_size):
+            good = [(rel, image) for rel, image, _ in batch if image is not None]
+            for rel, _, error in batch:
+                if error is not None:
+                    summary.skipped[rel.as_posix()] = error
+            results = infer([image for _, image in good]) if good else []
+            for future in writes:  # the previous batch's PNGs; raises if one failed
+                future.result()
+                summary.written[task] += 1
+            writes = []
+            for (rel, image), result in zip(good, results):
+                array = render(result, (image.height, image.width))
+                writes.append(pool.submit(write_png, output_path(out_root, rel), array))
+            bar.update(len(batch))
+            if summary.skipped:
+                bar.set_postfix(skipped=len(summary.skipped), refresh=False)
+        for future in writes:
+            future.result()
+            summary.written[task] += 1
+    bar.close()
+
+
+def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=None,
+            tasks=TASKS, batch_size: int = 8, points_per_batch: int = 64,
+            device: Optional[str] = None, seg_style: str = "unimrg",
+            limit: Optional[int] = None, progress: bool = True) -> Summary:
+    """Writes the missing depth / segmentation targets of the images under `images`.
+
+    images       the image folder (.jpg .jpeg .png .webp, any nesting)
+    depth_out    default <images>_depth; 8-bit grey PNGs, min-max normalised per image
+    seg_out      default <images>_mask; RGB PNGs in `seg_style` (unimrg: white mask
+                 boundaries on black; sgt: masks filled with distinct colours)
+    depth_model  local Depth Anything (V2) checkpoint folder (needed for the depth task)
+    sam_model    local SAM checkpoint folder (needed for the seg task)
+    tasks        "depth,seg" or a subset, as a string or a sequence
+    batch_size   images per depth forward and per SAM image-encoder forward
+    points_per_batch  SAM prompts per mask-decoder call (memory only; same masks)
+    device       "cuda" / "cpu"; default cuda when torch sees one. Depth runs in fp16
+                 autocast on cuda; SAM in fp32 (its thresholds act on logits)
+    limit        only the first `limit` images (sorted relative paths)
+
+    Raises PrepareError (before any output is written) on a bad argument, a missing folder
+    or a teacher that cannot be loaded. Undecodable images are skipped and listed in the
+    returned Summary.
+    """
+    from trainer.teachers import SEG_RENDERERS, depth_to_png_array
+
+    p = plan(images, depth_out=depth_out, seg_out=seg_out, depth_model=depth_model,
+             sam_model=sam_model, tasks=tasks, batch_size=batch_size,
+             points_per_batch=points_per_batch, device=device, seg_style=seg_style,
+             limit=limit)
+    summary = Summary(images=len(p.images), written={t: 0 for t in p.tasks},
+                      existing={t: 0 for t in p.tasks}, skipped={}, out_dirs=dict(p.out_dirs))
+    pending = {}
+    for task in p.tasks:
+        pending[task] = [rel for rel in p.images
+                         if not is_done(output_path(p.out_dirs[task], rel))]
+        summary.existing[task] = len(p.images) - len(pending[task])
+    # Headers first: a file that is no image at all is skipped here, so a resumed run whose
+    # only pending files are such never loads a teacher. Truncated data shows when decoded.
+    keys = {}
+    for rel in sorted(set().union(*pending.values()), key=lambda r: r.as_posix()):
+        keys[rel], error = probe(p.root / rel)
+        if error is not None:
+            summary.skipped[rel.as_posix()] = error
+    for task in p.tasks:
+        pending[task] = [rel for rel in pending[task] if keys[rel] is not None]
+    if pending.get("depth"):
+        pending["depth"].sort(key=lambda rel: (keys[rel], rel.as_posix()))
+    teachers = _load_teachers(p, pending, batch_size, points_per_batch)
+
+    def render_depth(depth, shape):
+        assert depth.shape == shape, (depth.shape, shape)
+        return depth_to_png_array(depth)
+
+    seg_renderer = SEG_RENDERERS[seg_style]
+    for task in p.tasks:
+        if not pending[task]:
+            continue
+        # One teacher on the device at a time.
+        teacher = teachers.pop(task).to(p.device)
+        infer = teacher.predict if task == "depth" else teacher.masks
+        render = render_depth if task == "depth" else seg_renderer
+        try:
+            _run_task(task, infer, render, p, pending[task], batch_size, summary,
+                      progress)
+        finally:
+            del teacher, infer
+            if p.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+    return summary
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.prepare",
+        description="Depth (Depth Anything V2) and segmentation (SAM automatic masks) targets "
+                    "for a folder of images, in the UniMRG release's layout: <images>_depth/ "
+                    "and <images>_mask/ mirror the image folder, one .png per image. Resumable: "
+                    "images whose outputs exist are skipped.")
+    parser.add_argument("--images", required=True, metavar="DIR",
+                        help="image folder (.jpg .jpeg .png .webp, any nesting)")
+    parser.add_argument("--depth-out", metavar="DIR", help="default: <images>_depth")
+    parser.add_argument("--seg-out", metavar="DIR", help="default: <images>_mask")
+    parser.add_argument("--depth-model", metavar="PATH",
+                        help="local Depth Anything V2 checkpoint folder (for the depth task)")
+    parser.add_argument("--sam-model", metavar="PATH",
+                        help="local SAM checkpoint folder (for the seg task)")
+    parser.add_argument("--tasks", default="depth,seg", help="depth,seg or one of them")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="images per depth forward and per SAM image-encoder forward "
+                             "(default 8)")
+    parser.add_argument("--points-per-batch", type=int, default=64, metavar="N",
+                        help="SAM point prompts per mask-decoder call; lower it if the GPU runs "
+                             "out of memory on large images (default 64; same masks)")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="default: cuda if torch sees one, else cpu")
+    parser.add_argument("--seg-style", choices=SEG_STYLES, default="unimrg",
+                        help="unimrg: white mask boundaries on black; sgt: masks filled with "
+                             "distinct colours (default unimrg)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="only the first N images (sorted paths)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = prepare(args.images, depth_out=args.depth_out, seg_out=args.seg_out,
+                          depth_model=args.depth_model, sam_model=args.sam_model,
+                          tasks=args.tasks, batch_size=args.batch_size,
+                          points_per_batch=args.points_per_batch, device=args.device,
+                          seg_style=args.seg_style, limit=args.limit,
+                          progress=not args.no_progress)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary.images} image(s)")
+    for task in summary.written:
+        print(f"  {task}: {summary.written[task]} written, {summary.existing[task]} already "
+              f"present -> {summary.out_dirs[task]}")
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} unreadable image(s):")
+        for rel, why in sorted(summary.skipped.items())[:20]:
+            print(f"  {rel}: {why}")
+        if len(summary.skipped) > 20:
+            print(f"  ... and {len(summary.skipped) - 20} more")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""The teachers that make UniMRG / SGT targets from real images, and how their outputs are
+drawn (DESIGN.md 6). Used by `python -m trainer.prepare`.
+
+- Depth: Depth Anything V2 through transformers (AutoImageProcessor +
+  AutoModelForDepthEstimation). The prediction (relative inverse depth: near is bright),
+  resized to the image, min-max normalised per image to [0, 1].
+- Segmentation: SAM automatic masks through transformers (SamModel + SamProcessor) with the
+  UniMRG settings: a 32 x 32 point grid, predicted-IoU > 0.88, stability score > 0.95, box
+  NMS at IoU 0.7, no crop layers. The steps are those of transformers'
+  MaskGenerationPipeline (same image-processor calls, same order), run here directly
+  because (a) the pipeline's NMS needs torchvision, which this project does not depend on,
+  and (b) this way the image encoder runs on a batch of images.
+- Rendering: UniMRG's boundary maps (white mask edges on black) or SGT's coloured
+  instances (a distinct colour per mask, larger masks painted first).
+
+Images go in as RGB PIL images; depth comes out as float32 [H, W] in [0, 1], masks as
+bool [H, W] arrays, both at the image's own size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from trainer import scenes
+
+
+class TeacherError(RuntimeError):
+    """A teacher model folder that is missing or cannot be loaded."""
+
+
+def _check_model_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise TeacherError(f"{what} model folder {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise TeacherError(f"{what} model folder {str(path)!r} has no config.json: not a "
+                           f"transformers checkpoint (save_pretrained output)")
+    return path
+
+
+def _load(what: str, path: Path, loader, *args, **kwargs):
+    try:
+        return loader(str(path), *args, local_files_only=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
+        raise TeacherError(f"cannot load the {what} model from {str(path)!r}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+# -------------------------------------------------------------------------------- depth
+class DepthTeacher:
+    """Depth Anything (V2) through transformers. `predict` takes any number of images of any
+    sizes and batches those whose preprocessed shapes agree (the processor keeps the aspect
+    ratio, so images of one aspect ratio share a shape; prepare sorts its work by it)."""
+
+    def __init__(self, model, processor, device: torch.device | str = "cpu",
+                 batch_size: int = 8):
+        self.model = model.eval()
+        self.processor = processor
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path, device="cpu", batch_size: int = 8) -> "DepthTeacher":
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        path = _check_model_dir(path, "depth")
+        processor = _load("depth", path, AutoImageProcessor.from_pretrained)
+        model = _load("depth", path, AutoModelForDepthEstimation.from_pretrained)
+        return cls(model, processor, device, batch_size)
+
+    def to(self, device) -> "DepthTeacher":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence) -> List[np.ndarray]:
+        """RGB PIL images -> float32 [H, W] per image, min-max normalised to [0, 1] (a
+        constant prediction gives zeros)."""
+        from transformers.modeling_outputs import DepthEstimatorOutput
+
+        pixels = [self.processor(images=image, return_tensors="pt")["pixel_values"]
+                  for image in images]
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        out: List[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+        dtype = next(self.model.parameters()).dtype
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                batch = torch.cat([pixels[i] for i in chunk]).to(self.device, dtype)
+                # fp16 on the GPU as Depth Anything's own inference does; the min-max below
+                # runs in fp32.
+                with torch.autocast("cuda", torch.float16, enabled=self.device.type == "cuda"):
+                    predicted = self.model(pixel_values=batch).predicted_depth
+                sizes = [(images[i].height, images[i].width) for i in chunk]
+                resized = self.processor.post_process_depth_estimation(
+                    DepthEstimatorOutput(predicted_depth=predicted.float()), target_sizes=sizes)
+                for i, result in zip(chunk, resized):
+                    out[i] = normalise_depth(result["predicted_depth"]).cpu().numpy()
+        return out
+
+
+def normalise_depth(depth: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max to [0, 1]; a constant map becomes zeros (no division by zero)."""
+    depth = depth.float()
+    low, high = depth.min(), depth.max()
+    span = high - low
+    if span <= 0 or not torch.isfinite(span):
+        return torch.zeros_like(depth)
+    return ((depth - low) / span).clamp_(0.0, 1.0)
+
+
+def depth_to_png_array(depth: np.ndarray) -> np.ndarray:
+    """float [H, W] in [0, 1] -> uint8 [H, W] (8-bit grayscale, 0 = far, 255 = near), rounded
+    as trainer.tokenizers.depth_to_image rounds."""
+    return np.rint(np.clip(depth, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# -------------------------------------------------------------------------- segmentation
+@dataclasses.dataclass(frozen=True)
+class MaskSettings:
+    """SAM automatic-mask settings (UniMRG's release; also segment-anything's defaults)."""
+
+    points_per_side: int = 32
+    """The prompt grid is points_per_side x points_per_side points over the image."""
+    pred_iou_thresh: float = 0.88
+    """Keep a mask only if SAM's predicted IoU is above this."""
+    stability_score_thresh: float = 0.95
+    """Keep a mask only if its stability score (IoU of the masks binarised at logit
+    threshold +- offset) is above this."""
+    box_nms_thresh: float = 0.7
+    """Drop a mask whose box overlaps a higher-scoring mask's box with IoU above this."""
+    points_per_batch: int = 64
+    """Prompts decoded per mask-decoder call (memory vs speed; no effect on the result)."""
+    mask_threshold: float = 0.0
+    stability_score_offset: float = 1.0
+
+    def __post_init__(self):
+        if self.points_per_side < 1 or self.points_per_batch < 1:
+            raise ValueError("points_per_side and points_per_batch must be >= 1")
+
+
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> List[int]:
+    """Greedy NMS over xyxy boxes, as torchvision.ops.nms: visit boxes by decreasing score,
+    keep one unless its IoU with an already kept box is > iou_threshold. Box areas are
+    (x2 - x1) * (y2 - y1), torchvision's convention. Returns kept indices, best first."""
+    if boxes.numel() == 0:
+        return []
+    boxes = boxes.detach().double().cpu().numpy().reshape(-1, 4)
+    scores = scores.detach().double().cpu().numpy().reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    suppressed = np.zeros(len(boxes), bool)
+    keep: List[int] = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        w = np.clip(np.minimum(x2[i], x2) - np.maximum(x1[i], x1), 0, None)
+        h = np.clip(np.minimum(y2[i], y2) - np.maximum(y1[i], y1), 0, None)
+        inter = w * h
+        union = areas[i] + areas - inter
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, inter / union, 0.0)
+        suppressed |= iou > iou_threshold
+    return keep
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Uncompressed column-major RLE (transformers' _mask_to_rle format) -> bool [H, W]."""
+    height, width = rle["size"]
+    counts = np.asarray(rle["counts"], np.int64)
+    values = np.arange(len(counts)) % 2 == 1  # runs alternate 0, 1, 0, ... from a 0-run
+    flat = np.repeat(values, counts)
+    return flat.reshape(width, height).T.copy()
+
+
+class MaskGenerator:
+    """SAM automatic mask generation: MaskGenerationPipeline's steps for one crop layer.
+
+    For each image: embed it (batched over images), prompt the mask decoder with every grid
+    point (points_per_batch at a time, 3 masks per point), upscale the mask logits to the
+    image size, keep masks by predicted IoU and stability, then box NMS over all of them.
+    """
+
+    def __init__(self, model, processor, settings: MaskSettings = MaskSettings(),
+                 device: torch.device | str = "cpu", batch_size: int = 8):
+        self.model = model.eval()
+        self.processor = processor
+        self.image_processor = getattr(processor, "image_processor", processor)
+        self.settings = settings
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path, settings: MaskSettings = MaskSettings(), device="cpu",
+             batch_size: int = 8) -> "MaskGenerator":
+        from transformers import SamModel, SamProcessor
+
+        path = _check_model_dir(path, "SAM")
+        processor = _load("SAM", path, SamProcessor.from_pretrained)
+        model = _load("SAM", path, SamModel.from_pretrained)
+        return cls(model, processor, settings, device, batch_size)
+
+    def to(self, device) -> "MaskGenerator":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def masks(self, images: Sequence) -> List[List[np.ndarray]]:
+        """RGB PIL images -> per image, its masks (bool [H, W]), best-scoring first."""
+        out: List[List[np.ndarray]] = []
+        dtype = next(self.model.parameters()).dtype
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start:start + self.batch_size])
+            inputs = self.image_processor(images=chunk, return_tensors="pt")
+            # SAM pads every image to one square, so the encoder (most of SAM's cost) batches.
+            embeddings = self.model.get_image_embeddings(
+                inputs["pixel_values"].to(self.device, dtype))
+            for i, image in enumerate(chunk):
+                out.append(self._image_masks(image, embeddings[i:i + 1],
+                                             inputs["original_sizes"][i].tolist(),
+                                             inputs["reshaped_input_sizes"][i].tolist()))
+        return out
+
+    def _image_masks(self, image, embedding, original_size, reshaped_size) -> List[np.ndarray]:
+        s, ip = self.settings, self.image_processor
+        size = ip.size
+        target_size = size.get("longest_edge") or size.get("height")
+        crop_boxes, points, _, labels = ip.generate_crop_boxes(
+            image, target_size, crop_n_layers=0, points_per_crop=s.points_per_side)
+        crop_box = crop_boxes[0]
+        points = points.to(self.device, torch.float32)  # [1, n_points, 1 crop, 2]
+        labels = labels.to(self.device)
+        rles: List[dict] = []
+        scores, boxes = [], []
+        for p in range(0, points.shape[1], s.points_per_batch):
+            outputs = self.model(image_embeddings=embedding,
+                                 input_points=points[:, p:p + s.points_per_batch],
+                                 input_labels=labels[:, p:p + s.points_per_batch],
+                                 multimask_output=True)
+            logits = ip.post_process_masks(outputs.pred_masks, [original_size], [reshaped_size],
+                                           mask_threshold=s.mask_threshold, binarize=False)
+            kept, kept_scores, kept_boxes = ip.filter_masks(
+                logits[0], outputs.iou_scores[0], original_size, crop_box,
+                pred_iou_thresh=s.pred_iou_thresh,
+                stability_score_thresh=s.stability_score_thresh,
+                mask_threshold=s.mask_threshold,
+                stability_score_offset=s.stability_score_offset)
+            rles += kept
+            scores.append(kept_scores.float().cpu())
+            boxes.append(kept_boxes.float().cpu().reshape(-1, 4))
+        if not rles:
+            return []
+        # One crop layer: the pipeline's crops_nms_thresh NMS is segment-anything's box NMS.
+        keep = box_nms(torch.cat(boxes), torch.cat(scores), s.box_nms_thresh)
+        return [rle_to_mask(rles[k]) for k in keep]
+
+
+# ----------------------------------------------------------------------------- rendering
+def _bbox(mask: np.ndarray, margin: int = 0):
+    """Slices of the mask's bounding box grown by `margin` (clipped), or None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, h)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, w)))
+
+
+def mask_boundary(mask: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the mask's pixels with a 4-neighbour outside the mask.
+
+    UniMRG draws each SAM mask's Canny (100, 200) edges. A binary mask has a gradient only
+    at its 0/1 steps, strong enough to pass both hysteresis thresholds, so Canny's edges are
+    a thin line along the mask boundary; this is that boundary, computed in numpy (no
+    OpenCV). It can differ from OpenCV's line by where the one-pixel line sits (Canny's
+    non-maximum suppression keeps one of the two pixels at a step, on either side) and at
+    thin or diagonal details. The image border is not a boundary: Canny pads by replicating
+    the border, so there is no step there (the same rule as trainer.scenes'
+    instance_boundaries).
+    """
+    mask = np.asarray(mask, bool)
+    padded = np.pad(mask, 1, mode="edge")
+    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return mask & ~interior
+
+
+def render_boundaries(masks: Sequence[np.ndarray], shape: Tuple[int, int]) -> np.ndarray:
+    """UniMRG segmentation target: every mask's boundary, max-combined, white on black,
+    uint8 [H, W, 3] with three equal channels."""
+    edges = np.zeros(shape, bool)
+    for mask in masks:
+        box = _bbox(np.asarray(mask, bool), margin=1)  # a 1-pixel margin keeps true neighbours
+        if box is not None:
+            edges[box] |= mask_boundary(mask[box])
+    return np.repeat(np.where(edges, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def _voc_colour(index: int) -> Tuple[int, int, int]:
+    """PASCAL VOC's colour map: distinct for every index in [0, 2**24), black only for 0."""
+    r = g = b = 0
+    for bit in range(8):
+        r |= ((index >> 0) & 1) << (7 - bit)
+        g |= ((index >> 1) & 1) << (7 - bit)
+        b |= ((index >> 2) & 1) << (7 - bit)
+        index >>= 3
+    return r, g, b
+
+
+@functools.lru_cache(maxsize=16)
+def _palette(n: int) -> np.ndarray:
+    colours = list(dict.fromkeys(scenes.PALETTE))[:n]
+    seen, index = set(colours), 1
+    while len(colours) < n:
+        colour = _voc_colour(index)
+        index += 1
+        if colour not in seen:
+            seen.add(colour)
+            colours.append(colour)
+    return np.array(colours, np.uint8).reshape(n, 3)
+
+
+def palette(n: int) -> np.ndarray:
+    """uint8 [n, 3]: n distinct colours, none black (the background). The first ones are
+    the synthetic scenes' SGT colours (trainer.scenes.PALETTE), then VOC's colour map."""
+    return _palette(int(n)).copy()
+
+
+def render_instances(masks: Sequence[np.ndarray], shape: Tuple[int, int]) -> np.ndarray:
+    """SGT segmentation target: mask k filled with palette colour k in order of decreasing
+    area (ties: generator order), larger masks painted first so smaller ones stay visible,
+    black background. uint8 [H, W, 3]."""
+    canvas = np.zeros((*shape, 3), np.uint8)
+    masks = [np.asarray(m, bool) for m in masks]
+    areas = np.array([int(m.sum()) for m in masks], np.int64)
+    order = np.argsort(-areas, kind="stable")
+    colours = palette(len(masks))
+    for rank, k in enumerate(order):
+        box = _bbox(masks[k])
+        if box is not None:
+            canvas[box][masks[k][box]] = colours[rank]
+    return canvas
+
+
+SEG_RENDERERS = {"unimrg": render_boundaries, "sgt": render_instances}
+
+
+__all__ = ["DepthTeacher", "MaskGenerator", "MaskSettings", "TeacherError", "box_nms",
+           "depth_to_png_array", "mask_boundary", "normalise_depth", "palette",
+           "render_boundaries", "render_instances", "rle_to_mask", "SEG_RENDERERS"]
