@@ -230,7 +230,8 @@ def test_ignored_rows_cost_no_matrix_work(seed, monkeypatch):
         return create_dot(self, a, b, *args, **kwargs)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
-    n, block_m = 64, lce._pick_config(torch.float32, True).block_m
+    n = 64
+    block_m = lce._pick_config(torch.float32, True, n).block_m
     inputs = make_inputs(n, 32, 40, torch.float32, bias=True, ignore_frac=0.0)
     run(fused, inputs, ["hidden", "weight", "bias"])
     all_rows = sum(work)

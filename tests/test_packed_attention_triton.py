@@ -199,7 +199,7 @@ def test_tiles_are_block_sparse_and_only_they_are_visited(seed, monkeypatch):
 
     layout = PackedLayout.from_spans([[(7, "causal")], [(5, "full"), (3, "noise")]] * 6 + [[(4, "full")]],
                                      device=DEV)
-    cfg = pa._pick_config(torch.float32, 16, True)
+    cfg = pa._pick_config(torch.float32, 16, True, layout.num_tokens)
     tiles = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n)
     assert (cfg.fwd_block_m, cfg.fwd_block_n) == (cfg.kv_block_m, cfg.kv_block_n) == (16, 16)
     mask = layout.dense_mask().cpu()
@@ -238,7 +238,7 @@ def test_full_tiles_never_read_the_token_ids(seed):
     """One full-mode sample of 64 tokens: every tile is full. Token ids that would make
     every pair invisible must not change anything: full tiles skip the mask."""
     layout = PackedLayout.from_spans([[(64, "full")]], device=DEV)
-    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted())
+    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted(), layout.num_tokens)
     fwd, kv = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n), layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
     if not (bool(fwd.k_tile_full.all()) and bool(kv.q_tile_full.all())):
         pytest.skip("this tile size leaves partial tiles in a 64-token pack")
@@ -261,7 +261,7 @@ def test_full_tiles_never_read_the_token_ids(seed):
 def test_partial_path_alone_is_exact(seed):
     """Every tile flagged partial: the per-element mask alone must give the same answer."""
     layout = random_layout(np.random.default_rng(seed))
-    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted())
+    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted(), layout.num_tokens)
     fwd, kv = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n), layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
     assert bool(fwd.k_tile_full.any()), "test setup: the layout has no full tile"
     t = layout.num_tokens
@@ -405,7 +405,7 @@ def test_autocast_casts_like_the_reference(seed):
 def test_custom_ops_pass_opcheck(seed):
     layout = PackedLayout.from_spans([[(5, "full"), (3, "causal")], [(4, "noise")]], pad_to=19,
                                      device=DEV)
-    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted())
+    cfg = pa._pick_config(torch.float32, 16, backends.triton_interpreted(), layout.num_tokens)
     fwd, kv = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n), layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
     q, k, v = (x.requires_grad_() for x in make_qkv(19, 2, 1, 16, torch.float32))
     ids = (layout.token_sample, layout.token_span, layout.span_modes)

@@ -1,27 +1,111 @@
-"""`python -m trainer` until the trainer lands (issue #5): --help works and says what is coming."""
+"""`python -m trainer`: --help, configuration from flags and files, and the promised
+messages for bad configurations (exit code 2, the flag and the allowed values named,
+before any work starts)."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from trainer.__main__ import build_parser, main, parse_config
+from trainer.config import ConfigError, build_config
+from trainer_helpers import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args):
+def _run(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_explains_the_flags_and_what_is_coming():
+def test_help_explains_every_flag_recipe_and_family():
     result = _run("--help")
     assert result.returncode == 0, result.stderr
-    assert "--fast-kernels" in result.stdout and "issue #5" in result.stdout
+    out = result.stdout
+    for flag in ("--fast-kernels", "--recipe", "--family", "--tasks", "--schedule",
+                 "--pack-tokens", "--llm", "--vit", "--config", "--preset", "--lr", "--steps",
+                 "--gradient-checkpointing", "--out"):
+        assert flag in out, flag
+    for word in ("unimrg", "sgt", "sft", "ar", "mar", "flow", "round-robin", "3e-3",
+                 "metrics.jsonl", "loss_curves.png", "checkpoint.pt"):
+        assert word in out, word
+    # every flag has help text (argparse prints "--flag X" then the text)
+    parser = build_parser()
+    assert all(action.help for action in parser._actions)
 
 
-def test_a_run_says_the_trainer_is_not_built_yet():
-    result = _run("--fast-kernels")
-    assert result.returncode == 2 and "not built yet" in result.stderr
+@pytest.mark.parametrize("args, flag, allowed", [
+    (["--preset", "qwen9"], "--preset", "tiny, qwen2.5-0.5b, qwen2.5-1.5b"),
+    (["--family", "vae"], "--family", "ar, mar, flow"),
+    (["--recipe", "dpo"], "--recipe", "unimrg, sgt, sft"),
+    (["--tasks", "und,normals"], "--tasks", "und, pixel, depth, seg"),
+    (["--schedule", "random"], "--schedule", "interleaved, round-robin"),
+    (["--pack-tokens", "100"], "--pack-tokens", "use --pack-tokens >= 144"),
+    (["--num-heads", "3"], "--num-heads", "multiple of --num-kv-heads"),
+    (["--warmup", "1.5"], "--warmup", "[0.0, 1.0)"),
+    (["--betas", "0.9"], "--betas", "two numbers in [0, 1)"),
+    (["--llm", "/no/such/dir"], "--llm", "no such directory"),
+    (["--device", "tpu"], "--device", "auto, cpu, cuda"),
+], ids=lambda v: v if isinstance(v, str) and v.startswith("--") else None)
+def test_bad_values_exit_2_naming_the_flag_and_the_allowed_values(args, flag, allowed, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--out", "/nonexistent/never-created"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and allowed in err, err
+    assert not Path("/nonexistent/never-created").exists()
 
 
-def test_unknown_recipe_names_the_allowed_values():
-    result = _run("--recipe", "dpo")
-    assert result.returncode == 2 and "unimrg" in result.stderr and "--recipe" in result.stderr
+def test_bad_value_from_the_command_line_subprocess(tmp_path):
+    result = _run("--family", "vae", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "--family" in result.stderr and "ar, mar, flow" in result.stderr
+    assert not list(tmp_path.iterdir()), "a run directory was created for a bad config"
+
+
+def test_config_file_then_flags_override_the_preset(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("family: ar\noptim:\n  lr: 0.01\n  steps: 7\ndata:\n  tasks: und,seg\n")
+    config = parse_config(["--config", str(yaml_file), "--steps", "9"], build_parser())
+    assert config.model.family == "ar" and config.optim.lr == 0.01 and config.optim.steps == 9
+    assert config.data.tasks == ("und", "seg") and config.preset == "tiny"
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text('recipe = "sgt"\n[run]\nlog_every = 3\n')
+    config = parse_config(["--config", str(toml_file)], build_parser())
+    assert config.data.recipe == "sgt" and config.run.log_every == 3 and config.data.seg_colour
+
+
+def test_unknown_setting_in_a_config_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(bad)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "lr" in err
+
+
+def test_presets_are_functions_returning_valid_configs():
+    tiny = build_config("tiny")
+    assert tiny.optim.lr == 3e-3 and tiny.model.hidden_size == 64
+    for name, hidden in (("qwen2.5-0.5b", 896), ("qwen2.5-1.5b", 1536)):
+        config = build_config(name)
+        assert config.model.hidden_size == hidden and config.optim.lr == 1e-5
+        assert config.optim.betas == (0.9, 0.95) and config.optim.weight_decay == 0.02
+        assert config.optim.grad_clip == 1.0 and config.model.vocab_size == 151_936
+    with pytest.raises(ConfigError, match="--preset"):
+        build_config("gpt")
+
+
+def test_a_run_prints_the_run_directory_last(tmp_path, capsys):
+    args = []
+    for key, value in {**SMALL, "steps": 3}.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
+    assert main(args + ["--out", str(tmp_path), "--fast-kernels", "--eval-questions", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("run directory: ")
+    run_dir = Path(lines[-1].split(": ", 1)[1])
+    assert run_dir.parent == tmp_path and (run_dir / "summary.txt").exists()
+    assert sum("Triton interpreter" in line for line in lines) <= 1

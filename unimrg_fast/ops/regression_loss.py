@@ -173,12 +173,20 @@ class _Config:
     bwd_programs: int = 528  # backward grid target: ~4 waves of an H100/H200's 132 SMs
 
 
+# Calls with at least this many rows run with big tiles in the interpreter.
+INTERPRETER_BIG_TILES_FROM = 256
+
+
 def _pick_config(hidden: torch.Tensor, weight: torch.Tensor, channels: int,
                  interpreted: bool) -> _Config:
     block_c = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))  # tl.dot needs >= 16
     if interpreted:
-        # The interpreter's cost is per tile operation and tests use tiny odd shapes:
-        # 16-wide tiles exercise several blocks, the C loop (C > 16) and ragged edges.
+        # The interpreter's cost is per tile operation, not per element: tests use tiny
+        # odd shapes, where 16-wide tiles exercise several blocks, the C loop (C > 16)
+        # and ragged edges; real calls (the trainer's CPU default) take big row tiles.
+        if hidden.shape[0] >= INTERPRETER_BIG_TILES_FROM:
+            return _Config(128, 64, block_c, 128, 64, num_warps=4, num_stages=1,
+                           bwd_num_warps=4, bwd_num_stages=1, bwd_programs=1)
         return _Config(16, 16, 16, 16, 16, num_warps=4, num_stages=1, bwd_num_warps=4,
                        bwd_num_stages=1, bwd_programs=8)
     programs = 4 * _multiprocessors(hidden.device)

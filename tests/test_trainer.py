@@ -1,0 +1,287 @@
+"""The trainer end to end on a small config (tests/trainer_helpers.py): every family and
+recipe learns, the fused and the plain path agree, packs are a function of the seed, a
+non-finite loss stops the run cleanly, and the run directory holds what it promises."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import model as model_module
+from trainer import scenes
+from trainer.config import TASKS, Config
+from trainer.data import (SampleFactory, TrainData, eval_scene_seed, train_scene_seed)
+from trainer.loop import NonFiniteLoss, train
+from trainer.model import build_model
+from trainer_helpers import small_config, train_rows
+from unimrg_fast import backends
+from unimrg_fast.specs import JointLossOutput
+
+needs_triton = pytest.mark.skipif(not backends.triton().available,
+                                  reason=f"Triton cannot run here: {backends.triton().detail}")
+
+
+def task_losses(rows, task):
+    return [r[f"loss/{task}"] for r in rows if r.get(f"loss/{task}") is not None]
+
+
+def assert_learns(rows, tasks):
+    assert rows, "no training rows were logged"
+    for task in tasks:
+        values = task_losses(rows, task)
+        assert len(values) >= 6, f"{task}: only {len(values)} logged losses"
+        assert all(math.isfinite(v) for v in values), f"{task}: non-finite losses {values}"
+        first, last = np.mean(values[:3]), np.mean(values[-3:])
+        assert last < 0.9 * first, f"{task}: loss did not fall ({first:.4f} -> {last:.4f}): {values}"
+    for task in set(TASKS) - set(tasks):
+        assert not task_losses(rows, task), f"{task} is not in the run but has losses"
+
+
+@pytest.mark.parametrize("family", ["ar", "mar", "flow"])
+def test_every_family_learns_all_four_tasks(tmp_path, family):
+    rows = train_rows(train(small_config(tmp_path, family=family)))
+    assert_learns(rows, TASKS)
+
+
+@pytest.mark.parametrize("overrides, tasks", [
+    (dict(recipe="sgt"), ("und", "seg")),
+    (dict(recipe="sft"), ("und",)),
+    (dict(tasks="und,depth"), ("und", "depth")),
+    (dict(tasks="seg", family="ar"), ("seg",)),
+    (dict(schedule="round-robin"), TASKS),
+    (dict(recipe="sgt", schedule="round-robin", family="flow"), ("und", "seg")),
+], ids=["sgt", "sft", "tasks-und-depth", "tasks-seg-ar", "round-robin", "sgt-round-robin-flow"])
+def test_every_recipe_and_schedule_learns(tmp_path, overrides, tasks):
+    rows = train_rows(train(small_config(tmp_path, **overrides)))
+    assert_learns(rows, tasks)
+
+
+def test_sgt_mixes_two_seg_samples_per_und_sample_with_coloured_targets(tmp_path):
+    config = small_config(tmp_path, recipe="sgt")
+    model, text, images, cond = build_model(config)
+    factory = SampleFactory(config, text, images, cond)
+    assert factory.seg_colour
+    data = TrainData(config, factory, text.pad_id)
+    for _ in range(6):
+        data.step()
+    counts = data.streams[0].counts
+    assert counts["und"] > 0 and 0 <= counts["seg"] - 2 * counts["und"] <= 2, counts
+    scene_target = factory.target_image("seg", scenes.make_scene(3, 16))
+    assert len({tuple(c) for c in scene_target.reshape(-1, 3)}) > 2  # colours, not edges
+
+
+def test_round_robin_runs_single_task_packs_in_release_order(tmp_path):
+    config = small_config(tmp_path, schedule="round-robin")
+    model, text, images, cond = build_model(config)
+    packs = TrainData(config, SampleFactory(config, text, images, cond), text.pad_id).step()
+    assert [set(p.sample_tasks) for p in packs] == [{0}, {2}, {1}, {3}]  # und depth pixel seg
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["ar", "mar", "flow"])
+def test_fast_and_plain_paths_agree(tmp_path, family):
+    runs = {}
+    for fast in (False, True):
+        config = small_config(tmp_path / str(fast), family=family, fast_kernels=fast, steps=3,
+                              eval_questions=0, eval_scenes=0)
+        runs[fast] = train_rows(train(config))
+    for plain, fast in zip(runs[False], runs[True]):
+        # step 1 is the loss before any update; later steps track each other
+        rtol = 1e-5 if plain["step"] == 1 else 1e-3
+        for key in ["loss"] + [f"loss/{t}" for t in TASKS]:
+            if plain[key] is None:
+                assert fast[key] is None, key
+                continue
+            assert fast[key] == pytest.approx(plain[key], rel=rtol), \
+                f"{family} step {plain['step']} {key}: fast {fast[key]} vs plain {plain[key]}"
+
+
+def _packs(config, steps=3):
+    model, text, images, cond = build_model(config)
+    data = TrainData(config, SampleFactory(config, text, images, cond), text.pad_id)
+    return [pack for _ in range(steps) for pack in data.step()]
+
+
+@pytest.mark.parametrize("family", ["ar", "mar", "flow"])
+def test_packs_are_deterministic_by_seed(tmp_path, family):
+    a = _packs(small_config(tmp_path, family=family, seed=3))
+    b = _packs(small_config(tmp_path, family=family, seed=3))
+    c = _packs(small_config(tmp_path, family=family, seed=4))
+    for x, y in zip(a, b):
+        assert x.layout == y.layout
+        for name, value in vars(x).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, getattr(y, name)), name
+    assert any(not torch.equal(x.input_ids, z.input_ids) or not torch.equal(x.vit_images, z.vit_images)
+               for x, z in zip(a, c)), "another seed gave the same packs"
+
+
+def test_pack_structure(tmp_path):
+    config = small_config(tmp_path, family="mar")
+    pack = _packs(config, steps=1)[0]
+    layout = pack.layout
+    assert layout.num_tokens == config.data.pack_tokens
+    starts = layout.host("cu_seqlens")
+    for s, (start, end) in enumerate(zip(starts[:-1], starts[1:])):  # positions restart
+        assert torch.equal(pack.position_ids[start:end], torch.arange(end - start)), s
+    # the LM head scores answer tokens only: each target is the token after its row
+    assert torch.equal(pack.input_ids[pack.text_rows + 1], pack.text_targets)
+    # target tokens sit in "full" spans for mar; ViT rows in the first span of each sample
+    modes = layout.host("span_modes")[layout.host("token_span")]
+    assert (modes[pack.gen_rows.numpy()] == 1).all()
+    assert (modes[pack.vit_rows.numpy()] == 1).all()
+    assert pack.scored.shape == pack.scored_task.shape and pack.scored.max() < pack.gen_rows.shape[0]
+
+
+def test_held_out_scenes_are_disjoint_from_training_scenes():
+    for seed in (0, 1, 99_999):
+        assert eval_scene_seed(seed, 0) > train_scene_seed(100_000, 10 ** 9)
+
+
+def test_non_finite_loss_stops_naming_step_and_task(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = model_module.UMM.loss
+
+    def poisoned(self, pack, impl):
+        out = original(self, pack, impl)
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5: depth's loss turns NaN
+            depth = TASKS.index("depth")
+            nan = torch.zeros_like(out.task_loss_sum)
+            nan[depth] = float("nan")
+            out = JointLossOutput(out.total + nan[depth], out.task_loss_sum + nan,
+                                  out.task_weight_sum, out.task_rows)
+        return out
+
+    monkeypatch.setattr(model_module.UMM, "loss", poisoned)
+    config = small_config(tmp_path, steps=8, log_every=3, checkpoint_every=2,
+                          eval_questions=0, eval_scenes=0)
+    with pytest.raises(NonFiniteLoss) as info:
+        train(config)
+    assert info.value.step == 5 and info.value.task == "depth"
+    assert "step 5" in str(info.value) and "depth" in str(info.value)
+    run_dir = info.value.run_dir
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [2, 3, 4]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values()
+               if v.is_floating_point())
+
+
+def test_run_directory_holds_every_output(tmp_path, capsys):
+    run_dir = train(small_config(tmp_path, family="ar", steps=4))
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"metrics.jsonl", "loss_curves.png", "checkpoint.pt", "summary.txt",
+            "summary.json", "config.yaml"} <= names
+    assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["family"] == "ar"
+    for when in ("eval_before", "eval_after"):
+        assert 0.0 <= summary[when]["und_accuracy"] <= 1.0
+        assert summary[when]["und_questions"] == 4
+        assert all(math.isfinite(summary[when][f"loss/{t}"]) for t in TASKS)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["model"]["family"] == "ar"
+    assert not any(k.startswith("vit.") for k in checkpoint["model"])
+    assert "codes" in checkpoint["image_tokenizer"]
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert "held-out" in capsys.readouterr().out
+
+
+def test_checkpoint_reloads_into_a_fresh_model(tmp_path):
+    config = small_config(tmp_path, family="flow", steps=2)
+    run_dir = train(config)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert Config.from_dict(checkpoint["config"]) == config
+    model, *_ = build_model(config)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    assert not unexpected and all(k.startswith("vit.") for k in missing)
+
+
+def test_encoder_is_frozen_and_everything_else_trains(tmp_path):
+    config = small_config(tmp_path)
+    model, *_ = build_model(config)
+    model.train()
+    assert not model.vit.training
+    assert not any(p.requires_grad for p in model.vit.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("vit."))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    model, *_ = build_model(small_config(tmp_path, gradient_checkpointing=True))
+    assert all(layer.gradient_checkpointing for layer in model.llm.layers)
+    runs = [train_rows(train(small_config(tmp_path / str(gc), steps=3, gradient_checkpointing=gc,
+                                          eval_questions=0, eval_scenes=0)))
+            for gc in (False, True)]
+    for a, b in zip(*runs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_a_local_qwen2_checkpoint_and_siglip_are_post_trained(tmp_path):
+    """--llm PATH and --vit PATH: a tiny Qwen2 + tokenizer and a SigLIP vision tower
+    saved locally (nothing downloaded), loaded with local_files_only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    from trainer.tokenizers import WordTokenizer
+
+    words = WordTokenizer().id_to_word
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words[4:])}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    llm_dir, vit_dir = tmp_path / "llm", tmp_path / "vit"
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16))
+    qwen.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8)
+                      ).save_pretrained(vit_dir)
+    config = small_config(tmp_path, llm=str(llm_dir), vit=str(vit_dir), steps=8)
+    model, text, _, cond = build_model(config)
+    assert cond == 16 and text.vocab_size == len(vocab)     # 32 px / 8 px patches
+    assert torch.equal(model.lm_head.weight, qwen.lm_head.weight)
+    rows = train_rows(train(config))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert np.mean(task_losses(rows, "depth")[-3:]) < np.mean(task_losses(rows, "depth")[:3])
+
+
+def test_a_sample_sees_nothing_of_its_pack_neighbours(tmp_path):
+    """Packed attention + restarting positions: each sample's hidden states in a pack are
+    those it has alone, so packing changes nothing but speed."""
+    from trainer.data import build_pack
+
+    config = small_config(tmp_path, family="flow")
+    model, text, images, cond = build_model(config)
+    model.eval()
+    factory = SampleFactory(config, text, images, cond)
+    samples = [factory.train_sample(task, i) for i, task in enumerate(TASKS)]
+    with torch.no_grad():
+        pack = build_pack(samples, 256, text.pad_id, cond, config.model.latent_channels)
+        gen, _ = model.gen.inputs(pack)
+        packed = model.hidden_states(pack, "reference", gen)
+        start = 0
+        for sample in samples:
+            alone = build_pack([sample], sample.length, text.pad_id, cond, config.model.latent_channels)
+            gen, _ = model.gen.inputs(alone) if alone.gen_rows.numel() else (None, None)
+            single = model.hidden_states(alone, "reference", gen)
+            torch.testing.assert_close(packed[start:start + sample.length], single,
+                                       rtol=1e-4, atol=1e-5)
+            start += sample.length
+
+
+def test_transformers_builds_no_attention_mask_for_packs(tmp_path):
+    from transformers.masking_utils import create_causal_mask
+
+    model, *_ = build_model(small_config(tmp_path))
+    assert model.llm.config._attn_implementation == model_module.ATTENTION_NAME
+    x = torch.zeros(1, 64, model.llm.config.hidden_size)
+    mask = create_causal_mask(config=model.llm.config, inputs_embeds=x, attention_mask=None,
+                              past_key_values=None, position_ids=torch.arange(64)[None])
+    assert mask is None

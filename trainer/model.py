@@ -1,0 +1,367 @@
+"""The unified multimodal model (UMM) and its three generation sides.
+
+    condition image ─ frozen ViT ─ projector ─┐
+    text ids ─────── embed_tokens ────────────┼─> one pack [T, H] ─ Qwen2 decoder ─> hidden [T, H]
+    target image ─── family's input side ─────┘   (packed attention, PackedLayout)
+                                                                     │
+        LM head (answers) ─ image-token head (ar) ─ regression head (mar, flow) ─> ONE joint_loss
+
+The decoder is a Hugging Face Qwen2Model whose attention is unimrg_fast.packed_attention:
+the function below is registered with transformers' AttentionInterface under
+ATTENTION_NAME, and the pack's PackedLayout travels through the forward's kwargs to every
+layer. transformers builds no mask for an attention implementation it has no mask
+function for, so no [T, T] mask is ever made.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import unimrg_fast as uf
+from unimrg_fast.heads import ImageTokenHead, LMHead, RegressionHead
+from unimrg_fast.targets import ddpm_eps_target, flow_matching_target
+
+from trainer.config import TASKS, Config, ConfigError
+from trainer.data import UND, Pack
+
+ATTENTION_NAME = "unimrg_packed"
+
+
+# ----------------------------------------------------------------------- attention
+def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                             scaling: Optional[float] = None, dropout: float = 0.0, *,
+                             packed_layout: Optional[uf.PackedLayout] = None,
+                             attention_impl: str = "reference", **_) -> Tuple[torch.Tensor, None]:
+    """HF attention signature over a pack: query [1, Hq, T, D], key / value [1, Hkv, T, D]
+    -> ([1, T, Hq, D], None)."""
+    if packed_layout is None:
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs the pack's layout: "
+                         f"call the model with packed_layout=PackedLayout(...)")
+    if query.shape[0] != 1:
+        raise ValueError(f"a pack is one sequence (batch 1), got batch {query.shape[0]}")
+    # RoPE leaves q and k in fp32 under autocast while v is bf16: attend in one dtype.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))   # [T, H, D]
+    out = uf.packed_attention(q, k, v, packed_layout, scale=scaling, impl=attention_impl)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
+
+
+register_attention()
+
+
+# ---------------------------------------------------------------- generation sides
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of a (DDPM step or 1000 * flow time) scalar, then an MLP (DiT)."""
+
+    def __init__(self, hidden: int, frequencies: int = 64):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+
+class ARSide(nn.Module):
+    """Show-o-like: discrete codes; masked tokens read a [MASK] embedding and the image-token
+    head predicts their codes (cross-entropy over the codebook)."""
+
+    def __init__(self, hidden: int, num_codes: int):
+        super().__init__()
+        self.mask_id = num_codes
+        self.code_embed = nn.Embedding(num_codes + 1, hidden)
+        nn.init.normal_(self.code_embed.weight, std=0.02)
+        self.head = ImageTokenHead(hidden, num_codes)
+
+    def inputs(self, pack: Pack):
+        codes = pack.gen_codes.index_fill(0, pack.scored, self.mask_id)
+        return self.code_embed(codes), None
+
+    def specs(self, hidden: torch.Tensor, pack: Pack, state):
+        rows = pack.gen_rows.index_select(0, pack.scored)
+        target = pack.gen_codes.index_select(0, pack.scored)
+        return hidden, [self.head.spec(rows, target, pack.scored_task)]
+
+
+class AdaLNBlock(nn.Module):
+    """MAR's residual block: LayerNorm modulated by the condition, MLP, gated residual."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(cond).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class DiffusionMLP(nn.Module):
+    """MAR / Harmon's per-token diffusion head up to its last layer: (z, x_t, t) -> [R, H]
+    features; a RegressionHead turns them into the predicted eps."""
+
+    def __init__(self, hidden: int, channels: int, layers: int):
+        super().__init__()
+        self.x_in = nn.Linear(channels, hidden)
+        self.z_in = nn.Linear(hidden, hidden)
+        self.t_embed = TimestepEmbedding(hidden)
+        self.blocks = nn.ModuleList(AdaLNBlock(hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, z: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = self.z_in(z) + self.t_embed(t)
+        x = self.x_in(x_t)
+        for block in self.blocks:
+            x = block(x, cond)
+        shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class MARSide(nn.Module):
+    """Harmon-like: clean latent tokens, a random subset replaced by a learned mask
+    embedding (mode "full"); each masked token's hidden state z conditions the diffusion
+    MLP, whose features the regression head turns into eps (DDPM, cosine, 1,000 steps)."""
+
+    def __init__(self, hidden: int, channels: int, layers: int):
+        super().__init__()
+        self.latent_in = nn.Linear(channels, hidden)
+        self.mask_embed = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.diffusion = DiffusionMLP(hidden, channels, layers)
+        self.head = RegressionHead(hidden, channels)
+
+    def inputs(self, pack: Pack):
+        x = self.latent_in(pack.gen_latents)
+        masked = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        masked = masked.index_fill(0, pack.scored, True)
+        return torch.where(masked, self.mask_embed.to(x.dtype), x), None
+
+    def specs(self, hidden: torch.Tensor, pack: Pack, state):
+        take = lambda x: x.index_select(0, pack.scored)  # noqa: E731
+        noisy, target, t = ddpm_eps_target(take(pack.gen_latents), eps=take(pack.gen_eps),
+                                           timesteps=take(pack.gen_timestep))
+        z = hidden.index_select(0, take(pack.gen_rows))
+        features = self.diffusion(z, noisy, t)
+        # One [T + R, H] tensor, so the single joint_loss call scores the LM head on the
+        # first T rows and the regression head on the R diffusion-feature rows.
+        joint = torch.cat([hidden, features.to(hidden.dtype)])
+        rows = torch.arange(hidden.shape[0], joint.shape[0], device=hidden.device)
+        return joint, [self.head.spec(rows, target, pack.scored_task)]
+
+
+class FlowSide(nn.Module):
+    """OpenUni / BAGEL-like: x_s = (1 - s) x0 + s eps in a "noise" span (plus a timestep
+    embedding); a linear head predicts the velocity eps - x0 at every target token."""
+
+    def __init__(self, hidden: int, channels: int):
+        super().__init__()
+        self.latent_in = nn.Linear(channels, hidden)
+        self.t_embed = TimestepEmbedding(hidden)
+        self.head = RegressionHead(hidden, channels)
+
+    def inputs(self, pack: Pack):
+        noisy, target, s = flow_matching_target(pack.gen_latents, eps=pack.gen_eps,
+                                                timesteps=pack.gen_timestep)
+        return self.latent_in(noisy) + self.t_embed(s * 1000.0), target
+
+    def specs(self, hidden: torch.Tensor, pack: Pack, target):
+        rows = pack.gen_rows.index_select(0, pack.scored)
+        return hidden, [self.head.spec(rows, target.index_select(0, pack.scored), pack.scored_task)]
+
+
+# ------------------------------------------------------------------------------ UMM
+class UMM(nn.Module):
+    """Decoder + frozen ViT + projector + LM head + one generation side."""
+
+    def __init__(self, llm: nn.Module, vit: nn.Module, vocab_size: int, family: str,
+                 config: Config, image_size: int):
+        super().__init__()
+        m = config.model
+        hidden = llm.config.hidden_size
+        self.llm, self.vit = llm, vit
+        self.image_size = image_size          # what the ViT expects
+        vit_hidden = vit.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(vit_hidden, hidden), nn.GELU(),
+                                       nn.Linear(hidden, hidden))
+        # The heads only hold weights here: every loss goes through the one joint_loss call
+        # of UMM.loss, whose impl the run chooses.
+        self.lm_head = LMHead(hidden, vocab_size)
+        if family == "ar":
+            self.gen = ARSide(hidden, m.num_codes)
+        elif family == "mar":
+            self.gen = MARSide(hidden, m.latent_channels, m.diffusion_layers)
+        else:
+            self.gen = FlowSide(hidden, m.latent_channels)
+        self.register_buffer("task_weights", torch.ones(len(TASKS)), persistent=False)
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vit.eval()  # frozen: never dropout / batch statistics
+        return self
+
+    def trainable_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vit.")}
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.image_size:
+            images = nn.functional.interpolate(images, size=(self.image_size, self.image_size),
+                                               mode="bilinear", align_corners=False)
+        return self.vit(pixel_values=images).last_hidden_state   # [N, Lv, Hv]
+
+    def hidden_states(self, pack: Pack, impl: str, gen_embeds: Optional[torch.Tensor] = None):
+        embeds = self.llm.get_input_embeddings()(pack.input_ids)                 # [T, H]
+        cond = self.projector(self.encode_images(pack.vit_images)).flatten(0, 1)
+        embeds = embeds.index_copy(0, pack.vit_rows, cond.to(embeds.dtype))
+        if gen_embeds is not None:
+            embeds = embeds.index_copy(0, pack.gen_rows, gen_embeds.to(embeds.dtype))
+        out = self.llm(inputs_embeds=embeds[None], position_ids=pack.position_ids[None],
+                       packed_layout=pack.layout, attention_impl=impl, use_cache=False)
+        return out.last_hidden_state[0]
+
+    def loss(self, pack: Pack, impl: str) -> uf.JointLossOutput:
+        """The pack's joint loss: every head, one joint_loss call, per-task sums on device."""
+        has_gen = pack.gen_rows.shape[0] > 0   # host-known shapes: no sync
+        gen_embeds, state = self.gen.inputs(pack) if has_gen else (None, None)
+        hidden = self.hidden_states(pack, impl, gen_embeds)
+        specs: List = []
+        if pack.text_rows.shape[0] > 0:
+            specs.append(self.lm_head.spec(pack.text_rows, pack.text_targets, UND))
+        if has_gen:
+            hidden, gen_specs = self.gen.specs(hidden, pack, state)
+            specs += gen_specs
+        return uf.joint_loss(hidden, specs, num_tasks=len(TASKS),
+                             task_weights=self.task_weights, impl=impl)
+
+
+# ---------------------------------------------------------------------------- build
+class HFTextTokenizer:
+    """A local checkpoint's tokenizer behind WordTokenizer's interface."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self.tok)
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise ConfigError("--llm", f"the tokenizer in {path!r} has no eos token")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.bos_id = self.tok.bos_token_id          # Qwen has none: samples start with text
+        self.img_id = self.pad_id                    # image positions are overwritten anyway
+
+    def encode(self, text: str) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _tiny_vit(m) -> nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(hidden_size=m.vit_hidden_size, intermediate_size=4 * m.vit_hidden_size,
+                             num_hidden_layers=m.vit_layers, num_attention_heads=m.vit_heads,
+                             image_size=m.image_size, patch_size=m.vit_patch,
+                             vision_use_head=False)
+    return SiglipVisionModel(cfg)
+
+
+def _load_vit(path: str) -> nn.Module:
+    from transformers import AutoConfig, SiglipVisionModel
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        if cfg.model_type == "siglip":           # a full SigLIP: keep the vision tower
+            from transformers import SiglipModel
+
+            return SiglipModel.from_pretrained(path, local_files_only=True).vision_model
+        return SiglipVisionModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--vit", f"cannot load a SigLIP vision model from {path!r}: {exc}") from None
+
+
+def _build_llm(config: Config, vocab_size: int):
+    from transformers import Qwen2Config, Qwen2Model
+
+    m = config.model
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=m.hidden_size,
+                      intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                      num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                      head_dim=m.head_dim, max_position_embeddings=32_768,
+                      rope_theta=m.rope_theta, tie_word_embeddings=False, use_cache=False)
+    cfg._attn_implementation = ATTENTION_NAME
+    return Qwen2Model(cfg)
+
+
+def _load_llm(path: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--llm", f"cannot read a model config in {path!r}: {exc}") from None
+    if cfg.model_type != "qwen2":
+        raise ConfigError("--llm", f"{path!r} is a {cfg.model_type!r} model; allowed: qwen2")
+    causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                  attn_implementation=ATTENTION_NAME,
+                                                  dtype=torch.float32)
+    return causal.model, causal.get_output_embeddings().weight.detach().clone()
+
+
+def build_model(config: Config):
+    """(model, text tokenizer, image tokenizer, condition tokens per image), on the CPU.
+
+    The image tokenizer is fitted / drawn deterministically from config.data.seed (ar: a
+    k-means codebook on training scenes; mar / flow: fixed orthonormal patch latents).
+    """
+    from trainer.tokenizers import KMeansCodebook, PatchLatents, WordTokenizer
+
+    m = config.model
+    torch.manual_seed(config.data.seed)
+    if m.llm is not None:
+        text = HFTextTokenizer(m.llm)
+        llm, lm_weight = _load_llm(m.llm)
+        vocab = lm_weight.shape[0]
+    else:
+        text = WordTokenizer()
+        vocab = max(m.vocab_size, text.vocab_size)
+        llm, lm_weight = _build_llm(config, vocab), None
+    vit = _tiny_vit(m) if m.vit == "tiny" else _load_vit(m.vit)
+    vit_size, vit_patch = vit.config.image_size, vit.config.patch_size
+    cond_tokens = (vit_size // vit_patch) ** 2
+    if m.family == "ar":
+        images = KMeansCodebook(m.num_codes, m.image_size, m.patch, seed=config.data.seed,
+                                num_scenes=32, iters=10)
+    else:
+        images = PatchLatents(m.image_size, m.patch, m.latent_channels, seed=config.data.seed)
+    model = UMM(llm, vit, vocab, m.family, config, vit_size)
+    if lm_weight is not None:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(lm_weight)
+    if m.gradient_checkpointing:
+        # transformers 5 renamed it; older releases (>= 4.56 is allowed) have only the old name
+        if hasattr(model.llm, "activation_checkpointing_enable"):
+            model.llm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.llm.gradient_checkpointing_enable({"use_reentrant": False})
+    return model, text, images, cond_tokens
