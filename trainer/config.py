@@ -119,6 +119,12 @@ class ModelConfig:
     fixed orthonormal matrix, standing in for a VAE."""
     num_codes: int = 64
     """Codebook size of the discrete image tokens (ar): k-means over image patches."""
+    image_tokenizer: Optional[str] = None
+    """A local image tokenizer instead of the built-in one: for ar a codebook file (a .pt
+    holding KMeansCodebook.state_dict(), e.g. the 'image_tokenizer' of an earlier run's
+    checkpoint.pt); for mar / flow the directory of a diffusers AutoencoderKL (needs
+    `pip install diffusers`; its downsampling factor must equal --patch and its latent
+    channels --latent-channels). None: k-means codes (ar) or patch latents (mar, flow)."""
     diffusion_layers: int = 2
     """Residual blocks of mar's per-token MLP diffusion head."""
     gradient_checkpointing: bool = False
@@ -152,6 +158,14 @@ class ModelConfig:
         if self.llm is not None and not os.path.isdir(self.llm):
             raise ConfigError("--llm", f"no such directory {self.llm!r} (a local Qwen2 "
                                        f"checkpoint saved with save_pretrained)")
+        if self.image_tokenizer is not None:
+            want_dir = self.family != "ar"
+            found = (os.path.isdir if want_dir else os.path.isfile)(self.image_tokenizer)
+            if not found:
+                what = ("the directory of a diffusers AutoencoderKL" if want_dir
+                        else "a codebook .pt file")
+                raise ConfigError("--image-tokenizer", f"for --family {self.family} this must be "
+                                                       f"{what}; not found: {self.image_tokenizer!r}")
         if self.vit != "tiny" and not os.path.isdir(self.vit):
             raise ConfigError("--vit", f"must be 'tiny' or the directory of a local SigLIP "
                                        f"checkpoint; no such directory {self.vit!r}")

@@ -349,7 +349,9 @@ def build_model(config: Config):
     vit = _tiny_vit(m) if m.vit == "tiny" else _load_vit(m.vit)
     vit_size, vit_patch = vit.config.image_size, vit.config.patch_size
     cond_tokens = (vit_size // vit_patch) ** 2
-    if m.family == "ar":
+    if m.image_tokenizer is not None:
+        images = load_image_tokenizer(config)
+    elif m.family == "ar":
         images = KMeansCodebook(m.num_codes, m.image_size, m.patch, seed=config.data.seed,
                                 num_scenes=32, iters=10)
     else:
@@ -365,3 +367,26 @@ def build_model(config: Config):
         else:
             model.llm.gradient_checkpointing_enable({"use_reentrant": False})
     return model, text, images, cond_tokens
+
+
+def load_image_tokenizer(config: Config):
+    """The local image tokenizer of --image-tokenizer, checked against the model's shape
+    settings so a mismatch fails before training, naming the flag to change."""
+    from trainer.tokenizers import KMeansCodebook, VAELatents
+
+    m = config.model
+    try:
+        if m.family == "ar":
+            images = KMeansCodebook.from_state_dict(torch.load(m.image_tokenizer, map_location="cpu"))
+        else:
+            images = VAELatents(m.image_tokenizer, m.image_size)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ConfigError("--image-tokenizer", f"cannot load {m.image_tokenizer!r}: {exc}") from exc
+    checks = (("--patch", m.patch, images.patch), ("--image-size", m.image_size, images.image_size))
+    checks += ((("--num-codes", m.num_codes, images.num_codes),) if m.family == "ar" else
+               (("--latent-channels", m.latent_channels, images.channels),))
+    for flag, ours, theirs in checks:
+        if ours != theirs:
+            raise ConfigError(flag, f"must match the image tokenizer {m.image_tokenizer!r}, "
+                                    f"which has {theirs}; got {ours}")
+    return images

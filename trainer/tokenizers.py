@@ -343,3 +343,40 @@ class KMeansCodebook:
             raise ValueError(f"state is missing {sorted(missing)}")
         return cls._from_codes(torch.as_tensor(state["codes"]), int(state["image_size"]),
                                int(state["patch"]))
+
+
+class VAELatents:
+    """Continuous image tokens from a local diffusers AutoencoderKL (the VAE of a real
+    MAR / flow model): the posterior mean, scaled like the diffusion models that use it,
+    one token per latent pixel. Same interface as PatchLatents."""
+
+    def __init__(self, path: str, image_size: int):
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as exc:
+            raise ValueError("a VAE image tokenizer needs diffusers: pip install diffusers") from exc
+        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval()
+        self.vae.requires_grad_(False)
+        cfg = self.vae.config
+        self.image_size = image_size
+        self.patch = 2 ** (len(cfg.block_out_channels) - 1)  # the VAE's downsampling factor
+        if image_size % self.patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of the VAE's "
+                             f"downsampling factor {self.patch}")
+        self.channels = int(cfg.latent_channels)
+        self.num_tokens = (image_size // self.patch) ** 2
+        self.scale = float(cfg.scaling_factor)
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        x = as_unit_tensor(images, self.image_size).permute(0, 3, 1, 2)   # [B, 3, S, S]
+        z = (self.vae.encode(x).latent_dist.mean - self.shift) * self.scale  # [B, C, h, w]
+        return z.flatten(2).transpose(1, 2).contiguous()                   # [B, h*w, C]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        side = self.image_size // self.patch
+        z = latents.transpose(1, 2).reshape(latents.shape[0], self.channels, side, side)
+        x = self.vae.decode(z / self.scale + self.shift).sample               # [B, 3, S, S]
+        return x.clamp(-1, 1).permute(0, 2, 3, 1).contiguous()
