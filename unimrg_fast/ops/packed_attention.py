@@ -87,6 +87,34 @@ def _visible(q_pos, q_sample, q_span, q_mode, k_pos, k_sample, k_span, k_mode):
     return (q_sample == k_sample) & ordered & ((k_mode != _NOISE) | same_span)
 
 
+@triton.jit
+def _key_tile(q, k_base, v_base, stride_kt, stride_vt, k_tile_idx, k_tile_full, idx, T,
+              token_sample, token_span, span_modes, offs_m, q_sample, q_span, q_mode, d_ok,
+              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Entry `idx` of a query tile's CSR row: its K and V tiles and the raw scores Q K^T,
+    invisible pairs at -inf. A tile flagged full builds no mask at all (the common case
+    inside big image spans), which is what the layout's full flags are for."""
+    k_tile = tl.load(k_tile_idx + idx)
+    full = tl.load(k_tile_full + idx)
+    offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    cols = offs_n.to(tl.int64)
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kt, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vt, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if full == 0:
+        k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes,
+                                              offs_n, n_ok, -2)
+        vis = _visible(offs_m[:, None], q_sample[:, None], q_span[:, None], q_mode[:, None],
+                       offs_n[None, :], k_sample[None, :], k_span[None, :], k_mode[None, :])
+        s = tl.where(vis, s, _NEG_INF)
+    return k, v, s
+
+
 @_jit()
 def _attn_fwd_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh,
                      v_ptr, stride_vt, stride_vh, o_ptr, stride_ot, stride_oh, lse_ptr,
@@ -121,24 +149,9 @@ def _attn_fwd_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh,
     start = tl.load(q_tile_ptr + tile)
     end = tl.load(q_tile_ptr + tile + 1)
     for idx in range(start, end):
-        k_tile = tl.load(k_tile_idx + idx)
-        full = tl.load(k_tile_full + idx)
-        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
-        cols = offs_n.to(tl.int64)
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if full == 0:
-            k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes,
-                                                  offs_n, n_ok, -2)
-            vis = _visible(offs_m[:, None], q_sample[:, None], q_span[:, None], q_mode[:, None],
-                           offs_n[None, :], k_sample[None, :], k_span[None, :], k_mode[None, :])
-            s = tl.where(vis, s, _NEG_INF)
+        k, v, s = _key_tile(q, k_base, v_base, stride_kt, stride_vt, k_tile_idx, k_tile_full,
+                            idx, T, token_sample, token_span, span_modes, offs_m, q_sample,
+                            q_span, q_mode, d_ok, BLOCK_N, UPCAST, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         # A row may see nothing yet (a partial tile, or a row past T): keep it finite.
         m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
@@ -308,24 +321,9 @@ def _attn_bwd_dq_kernel(q_ptr, stride_qt, stride_qh, k_ptr, stride_kt, stride_kh
     start = tl.load(q_tile_ptr + tile)
     end = tl.load(q_tile_ptr + tile + 1)
     for idx in range(start, end):
-        k_tile = tl.load(k_tile_idx + idx)
-        full = tl.load(k_tile_full + idx)
-        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
-        cols = offs_n.to(tl.int64)
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if full == 0:
-            k_sample, k_span, k_mode = _token_ids(token_sample, token_span, span_modes,
-                                                  offs_n, n_ok, -2)
-            vis = _visible(offs_m[:, None], q_sample[:, None], q_span[:, None], q_mode[:, None],
-                           offs_n[None, :], k_sample[None, :], k_span[None, :], k_mode[None, :])
-            s = tl.where(vis, s, _NEG_INF)
+        k, v, s = _key_tile(q, k_base, v_base, stride_kt, stride_vt, k_tile_idx, k_tile_full,
+                            idx, T, token_sample, token_span, span_modes, offs_m, q_sample,
+                            q_span, q_mode, d_ok, BLOCK_N, UPCAST, PRECISION)
         p = tl.exp(tl.fma(s, sm_scale, -lse[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
