@@ -9,7 +9,6 @@ sizes.
 """
 from __future__ import annotations
 
-import sys
 import types
 
 import numpy as np
@@ -22,6 +21,7 @@ from unimrg_fast.layout import PackedLayout
 from unimrg_fast.ops import attention_peers as peers
 from numerics import assert_rel, rel_err
 from test_reference_attention import FIXED, attention64, make_qkv, random_layout, rule_mask
+from stand_ins import absent, fake_module
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -37,21 +37,6 @@ def clean_state(monkeypatch):
     backends._TABLE[:] = table
     backends.refresh()
     peers.clear_layout_cache()
-
-
-def _fake_module(monkeypatch, name, **attrs):
-    module = types.ModuleType(name)
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    monkeypatch.setitem(sys.modules, name, module)
-    parent, _, child = name.rpartition(".")
-    if parent:
-        monkeypatch.setattr(sys.modules[parent], child, module, raising=False)
-    return module
-
-
-def _absent(monkeypatch, name):
-    monkeypatch.setitem(sys.modules, name, None)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -117,7 +102,7 @@ class FakeFlash:
 @pytest.fixture
 def fake_flash(monkeypatch):
     fake = FakeFlash()
-    _fake_module(monkeypatch, "flash_attn", __version__="2.7.4", flash_attn_varlen_func=fake)
+    fake_module(monkeypatch, "flash_attn", __version__="2.7.4", flash_attn_varlen_func=fake)
     return fake
 
 
@@ -159,8 +144,8 @@ class FakeXformers:
         fmha = types.SimpleNamespace(
             attn_bias=self.attn_bias,
             memory_efficient_attention_forward_requires_grad=forward_requires_grad)
-        _fake_module(monkeypatch, "xformers", __version__="0.0.29")
-        _fake_module(monkeypatch, "xformers.ops", memory_efficient_attention=memory_efficient_attention,
+        fake_module(monkeypatch, "xformers", __version__="0.0.29")
+        fake_module(monkeypatch, "xformers.ops", memory_efficient_attention=memory_efficient_attention,
                      fmha=fmha)
 
     @staticmethod
@@ -224,7 +209,7 @@ def test_table_order_puts_flash_then_xformers_before_triton_and_flex_off_auto():
 
 
 def test_auto_picks_flash_only_for_layouts_it_expresses(fake_flash, monkeypatch):
-    _absent(monkeypatch, "xformers.ops")
+    absent(monkeypatch, "xformers.ops")
     name, fn = backends.resolve("packed_attention", "auto", device=CUDA, layout=_layout(CAUSAL_ONLY))
     assert name == "flash" and fn is peers.flash
     assert backends.resolve("packed_attention", "auto", device=CUDA,
@@ -241,7 +226,7 @@ def test_auto_takes_xformers_when_flash_is_missing_and_flash_when_both(fake_flas
     FakeXformers(monkeypatch)
     layout = _layout(CAUSAL_ONLY)
     assert backends.resolve("packed_attention", "auto", device=CUDA, layout=layout)[0] == "flash"
-    _absent(monkeypatch, "flash_attn")
+    absent(monkeypatch, "flash_attn")
     backends.refresh()
     name, fn = backends.resolve("packed_attention", "auto", device=CUDA, layout=layout)
     assert name == "xformers" and fn is peers.xformers
@@ -265,7 +250,7 @@ def test_explicit_xformers_on_a_mixed_pack_raises_the_reason(monkeypatch):
 
 
 def test_missing_flash_says_how_to_install(monkeypatch):
-    _absent(monkeypatch, "flash_attn")
+    absent(monkeypatch, "flash_attn")
     with pytest.raises(RuntimeError, match=r"impl='flash'.*unimrg-fast\[flash\]"):
         backends.resolve("packed_attention", "flash", device=CUDA, layout=_layout(CAUSAL_ONLY))
 
@@ -326,7 +311,7 @@ def test_flash_unpads_a_per_sample_lse_from_older_versions(monkeypatch):
             padded[s, :, :n] = lse[:, a:a + n]
         return out, padded, None
 
-    _fake_module(monkeypatch, "flash_attn", flash_attn_varlen_func=old_flash)
+    fake_module(monkeypatch, "flash_attn", flash_attn_varlen_func=old_flash)
     q, k, v = make_qkv(layout.num_tokens, 2, 2, 8, torch.float16, 2)
     _, lse = peers.flash(q, k, v, layout, return_lse=True)
     _, want = varlen64(q, k, v, layout.cu_seqlens, 8 ** -0.5, True)

@@ -1,13 +1,12 @@
 """backends.py: detection of optional packages, impl selection, UNIMRG_FAST_IMPL."""
 import logging
-import sys
-import types
 
 import pytest
 import torch
 
 import unimrg_fast as uf
 from unimrg_fast import backends
+from stand_ins import absent, fake_module
 
 
 @pytest.fixture(autouse=True)
@@ -20,31 +19,15 @@ def fresh_probes(monkeypatch):
     backends.refresh()
 
 
-def _fake_module(monkeypatch, name, **attrs):
-    module = types.ModuleType(name)
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    monkeypatch.setitem(sys.modules, name, module)
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
-    return module
-
-
-def _absent(monkeypatch, name):
-    # A None entry in sys.modules makes `import name` raise ImportError.
-    monkeypatch.setitem(sys.modules, name, None)
-
-
 # ------------------------------------------------------------------ detection
 def test_flash_attn_detected_with_a_stand_in(monkeypatch):
-    _fake_module(monkeypatch, "flash_attn", __version__="2.7.4", flash_attn_varlen_func=None)
+    fake_module(monkeypatch, "flash_attn", __version__="2.7.4", flash_attn_varlen_func=None)
     probe = backends.flash_attn()
     assert probe.available and probe.version == "2.7.4"
 
 
 def test_flash_attn_missing_says_how_to_install(monkeypatch):
-    _absent(monkeypatch, "flash_attn")
+    absent(monkeypatch, "flash_attn")
     probe = backends.flash_attn()
     assert not probe.available
     assert "unimrg-fast[flash]" in probe.detail
@@ -63,22 +46,22 @@ def test_broken_install_is_reported_not_raised(monkeypatch):
 
 
 def test_xformers_detected_with_a_stand_in(monkeypatch):
-    _fake_module(monkeypatch, "xformers", __version__="0.0.29")
-    _fake_module(monkeypatch, "xformers.ops", memory_efficient_attention=None)
+    fake_module(monkeypatch, "xformers", __version__="0.0.29")
+    fake_module(monkeypatch, "xformers.ops", memory_efficient_attention=None)
     assert backends.xformers().available
 
 
 def test_pypi_apex_is_not_nvidia_apex(monkeypatch):
     # The unrelated PyPI project "apex" imports fine but has no apex.normalization.
-    _fake_module(monkeypatch, "apex", __version__="0.9.10dev")
-    _absent(monkeypatch, "apex.normalization")
+    fake_module(monkeypatch, "apex", __version__="0.9.10dev")
+    absent(monkeypatch, "apex.normalization")
     probe = backends.apex()
     assert not probe.available and "not NVIDIA apex" in probe.detail
 
 
 def test_nvidia_apex_detected(monkeypatch):
-    _fake_module(monkeypatch, "apex")
-    _fake_module(monkeypatch, "apex.normalization", FusedRMSNorm=None)
+    fake_module(monkeypatch, "apex")
+    fake_module(monkeypatch, "apex.normalization", FusedRMSNorm=None)
     assert backends.apex().available
 
 
@@ -138,7 +121,7 @@ def test_impl_must_be_a_string():
 
 
 def test_missing_backend_raises_with_install_hint(monkeypatch):
-    _absent(monkeypatch, "flash_attn")
+    absent(monkeypatch, "flash_attn")
     backends.register(backends.Implementation(
         "packed_attention", "flash", "unimrg_fast.reference:packed_attention", ("flash_attn",)))
     try:
@@ -152,7 +135,7 @@ def test_missing_backend_raises_with_install_hint(monkeypatch):
 
 
 def test_accepts_predicate_steers_auto_and_rejects_explicit(monkeypatch):
-    _fake_module(monkeypatch, "flash_attn", __version__="2.7.4")
+    fake_module(monkeypatch, "flash_attn", __version__="2.7.4")
     only_causal = lambda device=None, layout=None, **_: None if layout == "causal" else "mask too rich"
     backends.register(backends.Implementation(
         "packed_attention", "flash", "unimrg_fast.reference:packed_attention", ("flash_attn",),
@@ -208,7 +191,7 @@ def test_public_ops_dispatch_through_backends(monkeypatch):
         calls.append(kwargs)
         return torch.zeros(())
 
-    _fake_module(monkeypatch, "spy_impl", regression_loss=spy)
+    fake_module(monkeypatch, "spy_impl", regression_loss=spy)
     backends.register(backends.Implementation("regression_loss", "spy", "spy_impl:regression_loss"),
                       before="reference")
     try:
