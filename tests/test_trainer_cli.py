@@ -109,3 +109,22 @@ def test_a_run_prints_the_run_directory_last(tmp_path, capsys):
     run_dir = Path(lines[-1].split(": ", 1)[1])
     assert run_dir.parent == tmp_path and (run_dir / "summary.txt").exists()
     assert sum("Triton interpreter" in line for line in lines) <= 1
+
+
+def test_estimate_on_the_tiny_preset_prints_both_projections():
+    result = _run("--estimate", "--preset", "tiny", "--recipe", "unimrg-harmon-1.5b",
+                  "--gpus", "8", "--samples-per-gpu", "4", "--warmup-steps", "1",
+                  "--timed-steps", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "fast (" in out and "plain (PyTorch reference)" in out, out
+    assert out.count("projected") == 2 and "10,000 iterations" in out, out
+    assert "5% all-reduce" in out and "3-8 h" in out, out
+
+
+def test_estimate_unknown_recipe_exits_2_naming_the_allowed_values(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--estimate", "--recipe", "harmon-7b"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--recipe" in err and "unimrg-harmon-1.5b, unimrg-harmon-0.5b" in err, err

@@ -53,7 +53,11 @@ Settings apply in order: the preset, then --config FILE (YAML or TOML, flat keys
 outputs: a run directory under --out (a timestamped folder, named by the last line
 printed) with metrics.jsonl, loss_curves.png, summary.txt / summary.json (held-out
 understanding accuracy and per-task losses before and after training), checkpoint.pt
-(trainable weights + config) and config.yaml.
+(trainable weights + config) and config.yaml; with --checkpoint-every N also resumable
+checkpoints/step-N directories (--resume PATH|auto, --keep-checkpoints K).
+
+time budget: python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8 projects the
+recipe's wall-clock from timed steps (python -m trainer --estimate --help).
 
 examples:
   python -m trainer --fast-kernels
@@ -83,8 +87,14 @@ def _metavar(name: str, kind) -> str:
         return "{" + ",".join(METAVARS[name]) + "}"
     if name == "tasks":
         return "TASK[,TASK...]"
-    if name in ("llm", "vit", "out"):
+    if name in ("llm", "vit", "out", "images", "depth_dir", "mask_dir"):
         return "PATH"
+    if name == "data":
+        return "DIR_OR_JSON"
+    if name == "resume":
+        return "PATH|auto"
+    if name == "resume_dir":
+        return "RUN_DIR"
     return {int: "N", float: "X"}.get(kind, name.upper())
 
 
@@ -123,9 +133,14 @@ def parse_config(argv, parser: argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--estimate" in argv:   # its own flags: python -m trainer --estimate --help
+        from trainer.estimate import main as estimate
+
+        return estimate(argv)
     parser = build_parser()
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, parser)
+        config = parse_config(argv, parser)
     except ConfigError as exc:
         parser.error(str(exc))   # exit code 2, before any work starts
     import torch
@@ -135,17 +150,25 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         print("--fast-kernels without a CUDA device: the Triton kernels run on the Triton "
               "interpreter (TRITON_INTERPRET=1): the same kernels, exact, much slower.", flush=True)
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import NonFiniteLoss, train   # imports unimrg_fast: after the switch
 
+    from trainer import distributed   # torchrun / --parallel: trainer/distributed.py
+
+    run = distributed.train if distributed.requested(config) else train
     try:
-        run_dir = train(config)
+        run_dir = run(config)
     except ConfigError as exc:   # found once the model is loaded (e.g. a ViT's token count)
         parser.error(str(exc))
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(f"run directory: {exc.run_dir}", flush=True)
         return 1
-    print(f"run directory: {run_dir}", flush=True)
+    except CheckpointError as exc:   # e.g. the disk is full: the previous one is intact
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if run_dir is not None:   # None: a distributed run's rank > 0
+        print(f"run directory: {run_dir}", flush=True)
     return 0
 
 

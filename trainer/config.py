@@ -29,6 +29,7 @@ SCHEDULES = ("interleaved", "round-robin")
 SEG_STYLES = ("auto", "edges", "colour")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 # Each recipe's sample mix: one cycle of tasks, repeated (sgt: two seg samples per und one).
 RECIPE_CYCLES = {"unimrg": ("und", "pixel", "depth", "seg"), "sgt": ("seg", "seg", "und"),
                  "sft": ("und",)}
@@ -207,6 +208,19 @@ class DataConfig:
     """Held-out questions for understanding accuracy (greedy decoding), before and after."""
     eval_scenes: int = 4
     """Held-out scenes whose generation samples give the held-out per-task losses."""
+    data: Optional[str] = None
+    """Real data: a LLaVA-format .json / .jsonl file of records (or the folder holding
+    one); needs --llm (its tokenizer). None: the embedded synthetic scenes."""
+    images: Optional[str] = None
+    """Folder of the records' relative image paths (default: tuning_data next to the
+    records, the UniMRG release's layout)."""
+    depth_dir: Optional[str] = None
+    """Depth targets, .png at the images' relative paths (default: <images>_depth; make it
+    with python -m trainer.prepare)."""
+    mask_dir: Optional[str] = None
+    """Segmentation targets, .png at the images' relative paths (default: <images>_mask)."""
+    num_workers: int = 0
+    """DataLoader worker processes that read and preprocess real data; 0: in the trainer."""
 
     def __post_init__(self):
         _one_of("recipe", self.recipe, RECIPES)
@@ -231,6 +245,14 @@ class DataConfig:
         _in_range("seed", self.seed, 0, 100_000)
         _at_least("eval_questions", self.eval_questions, 0)
         _at_least("eval_scenes", self.eval_scenes, 0)
+        _at_least("num_workers", self.num_workers, 0)
+        if self.data is not None:   # missing folders fail here, before any work starts
+            from trainer.datapaths import DataPathError, resolve
+
+            try:
+                resolve(self.data, self.images, self.depth_dir, self.mask_dir, self.active_tasks)
+            except DataPathError as exc:
+                raise ConfigError(exc.flag, str(exc).split(": ", 1)[1]) from None
 
     @property
     def task_cycle(self) -> Tuple[str, ...]:
@@ -306,6 +328,25 @@ class RunConfig:
     """Intra-op threads of torch on a CPU; 0: torch's default. The tiny preset uses 1: its
     matrices are too small to gain from more, and on a shared CPU extra threads spin
     waiting for one another (100x slower steps were measured on a busy 2-core machine)."""
+    resume: Optional[str] = None
+    """Continue a run from a checkpoint: the path of a checkpoints/step-N directory or of a
+    run directory (its latest complete checkpoint), or 'auto' (the latest complete one in
+    --resume-dir). The run continues in the checkpoint's run directory with the identical
+    loss curve; settings that shape the model, data or optimizer must match."""
+    resume_dir: Optional[str] = None
+    """Run directory that --resume auto searches for its latest complete checkpoint."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints (checkpoints/step-N) kept in the run directory: the last K."""
+    telemetry_every: int = 0
+    """Steps between telemetry in the metrics (GPU memory, utilisation, power, clock,
+    temperature, MFU; nothing on a CPU); 0: every log step."""
+    tensorboard: bool = True
+    """Also write the metrics as TensorBoard scalars (into the run directory) when
+    torch.utils.tensorboard can be imported; quietly off otherwise."""
+    parallel: Optional[str] = None
+    """Scale-out under torchrun (trainer/distributed.py): ddp (data-parallel) or fsdp
+    (FSDP2, decoder layers sharded); None: ddp when WORLD_SIZE > 1, else one process.
+    Per-task losses are normalised by the counts of the global step."""
 
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)
@@ -313,6 +354,17 @@ class RunConfig:
         _at_least("log_every", self.log_every, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
         _at_least("cpu_threads", self.cpu_threads, 0)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("telemetry_every", self.telemetry_every, 0)
+        if self.parallel is not None:
+            _one_of("parallel", self.parallel, PARALLEL)
+        if self.resume is not None and self.resume != "auto" and not os.path.exists(self.resume):
+            raise ConfigError("--resume", f"no such checkpoint {self.resume!r} (a "
+                                          f"checkpoints/step-N directory, a run directory or auto)")
+        if self.resume == "auto" and not self.resume_dir:
+            raise ConfigError("--resume", "auto needs --resume-dir RUN_DIR")
+        if self.resume_dir is not None and not os.path.isdir(self.resume_dir):
+            raise ConfigError("--resume-dir", f"no such directory {self.resume_dir!r}")
         if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
             raise ConfigError("--name", f"must be a plain folder name, got {self.name!r}")
 
@@ -338,6 +390,9 @@ class Config:
             raise ConfigError("--pack-tokens", f"{self.data.pack_tokens} is smaller than the "
                                                f"longest sample ({longest} tokens); use "
                                                f"--pack-tokens >= {longest}")
+        if self.data.data is not None and self.model.llm is None:
+            raise ConfigError("--data", "real data needs a real tokenizer: pass --llm PATH (a "
+                                        "local Qwen2 checkpoint with its tokenizer)")
         if self.run.device == "cuda":
             import torch  # only here: the rest of this module must not need torch
 

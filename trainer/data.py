@@ -16,11 +16,14 @@ identical packs, and a run can be replayed.
 A Pack holds its samples back to back, padded to --pack-tokens, with one PackedLayout,
 position ids that restart at 0 for each sample, and for every head the rows it scores
 (indices computed on the host, so no boolean indexing syncs the device).
+
+Real data (--data) goes through the same SampleFactory (und_from / gen_from) from
+trainer/realdata.py, whose samples PackStream takes instead of the synthetic ones.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,6 +66,7 @@ class Sample:
     eps: Optional[np.ndarray] = None       # [Lt, C] float32 noise (mar, flow)
     timestep: Optional[np.ndarray] = None  # [Lt] int64 DDPM step (mar) / float32 s (flow)
     qa: Optional[scenes.QA] = None
+    source: Optional[str] = None           # real data: "record index:id" it was made from
 
     @property
     def length(self) -> int:
@@ -89,9 +93,13 @@ class SampleFactory:
 
     def und(self, scene: scenes.Scene, qas: Sequence[scenes.QA], *,
             with_answer: bool = True) -> Sample:
+        return self.und_from(scene.image, qas, with_answer=with_answer)
+
+    def und_from(self, image: np.ndarray, qas: Sequence[scenes.QA], *,
+                 with_answer: bool = True) -> Sample:
         """[image | bos q1 a1 eos q2 a2 eos ...]: a multi-turn conversation about the image
         (LLaVA-style); the loss covers each answer and its eos. Without the answer (held-out
-        prompts) a single question ends the text."""
+        prompts) a single question ends the text. `image`: uint8 [S, S, 3]."""
         text: List[int] = self._prefix()
         rows: List[int] = []
         labels: List[int] = []
@@ -106,7 +114,7 @@ class SampleFactory:
                 text += answer
         ids = np.array([self.text.img_id] * self.cond_tokens + text, dtype=np.int64)
         return Sample(UND, ((self.cond_tokens, "full"), (len(text), "causal")), ids,
-                      scene.image, np.array(rows, dtype=np.int64),
+                      image, np.array(rows, dtype=np.int64),
                       np.array(labels, dtype=np.int64), qa=qas[0])
 
     # ----------------------------------------------------------- generation
@@ -118,6 +126,12 @@ class SampleFactory:
         return scene.seg_colour if self.seg_colour else scene.seg_edges
 
     def gen(self, task: str, scene: scenes.Scene, rng: np.random.Generator) -> Sample:
+        return self.gen_from(task, scene.image, self.target_image(task, scene), rng)
+
+    def gen_from(self, task: str, image: np.ndarray, target: np.ndarray,
+                 rng: np.random.Generator) -> Sample:
+        """[condition image | bos prompt | target image]; `image` uint8 [S, S, 3], `target`
+        uint8 [S, S, 3] or float32 in [-1, 1] (what the image tokenizer encodes)."""
         paraphrases = scenes.PROMPTS[task]
         prompt = self._prefix() + self.text.encode(paraphrases[int(rng.integers(len(paraphrases)))])
         n = self.target_tokens
@@ -125,9 +139,9 @@ class SampleFactory:
                        + [self.text.img_id] * n, dtype=np.int64)
         spans = ((self.cond_tokens, "full"), (len(prompt), "causal"), (n, self.target_mode))
         empty = np.zeros(0, dtype=np.int64)
-        sample = Sample(TASK_ID[task], spans, ids, scene.image, empty, empty,
+        sample = Sample(TASK_ID[task], spans, ids, image, empty, empty,
                         target_start=self.cond_tokens + len(prompt))
-        target = self.target_image(task, scene)[None]
+        target = target[None]
         if self.family == "ar":
             sample.codes = self.images.encode(target)[0].numpy()
             # Show-o / MaskGIT: mask ratio cos(pi/2 * u), u ~ U(0, 1), at least one token
@@ -271,18 +285,21 @@ class PackStream:
     wait for the next pack, none is lost."""
 
     def __init__(self, factory: SampleFactory, cycle: Sequence[str], pack_tokens: int,
-                 packs: int, pad_id: int):
+                 packs: int, pad_id: int, source: Optional[Callable[[str], Sample]] = None):
         self.factory, self.cycle = factory, tuple(cycle)
         self.pack_tokens, self.packs, self.pad_id = pack_tokens, packs, pad_id
         self.packer = StreamingPacker(pack_tokens, max_packs=packs)
         self.pending: Dict[int, Sample] = {}
         self.counts = {task: 0 for task in self.cycle}
         self.next_id = 0
+        # source(task) -> the next sample of that task (real data); None: synthetic scenes
+        self.source = source
 
     def _add_one(self) -> None:
         task = self.cycle[self.next_id % len(self.cycle)]
-        sample = self.factory.train_sample(task, self.counts[task])
-        self.counts[task] += 1
+        sample = (self.source(task) if self.source is not None
+                  else self.factory.train_sample(task, self.counts[task]))
+        self.counts[TASKS[sample.task]] = self.counts.get(TASKS[sample.task], 0) + 1
         self.packer.add([self.next_id], [sample.length])
         if self.packer.rejected:
             raise ConfigError("--pack-tokens", f"a {TASKS[sample.task]} sample holds "
@@ -311,11 +328,26 @@ class TrainData:
 
     def __init__(self, config: Config, factory: SampleFactory, pad_id: int):
         d = config.data
+        # Real data (--data): samples come from worker processes reading the records;
+        # skipped records are counted by reason in self.skipped.
+        self.real = None
+        if d.data is not None:
+            from trainer.realdata import RealSource
+
+            self.real = RealSource(config, factory)
+        source = self.real.next_sample if self.real is not None else None
         if d.schedule == "interleaved":
-            self.streams = [PackStream(factory, d.task_cycle, d.pack_tokens, d.packs_per_step, pad_id)]
+            self.streams = [PackStream(factory, d.task_cycle, d.pack_tokens, d.packs_per_step,
+                                       pad_id, source)]
         else:
             order = [t for t in ROUND_ROBIN_ORDER if t in d.active_tasks]
-            self.streams = [PackStream(factory, (t,), d.pack_tokens, 1, pad_id) for t in order]
+            self.streams = [PackStream(factory, (t,), d.pack_tokens, 1, pad_id, source)
+                            for t in order]
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Records / samples of the real data set skipped so far, by reason."""
+        return dict(self.real.skipped) if self.real is not None else {}
 
     def step(self) -> List[Pack]:
         return [pack for stream in self.streams for pack in stream.next_packs()]

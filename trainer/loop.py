@@ -10,6 +10,7 @@ metrics.jsonl and shown on the progress bar.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Dict, List, Optional
 
 import torch
 
+from trainer import checkpoint as ckpt
 from trainer import report
 from trainer.config import TASKS, Config, ConfigError
 from trainer.data import SampleFactory, TrainData
 from trainer.evaluate import evaluate, held_out
 from trainer.model import build_model
+from trainer.telemetry import Telemetry
 from unimrg_fast import backends
 
 SHORT = {"und": "und", "pixel": "pix", "depth": "dep", "seg": "seg"}
@@ -116,8 +119,18 @@ class LossTracker:
 
 def train(config: Config) -> Path:
     """Post-trains the configured UMM; returns the run directory (metrics, PNG, summary,
-    checkpoint). Raises NonFiniteLoss (outputs so far kept) if a loss turns non-finite."""
+    checkpoints). Raises NonFiniteLoss (outputs so far kept) if a loss turns non-finite,
+    CheckpointError (the previous checkpoint intact) if a checkpoint cannot be written.
+
+    With --resume the run continues in the checkpoint's run directory: model, AdamW,
+    schedule, RNG states and the data position are restored, metrics rows past the
+    checkpoint's step are dropped, and the steps that follow log the identical losses."""
     wall = time.perf_counter()
+    resume_from, saved = None, None
+    if config.run.resume:   # checked before any work: a bad checkpoint exits at once
+        resume_from = ckpt.resolve(config.run.resume, config.run.resume_dir)
+        saved = ckpt.read_state(resume_from)
+        ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
     device = resolve_device(config)
     if device.type == "cpu" and config.run.cpu_threads:
         torch.set_num_threads(config.run.cpu_threads)
@@ -131,16 +144,38 @@ def train(config: Config) -> Path:
     data, held = TrainData(config, factory, text.pad_id), held_out(config, factory, text.pad_id)
     optimizer, schedule = build_optimizer(model, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    run_dir = report.make_run_dir(config)
+    start = 0
+    if resume_from is not None:
+        run_dir = ckpt.run_dir_of(resume_from)
+        state = ckpt.load(resume_from, model=model, optimizer=optimizer, scheduler=schedule)
+        start = state["step"]
+        for _ in range(state["data"]["steps"]):   # replay the data stream to its position
+            data.step()
+        metrics = report.MetricsLog(run_dir / report.METRICS)
+        metrics.rows = _rows_until(run_dir / report.METRICS, start)
+        before = state["eval_before"]
+        print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
+    else:
+        run_dir = report.make_run_dir(config)
+        metrics = report.MetricsLog(run_dir / report.METRICS)
+        before = evaluate(model, held, factory, text, device, impl, autocast)
     report.write_config(run_dir, config)
-    metrics = report.MetricsLog(run_dir / report.METRICS)
-    before = evaluate(model, held, factory, text, device, impl, autocast)
-    metrics.write({"event": "eval", "when": "before", "step": 0, **before})
+    telemetry = Telemetry(config, model, device, run_dir)
 
-    steps, log_every = config.optim.steps, config.run.log_every
-    tracker, bar = LossTracker(device), _progress(config, steps)
-    for step in range(1, steps + 1):
+    def log(row):
+        metrics.write(row)
+        telemetry.scalars(row, row["step"])
+
+    if resume_from is None:
+        log({"event": "eval", "when": "before", "step": 0, **before})
+    else:
+        ckpt.set_rng_state(state["rng"])       # last: nothing random may run after it
+
+    steps, log_every, every = config.optim.steps, config.run.log_every, config.run.checkpoint_every
+    tracker, bar = LossTracker(device), _progress(config, steps, start)
+    for step in range(start + 1, steps + 1):
         packs = data.step()
+        telemetry.add_packs(packs)
         loss_sum = torch.zeros(len(TASKS), device=device)
         weight_sum = torch.zeros(len(TASKS), device=device)
         for pack in packs:
@@ -156,20 +191,27 @@ def train(config: Config) -> Path:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         tracker.add(step, loss_sum, weight_sum, sum(p.num_real_tokens for p in packs))
-        checkpoint = config.run.checkpoint_every and step % config.run.checkpoint_every == 0
-        if step % log_every == 0 or step == steps or checkpoint:
+        save = bool(every) and (step % every == 0 or step == steps)
+        if step % log_every == 0 or step == steps or save or telemetry.due(step):
             row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
             row.update(event="train", step=step, lr=lr,
                        grad_norm=float(grad_norm) if grad_norm is not None else None)
-            metrics.write(row)
+            row.update({f"skipped/{k}": v for k, v in data.skipped.items()})   # real data
+            if telemetry.due(step):
+                row.update(telemetry.readings(row["tokens_per_s"]))
+            log(row)
             bar.set_postfix_str(_postfix(row), refresh=False)
-        if checkpoint:
-            report.save_checkpoint(run_dir, model, config, step, images)
+        if save:
+            ckpt.save(run_dir, step=step, model=model, optimizer=optimizer, scheduler=schedule,
+                      config=config, keep=config.run.keep_checkpoints,
+                      extra={"eval_before": before})
+            report.save_checkpoint(run_dir, model, config, step, images)   # weights export
         bar.update()
     bar.close()
 
     after = evaluate(model, held, factory, text, device, impl, autocast)
-    metrics.write({"event": "eval", "when": "after", "step": steps, **after})
+    log({"event": "eval", "when": "after", "step": steps, **after})
+    telemetry.close()
     report.save_checkpoint(run_dir, model, config, steps, images)
     report.plot_losses(metrics.rows, run_dir / report.CURVES,
                        f"{config.preset} / {config.model.family} / {config.data.recipe} ({impl})")
@@ -178,10 +220,22 @@ def train(config: Config) -> Path:
     return run_dir
 
 
-def _progress(config: Config, steps: int):
+def _rows_until(path: Path, step: int) -> List[Dict]:
+    """The metrics rows a resumed run keeps (the eval before training and the training rows
+    up to the checkpoint's step); the file is rewritten to hold exactly those."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+    kept = [r for r in rows if (r.get("event") == "eval" and r.get("when") == "before")
+            or (r.get("event") == "train" and r.get("step", 0) <= step)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    report.atomic_write(path, lambda fh: fh.write(text.encode()))
+    return kept
+
+
+def _progress(config: Config, steps: int, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc=f"{config.model.family}/{config.data.recipe}", unit="step",
+    return tqdm(total=steps, initial=initial, desc=f"{config.model.family}/{config.data.recipe}", unit="step",
                 disable=not config.run.progress, dynamic_ncols=True)
 
 

@@ -1,0 +1,364 @@
+"""Real data (--data): LLaVA-format records + an image folder + depth / mask folders in the
+UniMRG release's layout, built in tmp_path: preprocessing (DESIGN.md 6), skip counters by
+reason, determinism, sharding over ranks and workers, the missing-folder messages, and a
+short training run with a tiny local Qwen2 and its tokenizer."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import scenes
+from trainer.__main__ import main
+from trainer.config import TASKS, ConfigError
+from trainer.data import Sample, SampleFactory
+from trainer.datapaths import resolve
+from trainer.loop import train
+from trainer.realdata import (GREY, RecordDataset, Skipped, conversation_turns, depth_target,
+                              gen_image, pad_to_square, seg_target, und_image)
+from trainer.tokenizers import PatchLatents, image_to_unit
+from trainer_helpers import small_config, train_rows
+
+SIZE = 16          # the small config's image size
+RED, BLUE = (200, 30, 30), (30, 30, 200)
+MASK_COLOURS = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (255, 255, 255))
+
+
+class StubTokenizer:
+    """Any tokenizer with encode(): one id per whitespace-separated word, hashed."""
+    bos_id, eos_id, pad_id, img_id, vocab_size = None, 1, 0, 0, 64
+
+    def encode(self, text):
+        return [2 + sum(map(ord, w)) % 62 for w in text.split()]
+
+
+def two_tone(w, h):
+    """Top half red, bottom half blue: a stretch keeps both, a grey pad adds grey."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2] = RED
+    a[h // 2:] = BLUE
+    return a
+
+
+def mask_image(w, h):
+    rng = np.random.default_rng(w * 100 + h)
+    return np.array(MASK_COLOURS, np.uint8)[rng.integers(0, len(MASK_COLOURS), (h, w))]
+
+
+def depth_image(w, h, low=50, high=200):
+    ramp = np.linspace(low, high, w)[None].repeat(h, 0)
+    return np.rint(ramp).astype(np.uint8)
+
+
+RECORDS = [  # (record, what happens to it)
+    {"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the top?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "And the bottom?"}, {"from": "gpt", "value": "Blue."}]},
+    {"id": "b", "image": "sub/b.jpg", "conversations": [
+        {"from": "human", "value": "Describe <image>"}, {"from": "gpt", "value": "Two halves."}]},
+    {"id": "corrupt", "image": "corrupt.jpg", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    {"id": "missing", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    None,  # a malformed JSON line
+    {"id": "text-only", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    {"id": "c", "image": "c.png", "conversations": [   # no depth, no mask target
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Shapes."}]},
+    {"id": "d", "image": "d.png", "conversations": []},   # no conversation: gen only
+]
+# Expected skips with the unimrg cycle (und, pixel, depth, seg).
+EXPECTED_SKIPS = {"bad_image": 1, "missing_image": 1, "bad_json": 1, "no_image": 1,
+                  "missing_depth": 1, "missing_mask": 1, "no_conversation": 1}
+# Samples per task: a, b, c, d give pixel; a, b, d depth and seg; a, b, c und.
+EXPECTED_SAMPLES = {"und": 3, "pixel": 4, "depth": 3, "seg": 3}
+
+
+@pytest.fixture
+def dataset_dir(tmp_path) -> Path:
+    root = tmp_path / "data"
+    images = root / "tuning_data"
+    depth, mask = root / "tuning_data_depth", root / "tuning_data_mask"
+    for folder in (images / "sub", depth / "sub", mask / "sub"):
+        folder.mkdir(parents=True)
+    Image.fromarray(two_tone(30, 20)).save(images / "a.png")
+    Image.fromarray(two_tone(18, 40)).save(images / "sub" / "b.jpg", quality=95)
+    Image.fromarray(two_tone(24, 24)).save(images / "c.png")
+    Image.fromarray(two_tone(21, 33)).save(images / "d.png")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for rel, (w, h) in {"a": (30, 20), "sub/b": (18, 40), "d": (21, 33)}.items():
+        Image.fromarray(depth_image(w, h)).save(depth / f"{rel}.png")
+        Image.fromarray(mask_image(w, h)).save(mask / f"{rel}.png")
+    lines = [json.dumps(r) if r is not None else '{"id": "broken", "image": ' for r in RECORDS]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n\n")
+    return root
+
+
+def factory_for(tmp_path, **overrides):
+    config = small_config(tmp_path, family=overrides.pop("family", "mar"), **overrides)
+    m = config.model
+    images = PatchLatents(m.image_size, m.patch, None)   # identity: latents are the pixels
+    return SampleFactory(config, StubTokenizer(), images, (m.image_size // m.vit_patch) ** 2)
+
+
+def dataset_for(tmp_path, root, cycle=("und", "pixel", "depth", "seg"), **kwargs):
+    kwargs.setdefault("pack_tokens", 256)
+    factory = factory_for(tmp_path)
+    paths = resolve(str(root / "train.jsonl"), tasks=cycle)
+    return RecordDataset(factory, paths, cycle, **kwargs)
+
+
+def items_of(dataset, epochs=1):
+    dataset.epochs = epochs
+    return list(iter(dataset))
+
+
+def latents_image(sample: Sample) -> np.ndarray:
+    """The target image back from identity patch latents: [S, S, 3] in [-1, 1]."""
+    n, p = SIZE // 4, 4
+    x = torch.from_numpy(sample.latents).reshape(n, n, p, p, 3).permute(0, 2, 1, 3, 4)
+    return x.reshape(SIZE, SIZE, 3).numpy()
+
+
+# ------------------------------------------------------------------------ preprocessing
+def test_und_images_are_padded_grey_and_gen_images_stretched():
+    wide = Image.fromarray(two_tone(30, 20))
+    square = np.asarray(pad_to_square(wide))
+    assert square.shape == (30, 30, 3)
+    assert (square[:5] == GREY).all() and (square[-5:] == GREY).all()   # 5 grey rows each side
+    assert (square[5:15] == RED).all() and (square[15:25] == BLUE).all()
+    und = und_image(wide, SIZE)
+    assert und.shape == (SIZE, SIZE, 3) and und.dtype == np.uint8
+    assert (und[0] == GREY).all() and (und[-1] == GREY).all()
+    gen = gen_image(wide, SIZE)
+    assert gen.shape == (SIZE, SIZE, 3)
+    assert np.abs(gen[0].astype(int) - RED).max() <= 2
+    assert np.abs(gen[-1].astype(int) - BLUE).max() <= 2
+    tall = und_image(Image.fromarray(two_tone(10, 40)), SIZE)       # padded left and right
+    assert (tall[:, 0] == GREY).all() and (tall[:, -1] == GREY).all()
+
+
+def test_depth_is_min_max_normalised_to_minus_one_one_on_three_channels():
+    for raw in (Image.fromarray(depth_image(30, 20, 50, 200)),
+                Image.fromarray((np.linspace(1000, 40000, 600).reshape(20, 30)).astype(np.uint16)),
+                Image.fromarray(np.repeat(depth_image(30, 20, 10, 90)[..., None], 3, -1))):
+        out = depth_target(raw, SIZE)
+        assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.float32
+        assert out.min() == pytest.approx(-1.0) and out.max() == pytest.approx(1.0)
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+        assert (np.diff(out[0, :, 0]) > 0).all()      # the ramp survives, increasing
+    flat = depth_target(Image.fromarray(np.full((8, 8), 77, np.uint8)), SIZE)
+    assert (flat == -1.0).all()
+
+
+def test_seg_is_resized_nearest_neighbour_keeping_only_the_masks_colours():
+    raw = mask_image(37, 23)
+    out = seg_target(Image.fromarray(raw), SIZE)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    colours = {tuple(c) for c in out.reshape(-1, 3)}
+    assert colours <= set(MASK_COLOURS) and len(colours) >= 3
+
+
+def test_conversations_give_every_turn_without_the_image_token():
+    turns = conversation_turns(RECORDS[0])
+    assert [(t.question, t.answer) for t in turns] == [("What colour is the top?", "Red."),
+                                                       ("And the bottom?", "Blue.")]
+    assert conversation_turns({"conversations": [{"from": "gpt", "value": "x"}]}) == []
+
+
+def test_samples_carry_the_preprocessed_images_and_answer_only_labels(tmp_path, dataset_dir):
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    samples = {(s.source.split(":")[1], TASKS[s.task]): s for s in items if isinstance(s, Sample)}
+    und = samples[("a", "und")]
+    assert (und.cond_image[0] == GREY).all()                 # padded
+    tok = StubTokenizer()
+    answers = tok.encode("Red.") + [tok.eos_id] + tok.encode("Blue.") + [tok.eos_id]
+    assert und.label_ids.tolist() == answers                 # answers (and eos) only
+    assert (und.input_ids[und.label_rows + 1] == und.label_ids).all()
+    assert und.spans == ((16, "full"), (und.length - 16, "causal"))
+    pixel = samples[("a", "pixel")]
+    assert not (pixel.cond_image[0] == GREY).all()           # stretched, not padded
+    np.testing.assert_allclose(latents_image(pixel), image_to_unit(pixel.cond_image), atol=1e-6)
+    depth = latents_image(samples[("a", "depth")])
+    assert depth.min() == pytest.approx(-1) and depth.max() == pytest.approx(1)
+    seg = latents_image(samples[("b", "seg")])
+    allowed = {tuple(np.float32(c) / np.float32(127.5) - 1) for c in MASK_COLOURS}
+    assert {tuple(c) for c in seg.reshape(-1, 3)} <= allowed
+    for (rec, task), s in samples.items():
+        if task != "und":
+            assert s.latents.min() >= -1 and s.latents.max() <= 1, (rec, task)
+            prompt = s.input_ids[16:s.target_start].tolist()
+            assert prompt in [tok.encode(p) for p in scenes.PROMPTS[task]], (rec, task)
+
+
+# ----------------------------------------------------------------- skips, determinism
+def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, dataset_dir):
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
+    assert dict(skips) == EXPECTED_SKIPS
+    tasks = collections.Counter(TASKS[i.task] for i in items if isinstance(i, Sample))
+    assert dict(tasks) == EXPECTED_SAMPLES
+
+
+def test_a_json_list_gives_the_same_samples_as_json_lines(tmp_path, dataset_dir):
+    records = [r for r in RECORDS if r is not None] + ["not a record"]
+    (dataset_dir / "train.json").write_text(json.dumps(records, indent=1))
+    (dataset_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = items_of(dataset_for(tmp_path, dataset_dir))
+    factory = factory_for(tmp_path)
+    cycle = ("und", "pixel", "depth", "seg")
+    listed = RecordDataset(factory, resolve(str(dataset_dir / "train.json"), tasks=cycle), cycle,
+                           pack_tokens=256, epochs=1)
+    assert listed.loaded is not None and len(listed.loaded) == len(records)
+    assert [_key(i) for i in listed] == [_key(i) for i in lines]
+    skips = collections.Counter(i.reason for i in lines if isinstance(i, Skipped))
+    assert skips["bad_json"] == 1                       # the string record
+
+
+def test_long_conversations_drop_turns_then_skip(tmp_path, dataset_dir):
+    # 16 image tokens + the first turn fit in 16 + 7 tokens; both turns do not
+    items = items_of(dataset_for(tmp_path, dataset_dir, cycle=("und",), pack_tokens=16 + 7))
+    und = {i.source.split(":")[1]: i for i in items if isinstance(i, Sample)}
+    assert und["a"].label_ids.tolist() == StubTokenizer().encode("Red.") + [1]
+    too_long = items_of(dataset_for(tmp_path, dataset_dir, cycle=("und",), pack_tokens=17))
+    reasons = collections.Counter(i.reason for i in too_long if isinstance(i, Skipped))
+    assert reasons["too_long"] == 3
+
+
+def _key(item):
+    if isinstance(item, Skipped):
+        return ("skip", item.reason, item.source)
+    return (item.source, item.task, item.input_ids.tobytes(), item.latents.tobytes()
+            if item.latents is not None else b"", item.scored.tobytes() if item.scored is not None
+            else b"", item.eps.tobytes() if item.eps is not None else b"")
+
+
+def test_samples_are_a_function_of_the_seed(tmp_path, dataset_dir):
+    a = [_key(i) for i in items_of(dataset_for(tmp_path, dataset_dir, seed=1))]
+    b = [_key(i) for i in items_of(dataset_for(tmp_path, dataset_dir, seed=1))]
+    c = [_key(i) for i in items_of(dataset_for(tmp_path, dataset_dir, seed=2))]
+    assert a == b and a != c
+    two = [_key(i) for i in items_of(dataset_for(tmp_path, dataset_dir, seed=1), epochs=2)]
+    assert two[:len(a)] == a and two[len(a):] != a     # epoch 2: fresh masks and noise
+    assert [k[:2] for k in two[len(a):]] == [k[:2] for k in a]
+
+
+def test_ranks_and_workers_see_disjoint_records_that_cover_the_file(tmp_path, dataset_dir):
+    seen = {}
+    for rank in range(2):
+        dataset = dataset_for(tmp_path, dataset_dir, rank=rank, world_size=2, epochs=1)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                             collate_fn=lambda x: x)
+        items = list(loader)
+        keys = [(i.source, i.reason if isinstance(i, Skipped) else i.task) for i in items]
+        assert len(keys) == len(set(keys)), f"rank {rank}: a record was read twice: {keys}"
+        seen[rank] = {int(i.source.split(":")[0].replace("record ", "")) for i in items}
+    assert not seen[0] & seen[1], seen
+    assert seen[0] | seen[1] == set(range(len(RECORDS))), seen
+    # 4 shards: record i goes to shard i % 4 = rank * 2 + worker
+    assert seen[0] == {i for i in range(len(RECORDS)) if i % 4 < 2}
+
+
+# ------------------------------------------------------------------ configuration, CLI
+def _tiny_llm(tmp_path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    words = sorted({w.lower() for r in RECORDS if r for m in r.get("conversations", [])
+                    for w in m["value"].split()} | {w for p in scenes.PROMPTS.values()
+                                                     for t in p for w in t.split()})
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    path = tmp_path / "llm"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_default_folders_follow_the_release_layout(dataset_dir):
+    paths = resolve(str(dataset_dir), tasks=TASKS)       # the folder holding the .jsonl
+    assert paths.records == str(dataset_dir / "train.jsonl")
+    assert Path(paths.images) == dataset_dir / "tuning_data"
+    assert Path(paths.depth) == dataset_dir / "tuning_data_depth"
+    assert Path(paths.mask) == dataset_dir / "tuning_data_mask"
+
+
+@pytest.mark.parametrize("breakage, args, flag, words", [
+    ("images", [], "--images", "tuning_data"),
+    ("depth", [], "--depth-dir", "trainer.prepare"),
+    ("mask", [], "--mask-dir", "trainer.prepare"),
+    (None, ["--images", "/no/such/images"], "--images", "no such folder"),
+    (None, ["--depth-dir", "/no/such/depth"], "--depth-dir", "/no/such/depth"),
+    ("json", [], "--data", "no such file"),
+], ids=["images", "depth", "mask", "images-flag", "depth-flag", "data"])
+def test_missing_folders_exit_2_naming_the_flag(tmp_path, dataset_dir, capsys, breakage, args,
+                                                flag, words):
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    moved = {"images": "tuning_data", "depth": "tuning_data_depth", "mask": "tuning_data_mask"}
+    if breakage in moved:
+        (dataset_dir / moved[breakage]).rename(dataset_dir / f"gone_{breakage}")
+    data = dataset_dir / ("nothing.jsonl" if breakage == "json" else "train.jsonl")
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(data), "--llm", str(llm), "--out", str(tmp_path / "runs"), *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and words in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_depth_folder_is_not_needed_without_the_depth_task(tmp_path, dataset_dir):
+    (dataset_dir / "tuning_data_depth").rename(dataset_dir / "elsewhere")
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    config = small_config(tmp_path, data=str(dataset_dir), llm=str(llm), tasks="und,seg")
+    assert config.data.data == str(dataset_dir)
+    with pytest.raises(ConfigError, match="--depth-dir"):
+        small_config(tmp_path, data=str(dataset_dir), llm=str(llm))
+
+
+def test_real_data_needs_a_real_tokenizer(tmp_path, dataset_dir):
+    with pytest.raises(ConfigError, match="--llm"):
+        small_config(tmp_path, data=str(dataset_dir))
+
+
+@pytest.mark.parametrize("family, schedule, workers, evals", [
+    ("mar", "interleaved", 2, 0), ("flow", "round-robin", 0, 0), ("ar", "interleaved", 0, 1)])
+def test_training_on_real_data_gives_finite_losses(tmp_path, dataset_dir, family, schedule,
+                                                   workers, evals):
+    llm = _tiny_llm(tmp_path)
+    config = small_config(tmp_path, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
+                          family=family, num_workers=workers, schedule=schedule, steps=3,
+                          eval_questions=2 * evals, eval_scenes=evals, pack_tokens=256)
+    rows = train_rows(train(config))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for task in TASKS:
+        values = [r[f"loss/{task}"] for r in rows if r.get(f"loss/{task}") is not None]
+        assert values and all(math.isfinite(v) for v in values), (task, rows)
+    last = rows[-1]
+    assert last["skipped/bad_image"] >= 1 and last["skipped/bad_json"] >= 1, last
+    assert set(k for k in last if k.startswith("skipped/")) <= \
+        {f"skipped/{r}" for r in EXPECTED_SKIPS} | {"skipped/surplus"}
+
+
+def test_a_data_set_without_one_usable_record_stops_naming_data(tmp_path, dataset_dir):
+    bad = [r for r in RECORDS if r is not None and r["id"] in ("corrupt", "missing", "text-only")]
+    (dataset_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    llm = _tiny_llm(tmp_path)
+    config = small_config(tmp_path, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
+                          num_workers=2, steps=1, eval_questions=0, eval_scenes=0)
+    with pytest.raises(ConfigError, match="--data.*no usable sample") as info:
+        train(config)
+    assert "bad_image" in str(info.value) and "no_image" in str(info.value)

@@ -1,0 +1,277 @@
+"""Resumable checkpoints: <run>/checkpoints/step-NNNNNNNN/, written atomically.
+
+One checkpoint is a directory holding
+
+    .metadata, __*.distcp   model (trainable weights) and AdamW state, written by
+                            torch.distributed.checkpoint (DCP: sharded-safe; on one process
+                            it needs no process group)
+    state.pt                the rest: step, LR scheduler, RNG states (torch CPU, CUDA when
+                            present, numpy, python), the data position and the config
+    COMPLETE                written last: a directory without it is ignored
+
+It is written into a hidden temporary directory next to its final place, every file
+fsync'd, COMPLETE written, then renamed into place (rename is atomic), so a run killed
+or out of disk during a save leaves the previous checkpoint whole and resumable. The last
+--keep-checkpoints are kept.
+
+The data position is the number of optimizer steps taken: the packs are a pure function
+of the config and the sample index (trainer/data.py), so resuming rebuilds TrainData and
+replays `step` calls of TrainData.step() (host work only: scenes and packing, no model).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from trainer.config import Config, ConfigError
+
+DIRNAME, COMPLETE, STATE = "checkpoints", "COMPLETE", "state.pt"
+PREFIX = "step-"
+
+# Fields that may differ between the checkpoint's run and the resumed one: how and where
+# the run executes, what it logs, evaluation sizes, and optim.steps (the schedule is rebuilt
+# for the new length from the restored step on; the new length must exceed that step).
+MAY_DIFFER = {
+    "preset",                     # only a starting point: the fields themselves are compared
+    "model.gradient_checkpointing",
+    "data.eval_questions", "data.eval_scenes",
+    "optim.steps",
+}
+MAY_DIFFER_SECTIONS = {"run"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the previous one is intact) or read."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / DIRNAME / f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """Complete checkpoints of a run, oldest first (partial / temporary ones ignored)."""
+    root = Path(run_dir) / DIRNAME
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(run_dir: Path) -> Optional[Path]:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve(resume: str, resume_dir: Optional[str]) -> Path:
+    """The checkpoint directory named by --resume PATH|auto (and --resume-dir)."""
+    if resume == "auto":
+        if not resume_dir:
+            raise ConfigError("--resume", "auto needs --resume-dir RUN_DIR (the run directory "
+                                          "whose latest complete checkpoint to continue)")
+        found = latest(Path(resume_dir))
+        if found is None:
+            raise ConfigError("--resume", f"no complete checkpoint in {resume_dir!r} "
+                                          f"(looked in {Path(resume_dir) / DIRNAME})")
+        return found
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    if path.is_dir() and latest(path) is not None:   # a run directory: its latest
+        return latest(path)
+    if not path.exists():
+        raise ConfigError("--resume", f"no such checkpoint {resume!r}")
+    raise ConfigError("--resume", f"{resume!r} is neither a complete checkpoint (a "
+                                  f"{DIRNAME}/{PREFIX}N directory with a {COMPLETE} marker) "
+                                  f"nor a run directory holding one")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    return Path(checkpoint).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------- config
+def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_differences(saved: Dict[str, Any], config: Config) -> List[str]:
+    """'section.field (checkpoint X, now Y)' for every field that must match but differs."""
+    old, new = _flat(saved), _flat(config.to_dict())
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in MAY_DIFFER or key.split(".")[0] in MAY_DIFFER_SECTIONS:
+            continue
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} (checkpoint {old.get(key)!r}, now {new.get(key)!r})")
+    return diffs
+
+
+def check_compatible(saved: Dict[str, Any], config: Config, step: int, path: Path) -> None:
+    diffs = config_differences(saved, config)
+    if diffs:
+        raise ConfigError("--resume", f"the checkpoint {path} was trained with a different "
+                                      f"configuration; these settings must match: "
+                                      f"{'; '.join(diffs)}")
+    if config.optim.steps <= step:
+        raise ConfigError("--steps", f"the checkpoint {path} is at step {step}; resuming "
+                                     f"needs --steps > {step}, got {config.optim.steps}")
+
+
+def read_state(path: Path) -> Dict[str, Any]:
+    return torch.load(Path(path) / STATE, weights_only=False, map_location="cpu")
+
+
+# ---------------------------------------------------------------------------- save/load
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(path: Path, model, optimizer) -> None:
+    """Model + optimizer state via DCP (a separate function so tests can break it)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = _dcp_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+
+
+def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Config,
+         keep: int = 2, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Writes checkpoint `step` atomically and prunes to the last `keep`. On failure the
+    temporary directory is removed and CheckpointError names the intact previous one."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_tensors(tmp, model, optimizer)
+        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 "data": {"steps": step}, "config": config.to_dict(), **(extra or {})}
+        torch.save(state, tmp / STATE)
+        _fsync_tree(tmp)
+        with open(tmp / COMPLETE, "w") as fh:   # last: marks the directory whole
+            fh.write(f"{step}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():                      # the same step saved again
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            previous = latest(run_dir)
+            kept = (f"the previous checkpoint {previous} is intact" if previous
+                    else "no earlier checkpoint exists")
+            raise CheckpointError(f"could not write the checkpoint of step {step} in "
+                                  f"{final.parent}: {exc}; {kept}") from exc
+        raise
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keeps the newest `keep` complete checkpoints; removes older ones and stale temps."""
+    found = complete_checkpoints(run_dir)
+    for old in found[:max(0, len(found) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / DIRNAME
+    for p in root.iterdir() if root.is_dir() else ():
+        if p.name.startswith(f".{PREFIX}") and ".tmp-" in p.name:   # left by a killed save
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: Path, *, model, optimizer, scheduler) -> Dict[str, Any]:
+    """Restores model, optimizer and scheduler in place; returns state.pt (step, rng,
+    data position, config). Call set_rng_state(state['rng']) right before the next step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    state = read_state(path)
+    model_state, optim_state = _dcp_state(model, optimizer)
+    # AdamW has no state for a parameter that has not had a gradient yet (e.g. the LM head
+    # before the first und sample); get_state_dict makes state for every one, so ask only
+    # for what was saved: the others stay stateless, exactly as in the uninterrupted run.
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    optim_state["state"] = {fqn: value for fqn, value in optim_state["state"].items()
+                            if any(k.startswith(f"optim.state.{fqn}.") for k in saved)}
+    target = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(target, checkpoint_id=str(path))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    set_state_dict(model, optimizer, model_state_dict=target["model"],
+                   optim_state_dict=target["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def describe(path: Path) -> str:
+    return f"{path} (step {int(Path(path).name[len(PREFIX):])})"
+

@@ -1,0 +1,357 @@
+"""Real data: LLaVA-format records + an image folder + depth / segmentation target folders
+(the UniMRG release's layout, trainer/datapaths.py), turned into the same Samples the
+synthetic scenes give, so packing (trainer/data.py) is reused unchanged.
+
+    {"id": "000001", "image": "coco/0001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+Preprocessing (DESIGN.md 6):
+
+    und      image padded to a square with grey (127, 127, 127), resized to S x S; text:
+             every human -> gpt turn, "<image>" removed; the loss covers the answers only
+    pixel    image stretched to S x S; target = the same image
+    depth    image stretched; target: grey depth stretched (bilinear), min-max to [0, 1]
+             per image, then to [-1, 1], repeated to 3 channels
+    seg      image stretched; target: the mask stretched nearest-neighbour (no new colours)
+    prompts  trainer.scenes.PROMPTS (a paraphrase drawn per sample)
+
+Streaming: RecordDataset is a torch IterableDataset over the records. A JSON Lines file is
+read line by line (each worker parses only its own lines); a JSON list is loaded once.
+Record i belongs to shard (rank * workers + worker) when i % (world * workers) equals it,
+so ranks and workers see disjoint records that together cover the file. Everything random
+about a sample is drawn from a generator seeded by (seed, epoch, record, task, k), so a
+run replays exactly. A record that cannot be used is skipped and counted, never fatal:
+
+    bad_json         a JSON Lines line that does not parse, or a record that is not an object
+    no_image         a record without an "image" (text-only records: the model needs one)
+    missing_image    the image file does not exist
+    bad_image        the image does not decode
+    no_conversation  no human -> gpt turn (only the und sample is skipped)
+    too_long         the und sample does not fit in --pack-tokens even with one turn
+    missing_depth / missing_mask   no target for the image (only that task's sample)
+    bad_depth / bad_mask           the target does not decode (only that task's sample)
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from trainer import scenes
+from trainer.config import TASKS, Config, ConfigError
+from trainer.data import TASK_ID, Sample, SampleFactory
+from trainer.datapaths import DataPaths, resolve
+
+GREY = (127, 127, 127)
+IMAGE_TOKEN = "<image>"
+_REAL_SALT = 0x4EA1
+SKIP_REASONS = ("bad_json", "no_image", "missing_image", "bad_image", "no_conversation",
+                "too_long", "missing_depth", "missing_mask", "bad_depth", "bad_mask")
+
+
+# ------------------------------------------------------------------------ preprocessing
+def _pil(image):
+    from PIL import Image
+
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def pad_to_square(image, fill=GREY):
+    """PIL image -> the smallest square holding it, centred, the rest filled with `fill`."""
+    from PIL import Image
+
+    image = _pil(image).convert("RGB")
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def und_image(image, size: int) -> np.ndarray:
+    """Understanding input: grey-padded to square, resized: uint8 [S, S, 3]."""
+    from PIL import Image
+
+    return np.array(pad_to_square(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def gen_image(image, size: int) -> np.ndarray:
+    """Generation input (and pixel target): stretched to S x S: uint8 [S, S, 3]."""
+    from PIL import Image
+
+    return np.array(_pil(image).convert("RGB").resize((size, size), Image.BICUBIC),
+                      dtype=np.uint8)
+
+
+def depth_target(depth, size: int) -> np.ndarray:
+    """A depth map (grey PNG, 8 or 16 bit, or RGB read as grey) -> float32 [S, S, 3] in
+    [-1, 1]: stretched (bilinear), per-image min-max to [0, 1], to [-1, 1], 3 channels.
+    A constant map gives -1 everywhere."""
+    from PIL import Image
+
+    depth = _pil(depth)
+    if depth.mode in ("RGB", "RGBA", "P", "LA"):
+        depth = depth.convert("L")
+    values = np.asarray(depth.convert("F").resize((size, size), Image.BILINEAR),
+                        dtype=np.float64)
+    low, high = values.min(), values.max()
+    unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    out = (unit * 2.0 - 1.0).astype(np.float32)
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+def seg_target(mask, size: int) -> np.ndarray:
+    """A segmentation target -> uint8 [S, S, 3], stretched nearest-neighbour (so only the
+    mask's own colours appear)."""
+    from PIL import Image
+
+    return np.array(_pil(mask).convert("RGB").resize((size, size), Image.NEAREST),
+                      dtype=np.uint8)
+
+
+def load_image(path: str):
+    """Decodes the whole file now (a truncated or corrupt one fails here)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def conversation_turns(record: dict) -> List[scenes.QA]:
+    """Every human -> gpt pair of a LLaVA record, "<image>" removed from the questions."""
+    turns, question = [], None
+    for message in record.get("conversations") or ():
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            continue
+        who = message.get("from")
+        if who == "human":
+            question = message["value"].replace(IMAGE_TOKEN, "").strip()
+        elif who == "gpt" and question is not None:
+            answer = message["value"].strip()
+            if answer:
+                turns.append(scenes.QA(question, answer, "real"))
+            question = None
+    return turns
+
+
+# ------------------------------------------------------------------------------ records
+def read_records(path: str) -> Optional[list]:
+    """A JSON list, loaded once; None for JSON Lines (streamed by iter_records)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if path.lower().endswith(".jsonl") or not head.startswith(b"["):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        records = json.load(fh)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: a JSON data set must be a list of records")
+    return records
+
+
+def iter_records(path: str, loaded: Optional[list], keep) -> Iterator[Tuple[int, object]]:
+    """(index, record or None for a line that does not parse) for the indices `keep`
+    accepts; JSON Lines lines are parsed only when kept (blank lines are not records)."""
+    if loaded is not None:
+        for i, record in enumerate(loaded):
+            if keep(i):
+                yield i, record
+        return
+    index = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            if keep(index):
+                try:
+                    yield index, json.loads(line)
+                except ValueError:
+                    yield index, None
+            index += 1
+
+
+# ------------------------------------------------------------------------------ dataset
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A record or a task's sample that was left out, and why (see SKIP_REASONS)."""
+
+    reason: str
+    source: str
+
+
+class RecordDataset(torch.utils.data.IterableDataset):
+    """Samples (and Skipped markers) of this rank's shard of the records, split further
+    among DataLoader workers; each record gives, in the order of `cycle`, one sample per
+    task occurrence (sgt's seg, seg, und: two seg samples with their own prompt, masks and
+    noise). epochs=None: endless, in file order every epoch."""
+
+    def __init__(self, factory: SampleFactory, paths: DataPaths, cycle: Sequence[str], *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, pack_tokens: int,
+                 epochs: Optional[int] = None):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.factory, self.paths, self.cycle = factory, paths, tuple(cycle)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pack_tokens, self.epochs = pack_tokens, epochs
+        self.loaded = read_records(paths.records)
+        self.size = factory.image_size
+
+    def __iter__(self) -> Iterator[object]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        shards, shard = self.world_size * workers, self.rank * workers + worker
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            produced = 0
+            for index, record in iter_records(self.paths.records, self.loaded,
+                                              lambda i: i % shards == shard):
+                for item in self.record_samples(index, record, epoch):
+                    produced += isinstance(item, Sample)
+                    yield item
+            if not produced:
+                return   # an empty or all-bad shard: another epoch would give nothing either
+            epoch += 1
+
+    def record_samples(self, index: int, record, epoch: int = 0) -> Iterator[object]:
+        if not isinstance(record, dict):
+            yield Skipped("bad_json", f"record {index}")
+            return
+        source = f"{index}:{record.get('id', '')}"
+        rel = record.get("image")
+        if not isinstance(rel, str) or not rel:
+            yield Skipped("no_image", source)
+            return
+        path = os.path.join(self.paths.images, rel)
+        if not os.path.isfile(path):
+            yield Skipped("missing_image", source)
+            return
+        try:
+            image = load_image(path)
+        except Exception:  # noqa: BLE001 - any undecodable file is skipped, not fatal
+            yield Skipped("bad_image", source)
+            return
+        stretched = None
+        targets: Dict[str, object] = {}
+        for k, task in enumerate(self.cycle):
+            rng = np.random.default_rng((_REAL_SALT, self.seed, epoch, index, TASK_ID[task], k))
+            if task == "und":
+                sample = self._und(image, record, source)
+            else:
+                if task not in targets:
+                    targets[task] = self._target(task, image, rel, source)
+                target = targets[task]
+                if isinstance(target, Skipped):
+                    yield target
+                    continue
+                if stretched is None:
+                    stretched = gen_image(image, self.size)
+                sample = self.factory.gen_from(task, stretched, target, rng)
+            if isinstance(sample, Sample):
+                sample.source = source
+            yield sample
+
+    def _und(self, image, record: dict, source: str):
+        turns = conversation_turns(record)
+        if not turns:
+            return Skipped("no_conversation", source)
+        cond = und_image(image, self.size)
+        for count in range(len(turns), 0, -1):   # drop trailing turns until it fits
+            sample = self.factory.und_from(cond, turns[:count])
+            if sample.length <= self.pack_tokens:
+                return sample
+        return Skipped("too_long", source)
+
+    def _target(self, task: str, image, rel: str, source: str):
+        if task == "pixel":
+            return gen_image(image, self.size)
+        root, name = (self.paths.depth, "depth") if task == "depth" else (self.paths.mask, "mask")
+        path = os.path.join(root, os.path.splitext(rel)[0] + ".png")
+        if not os.path.isfile(path):
+            return Skipped(f"missing_{name}", source)
+        try:
+            raw = load_image(path)
+        except Exception:  # noqa: BLE001
+            return Skipped(f"bad_{name}", source)
+        return depth_target(raw, self.size) if task == "depth" else seg_target(raw, self.size)
+
+
+def _identity(item):
+    return item
+
+
+def distributed_rank() -> Tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else the launcher's env."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class RealSource:
+    """The trainer's view of the real data: next_sample(task) for PackStream, skip counts.
+
+    Interleaved: samples are taken in arrival order (each record gives its tasks in the
+    cycle's order). Round-robin: per-task queues, each stream taking its own task."""
+
+    MAX_QUEUED = 1024        # per task; the oldest is dropped (counted) past this
+    MAX_PULLS = 100_000      # samples without the wanted task before giving up on it
+
+    def __init__(self, config: Config, factory: SampleFactory, *, epochs: Optional[int] = None):
+        d = config.data
+        paths = resolve(d.data, d.images, d.depth_dir, d.mask_dir, d.active_tasks)
+        rank, world = distributed_rank()
+        self.dataset = RecordDataset(factory, paths, d.task_cycle, seed=d.seed, rank=rank,
+                                     world_size=world, pack_tokens=d.pack_tokens, epochs=epochs)
+        if d.num_workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
+            prefetch_factor=4 if d.num_workers else None)
+        self.in_order = d.schedule == "interleaved"
+        self.skipped: Dict[str, int] = collections.Counter()
+        self.queues: Dict[int, collections.deque] = {
+            i: collections.deque() for i in range(len(TASKS))}
+        self._it: Optional[Iterator] = None
+
+    def _pull(self) -> Sample:
+        if self._it is None:
+            self._it = iter(self.loader)
+        while True:
+            try:
+                item = next(self._it)
+            except StopIteration:   # every shard ended: a whole epoch gave no sample
+                raise ConfigError("--data", f"{self.dataset.paths.records!r} gave no usable "
+                                            f"sample (skipped: {dict(self.skipped)}); check "
+                                            f"--images and the records") from None
+            if isinstance(item, Skipped):
+                self.skipped[item.reason] += 1
+                continue
+            return item
+
+    def next_sample(self, task: str) -> Sample:
+        if self.in_order:
+            return self._pull()
+        queue = self.queues[TASK_ID[task]]
+        pulls = 0
+        while not queue:
+            sample = self._pull()
+            other = self.queues[sample.task]
+            other.append(sample)
+            if len(other) > self.MAX_QUEUED:
+                other.popleft()
+                self.skipped["surplus"] += 1
+            pulls += 1
+            if pulls > self.MAX_PULLS and not queue:
+                flag = {"depth": "--depth-dir", "seg": "--mask-dir"}.get(task, "--data")
+                raise ConfigError(flag, f"no {task} sample in the last {pulls} samples of "
+                                        f"{self.dataset.paths.records!r}: are its targets "
+                                        f"missing? (skipped: {dict(self.skipped)})")
+        return queue.popleft()
