@@ -58,8 +58,8 @@ from trainer import report
 from trainer.config import TASKS, Config, ConfigError
 from trainer.data import UND, Pack, SampleFactory, TrainData
 from trainer.evaluate import evaluate, held_out
-from trainer.loop import (LossTracker, autocast_for, build_optimizer, kernel_impl,
-                          resolve_device, _postfix, _progress)
+from trainer.loop import (LossTracker, build_optimizer, build_run, resolve_device, _postfix,
+                          _progress)
 from trainer.model import build_model
 from unimrg_fast.packing import StreamingPacker
 from unimrg_fast.specs import total_from_sums
@@ -265,15 +265,7 @@ def train(config: Config) -> Optional[Path]:
 def _train(config: Config, ctx: Context) -> Optional[Path]:
     wall = time.perf_counter()
     device = ctx.device
-    if device.type == "cpu" and config.run.cpu_threads:
-        torch.set_num_threads(config.run.cpu_threads)
-    impl, autocast = kernel_impl(config, device), autocast_for(config, device)
-    umm, text, images, cond_tokens = build_model(config)
-    if config.data.pack_tokens < config.longest_sample_tokens(cond_tokens):
-        raise ConfigError("--pack-tokens", f"the ViT gives {cond_tokens} tokens per image, so "
-                                           f"use --pack-tokens >= {config.longest_sample_tokens(cond_tokens)}")
-    umm.to(device).train()
-    factory = SampleFactory(config, text, images, cond_tokens)
+    umm, text, images, factory, impl, autocast = build_run(config, device)
     data, held = ShardedData(config, factory, text.pad_id, ctx), held_out(config, factory, text.pad_id)
     run_dir = metrics = before = None
     if ctx.main:   # the weights are still the same everywhere: rank 0 evaluates alone

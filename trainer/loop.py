@@ -117,6 +117,21 @@ class LossTracker:
         return row
 
 
+def build_run(config: Config, device: torch.device):
+    """What every training entry point (this loop, trainer.distributed) builds first:
+    (model on `device` in train mode, text tokenizer, image tokenizer, sample factory,
+    kernel impl, autocast factory)."""
+    if device.type == "cpu" and config.run.cpu_threads:
+        torch.set_num_threads(config.run.cpu_threads)
+    impl, autocast = kernel_impl(config, device), autocast_for(config, device)
+    model, text, images, cond_tokens = build_model(config)
+    if config.data.pack_tokens < config.longest_sample_tokens(cond_tokens):
+        raise ConfigError("--pack-tokens", f"the ViT gives {cond_tokens} tokens per image, so "
+                                           f"use --pack-tokens >= {config.longest_sample_tokens(cond_tokens)}")
+    model.to(device).train()
+    return model, text, images, SampleFactory(config, text, images, cond_tokens), impl, autocast
+
+
 def train(config: Config) -> Path:
     """Post-trains the configured UMM; returns the run directory (metrics, PNG, summary,
     checkpoints). Raises NonFiniteLoss (outputs so far kept) if a loss turns non-finite,
@@ -132,15 +147,7 @@ def train(config: Config) -> Path:
         saved = ckpt.read_state(resume_from)
         ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
     device = resolve_device(config)
-    if device.type == "cpu" and config.run.cpu_threads:
-        torch.set_num_threads(config.run.cpu_threads)
-    impl, autocast = kernel_impl(config, device), autocast_for(config, device)
-    model, text, images, cond_tokens = build_model(config)
-    if config.data.pack_tokens < config.longest_sample_tokens(cond_tokens):
-        raise ConfigError("--pack-tokens", f"the ViT gives {cond_tokens} tokens per image, so "
-                                           f"use --pack-tokens >= {config.longest_sample_tokens(cond_tokens)}")
-    model.to(device).train()
-    factory = SampleFactory(config, text, images, cond_tokens)
+    model, text, images, factory, impl, autocast = build_run(config, device)
     data, held = TrainData(config, factory, text.pad_id), held_out(config, factory, text.pad_id)
     optimizer, schedule = build_optimizer(model, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
