@@ -14,13 +14,13 @@ import os
 import sys
 import typing
 
-from trainer.config import (DEVICES, FAMILIES, PRECISIONS, PRESETS, RECIPES, SCHEDULES,
+from trainer.config import (DEVICES, FAMILIES, PARALLEL, PRECISIONS, PRESETS, RECIPES, SCHEDULES,
                             SECTIONS, SEG_STYLES, TASKS, ConfigError, build_config, field_docs,
                             flag_of, load_file)
 
 # Shown in --help; the values are checked by the config (so a YAML file gets the same message).
 METAVARS = {"family": FAMILIES, "recipe": RECIPES, "schedule": SCHEDULES, "seg_style": SEG_STYLES,
-            "device": DEVICES, "precision": PRECISIONS}
+            "device": DEVICES, "precision": PRECISIONS, "parallel": PARALLEL}
 
 DESCRIPTION = """\
 UniMRG / SGT post-training of a unified multimodal model (UMM): a Qwen2 decoder with a
