@@ -164,3 +164,21 @@ def test_latent_mse_target(seed):
     assert out.noisy is x0 and out.target is x0 and out.timestep is None
     with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
         latent_mse_target([1.0, 2.0])
+
+
+def test_ddpm_reuses_one_schedule_table_per_device():
+    """The trainer calls ddpm_eps_target every step: the table must stay on the device
+    (a fresh host-to-GPU copy per step would stall it), and callers of the public
+    cosine_alphas_cumprod get their own copy that cannot corrupt it."""
+    from unimrg_fast import targets
+
+    first = targets._schedule_on(1000, torch.device("cpu"))
+    assert targets._schedule_on(1000, torch.device("cpu")) is first
+    public = targets.cosine_alphas_cumprod(1000)
+    public.zero_()
+    assert torch.equal(targets._schedule_on(1000, torch.device("cpu")),
+                       targets.cosine_alphas_cumprod(1000))
+    x0 = torch.randn(3, 4)
+    out = targets.ddpm_eps_target(x0, timesteps=500)
+    a = first[500].float()
+    assert torch.allclose(out.noisy, a.sqrt() * x0 + (1 - a).sqrt() * out.target, atol=1e-6)

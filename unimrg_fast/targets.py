@@ -67,6 +67,19 @@ def cosine_alphas_cumprod(num_steps: int = DDPM_STEPS, *, max_beta: float = 0.99
     return _cosine_alphas_cumprod_cpu(num_steps, float(max_beta)).to(device, copy=True)
 
 
+_schedules_on_device: dict = {}
+
+
+def _schedule_on(num_steps: int, device: torch.device) -> torch.Tensor:
+    """The cosine table, kept on `device` after its first use: a pageable host-to-GPU copy
+    on every training step would make the step wait for the GPU. Read-only by convention
+    (private; cosine_alphas_cumprod hands callers their own copy)."""
+    key = (num_steps, device)
+    if key not in _schedules_on_device:
+        _schedules_on_device[key] = cosine_alphas_cumprod(num_steps, device=device)
+    return _schedules_on_device[key]
+
+
 # ------------------------------------------------------------------------- helpers
 def _check_x0(x0: torch.Tensor) -> None:
     check_tensor(x0, "x0", dtypes=FLOAT_DTYPES + (torch.float64,))
@@ -129,7 +142,7 @@ def ddpm_eps_target(x0: torch.Tensor, *, eps: Optional[torch.Tensor] = None,
         as OpenAI's _extract_into_tensor does.
     """
     _check_x0(x0)
-    a_bar = cosine_alphas_cumprod(num_steps, device=x0.device)
+    a_bar = _schedule_on(num_steps, x0.device)
     batch = x0.shape[0]
     if timesteps is None:
         t = torch.randint(0, num_steps, (batch,), generator=generator, device=x0.device)
