@@ -234,6 +234,19 @@ def test_tiles_are_block_sparse_and_only_they_are_visited(seed, monkeypatch):
     assert_rel(lse, want[1], 1e-5, "lse")
 
 
+def assert_op_matches_fp64(q, k, v, out, lse, layout, scale):
+    """out, lse of a direct custom-op call and the gradients of a random upstream
+    gradient, against the float64 oracle (fp32 inputs: 1e-5)."""
+    g = torch.randn_like(out)
+    out.backward(g)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want, want_lse = attention64(q64, k64, v64, layout, scale)
+    want.backward(g.double())
+    for name, a, b in (("out", out, want), ("lse", lse, want_lse), ("dq", q.grad, q64.grad),
+                       ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_rel(a, b, 1e-5, name)
+
+
 def test_full_tiles_never_read_the_token_ids(seed):
     """One full-mode sample of 64 tokens: every tile is full. Token ids that would make
     every pair invisible must not change anything: full tiles skip the mask."""
@@ -248,14 +261,7 @@ def test_full_tiles_never_read_the_token_ids(seed):
         q, k, v, distinct, distinct, layout.span_modes, fwd.q_tile_ptr, fwd.k_tile_idx,
         fwd.k_tile_full, kv.k_tile_ptr, kv.q_tile_idx, kv.q_tile_full, 0.25,
         cfg.fwd_block_m, cfg.fwd_block_n, cfg.kv_block_m, cfg.kv_block_n)
-    g = torch.randn_like(out)
-    out.backward(g)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want, want_lse = attention64(q64, k64, v64, layout, 0.25)
-    want.backward(g.double())
-    for name, a, b in (("out", out, want), ("lse", lse, want_lse), ("dq", q.grad, q64.grad),
-                       ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        assert_rel(a, b, 1e-5, name)
+    assert_op_matches_fp64(q, k, v, out, lse, layout, 0.25)
 
 
 def test_partial_path_alone_is_exact(seed):
@@ -271,14 +277,7 @@ def test_partial_path_alone_is_exact(seed):
         fwd.k_tile_idx, torch.zeros_like(fwd.k_tile_full), kv.k_tile_ptr, kv.q_tile_idx,
         torch.zeros_like(kv.q_tile_full), 0.25, cfg.fwd_block_m, cfg.fwd_block_n,
         cfg.kv_block_m, cfg.kv_block_n)
-    g = torch.randn_like(out)
-    out.backward(g)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want, want_lse = attention64(q64, k64, v64, layout, 0.25)
-    want.backward(g.double())
-    for name, a, b in (("out", out, want), ("lse", lse, want_lse), ("dq", q.grad, q64.grad),
-                       ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        assert_rel(a, b, 1e-5, name)
+    assert_op_matches_fp64(q, k, v, out, lse, layout, 0.25)
 
 
 def test_backward_is_deterministic(seed):
