@@ -78,7 +78,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_dir = next(tmp_path.iterdir())
     left = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert left == [".step-00000004.tmp-" + left[0].rsplit("-", 1)[1], "step-00000002"], left
+    assert left == [".step-00000004.tmp", "step-00000002"], left
     found = ckpt.resolve("auto", str(run_dir))
     assert found.name == "step-00000002"
     resumed = train(small_config(tmp_path, steps=6, checkpoint_every=2, family="ar",
@@ -178,3 +178,23 @@ def test_auto_with_no_complete_checkpoint_exits_2(tmp_path, capsys):
               "--out", str(tmp_path / "never")])
     assert info.value.code == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_failure_inside_dcp_is_a_checkpoint_error(tmp_path, monkeypatch, capsys):
+    """DCP wraps a writer's failure in its CheckpointException (a BaseException): the run
+    still stops with the checkpoint error and the previous checkpoint intact."""
+    from torch.distributed.checkpoint import filesystem
+
+    real = filesystem._FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        if ".step-00000004" in str(self.path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(filesystem._FileSystemWriter, "write_data", write_data)
+    code = main(_flags(tmp_path) + ["--steps", "6", "--checkpoint-every", "2", "--family", "ar"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "rank 0: [Errno 28] No space left on device" in err and "step-00000002" in err, err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]

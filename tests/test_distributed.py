@@ -4,7 +4,9 @@ and final trainable weights close. The runs are real `torchrun -m trainer` launc
 small config of tests/trainer_helpers.py (3 steps); each is killed, with its workers, if it
 outlives its timeout."""
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,19 +141,156 @@ def test_world_size_picks_ddp_by_default(tmp_path, monkeypatch):
     assert distributed.mode(small_config(tmp_path, parallel="fsdp")) == "fsdp"
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(recipe="sft", family="ar")],
-                         ids=["unimrg-mar", "sft-ar"])
-def test_one_process_parallel_path_equals_the_plain_loop_with_one_pack(tmp_path, monkeypatch,
-                                                                       overrides):
-    """With one pack per step the global-count normalisation is the plain loop's; heads no
-    pack used get no gradient (AdamW leaves them alone) in both."""
+@pytest.mark.parametrize("overrides", [dict(), dict(recipe="sft", family="ar", packs_per_step=2)],
+                         ids=["unimrg-mar", "sft-ar-2-packs"])
+def test_one_process_is_the_same_run_with_or_without_parallel(tmp_path, monkeypatch, overrides):
+    """--parallel ddp on one process wraps the model in nothing: the same run as a plain
+    one, bit for bit (heads no pack used get no gradient, AdamW leaves them alone)."""
     from trainer.loop import train
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     common = dict(steps=STEPS, eval_questions=1, tensorboard=False, **overrides)
     plain = train(small_config(tmp_path, name="plain", **common))
-    parallel = distributed.train(small_config(tmp_path, name="par", parallel="ddp", **common))
+    parallel = train(small_config(tmp_path, name="par", parallel="ddp", **common))
     (losses, weights), (ref_losses, ref_weights) = _result(parallel), _result(plain)
     assert losses == ref_losses
     for name, value in weights.items():
         assert torch.equal(value, ref_weights[name]), name
+
+
+def test_step_objective_is_the_joint_loss_over_all_rows_of_the_step(tmp_path):
+    """Two packs in one step: the accumulated gradient equals the gradient of
+    sum_t lambda_t * (sum of task t's row losses) / (task t's rows in the step), computed
+    here from both packs' loss sums at once, not each pack's own mean."""
+    from trainer.loop import step_objective
+
+    config, model, _, _, data = _data(tmp_path, 0, 1, packs_per_step=2)
+    packs = data.step()
+    counts = distributed.weight_sums(packs)
+    lambdas = model.task_weights
+    for pack in packs:
+        out = model.loss(pack, "reference")
+        step_objective(out, counts, lambdas, world=1).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    outs = [model.loss(pack, "reference") for pack in packs]
+    sums = sum(o.task_loss_sum for o in outs)
+    lam = torch.as_tensor(lambdas, dtype=torch.float32)
+    expected = sum(lam[t] * sums[t] / counts[t] for t in range(len(TASKS)) if counts[t] > 0)
+    expected.backward()
+    assert fused.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in fused.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad,
+                                   rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------ checkpoints under torchrun
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_resume_continues_the_identical_run(tmp_path, parallel):
+    """A 2-process run checkpointed at step 2 and resumed (2 processes) logs the losses of
+    the uninterrupted run bit for bit and ends with the same weights; each rank's RNG state
+    is in the checkpoint."""
+    steps = 4
+    _launch(_flags(tmp_path, "straight", parallel=parallel, steps=steps, checkpoint_every=2), 2)
+    straight = tmp_path / "straight"
+    saved = straight / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in saved.iterdir() if p.name.startswith("rng-")) == \
+        ["rng-00000.pt", "rng-00001.pt"]
+    assert torch.load(saved / "state.pt", weights_only=False)["world"] == 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    _launch(_flags(tmp_path, "ignored", parallel=parallel, steps=steps, checkpoint_every=2,
+                   resume=str(resumed / "checkpoints" / "step-00000002")), 2)
+    assert not (tmp_path / "ignored").exists()   # the resumed run continues in its own directory
+    (losses, weights), (ref_losses, ref_weights) = _result(resumed), _result(straight)
+    assert len(losses) == steps and losses == ref_losses
+    for name, value in weights.items():
+        assert torch.equal(value, ref_weights[name]), name
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    from trainer.__main__ import main
+
+    _launch(_flags(tmp_path, "two", parallel="ddp", steps=2, checkpoint_every=2), 2)
+    with pytest.raises(SystemExit) as info:
+        main(_flags(tmp_path, "one", parallel="ddp", steps=4, resume=str(tmp_path / "two")))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--nproc_per_node" in err and "2 process(es)" in err and "got 1" in err, err
+
+
+def _save_worker(rank, world, init_file, config_dir, run_dir, fail_rank, results):
+    """One rank of a 2-process gloo group saving two checkpoints; on `fail_rank` the second
+    save fails (out of disk) after the shared DCP part, on that rank only."""
+    import errno
+
+    import torch.distributed as dist
+
+    from trainer import checkpoint as ckpt
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        ctx = distributed.Context(rank, world, torch.device("cpu"), "ddp")
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        config = small_config(config_dir)
+        kw = dict(model=model, optimizer=optimizer, scheduler=schedule, config=config, ctx=ctx)
+        ckpt.save(Path(run_dir), step=1, **kw)
+        if rank == fail_rank:
+            def full():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            ckpt.rng_state = full
+        try:
+            ckpt.save(Path(run_dir), step=2, **kw)
+            outcome = "saved"
+        except ckpt.CheckpointError as exc:
+            outcome = f"CheckpointError: {exc}"
+        Path(results, f"rank{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_a_save_failing_on_one_rank_fails_on_every_rank_and_keeps_the_previous(tmp_path,
+                                                                              fail_rank):
+    import torch.multiprocessing as mp
+
+    run_dir, results = tmp_path / "run", tmp_path / "results"
+    results.mkdir()
+    mp.start_processes(_save_worker, nprocs=2, start_method="spawn", join=True,
+                       args=(2, str(tmp_path / "init"), str(tmp_path), str(run_dir),
+                             fail_rank, str(results)))
+    outcomes = [(results / f"rank{r}").read_text() for r in range(2)]
+    for outcome in outcomes:   # no rank went on alone, none hung
+        assert outcome.startswith("CheckpointError") and "step 2" in outcome, outcomes
+        assert "step-00000001 is intact" in outcome, outcome
+    own = outcomes[fail_rank]
+    assert "No space left on device" in own, own
+    assert f"rank(s) [{fail_rank}]" in outcomes[1 - fail_rank], outcomes
+    from trainer import checkpoint as ckpt
+
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000001"]
+    assert ckpt.latest(run_dir).name == "step-00000001"
+
+
+def test_real_data_under_torchrun_reads_a_shard_per_rank_and_sums_the_skips(tmp_path):
+    """--data under 2 processes: rank 0 holds the corrupt image's record, rank 1 the
+    missing image's (record i -> rank i % 2), and rank 0's metrics count both."""
+    from test_real_data import RECORDS, _tiny_llm, make_dataset
+
+    root = make_dataset(tmp_path)
+    ids = [r["id"] if r else None for r in RECORDS]
+    assert ids.index("corrupt") % 2 == 0 and ids.index("missing") % 2 == 1
+    llm = _tiny_llm(tmp_path)
+    _launch(_flags(tmp_path, "real", parallel="ddp", llm=str(llm), num_workers=0,
+                   data=str(root / "train.jsonl")), 2)
+    rows = [json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["event"] == "train"][-1]
+    assert last["world_size"] == 2
+    assert last["skipped/bad_image"] >= 1 and last["skipped/missing_image"] >= 1, last
+    for task in TASKS:
+        assert last[f"loss/{task}"] is not None and math.isfinite(last[f"loss/{task}"]), last

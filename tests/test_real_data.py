@@ -81,8 +81,9 @@ EXPECTED_SKIPS = {"bad_image": 1, "missing_image": 1, "bad_json": 1, "no_image":
 EXPECTED_SAMPLES = {"und": 3, "pixel": 4, "depth": 3, "seg": 3}
 
 
-@pytest.fixture
-def dataset_dir(tmp_path) -> Path:
+def make_dataset(tmp_path) -> Path:
+    """The small data set (release layout) the tests train on: RECORDS, their images and
+    targets, and the broken ones."""
     root = tmp_path / "data"
     images = root / "tuning_data"
     depth, mask = root / "tuning_data_depth", root / "tuning_data_mask"
@@ -99,6 +100,11 @@ def dataset_dir(tmp_path) -> Path:
     lines = [json.dumps(r) if r is not None else '{"id": "broken", "image": ' for r in RECORDS]
     (root / "train.jsonl").write_text("\n".join(lines) + "\n\n")
     return root
+
+
+@pytest.fixture
+def dataset_dir(tmp_path) -> Path:
+    return make_dataset(tmp_path)
 
 
 def factory_for(tmp_path, **overrides):

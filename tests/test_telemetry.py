@@ -80,7 +80,24 @@ def test_tensorboard_off_or_missing_is_quiet(tmp_path, monkeypatch):
     train(small_config(tmp_path / "missing", steps=1, family="ar"))
 
 
-def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch):
+def test_only_the_main_rank_writes_tensorboard(tmp_path, monkeypatch):
+    import torch
+
+    FakeWriter.instances = []
+    monkeypatch.setattr(telemetry, "_summary_writer", lambda: FakeWriter)
+    config = small_config(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    other = telemetry.Telemetry(config, model, torch.device("cpu"), tmp_path, world=2,
+                                enabled=False)
+    assert other.writer is None and FakeWriter.instances == []
+    assert other.due(config.run.log_every)   # still keeps the rank in step
+    main_rank = telemetry.Telemetry(config, model, torch.device("cpu"), tmp_path, world=2)
+    assert main_rank.writer is not None and len(FakeWriter.instances) == 1
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch, world):
+    """world: the run's tokens/s are spread over that many GPUs of the same peak."""
     import torch
 
     class FakeNvml:
@@ -107,7 +124,7 @@ def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, v=value: v)
     tel = telemetry.Telemetry.__new__(telemetry.Telemetry)
     tel.device, tel.cuda, tel.nvml = torch.device("cuda", 0), True, (FakeNvml, object())
-    tel.params, tel.layers, tel.hidden, tel.peak = 1_000, 2, 8, 1e6
+    tel.params, tel.layers, tel.hidden, tel.peak, tel.world = 1_000, 2, 8, 1e6, world
     tel.squares, tel.total = 300, 30                     # mean context 10
     row = tel.readings(tokens_per_s=100.0)
     assert row["gpu/mem_allocated_gib"] == 2 and row["gpu/mem_reserved_gib"] == 3
@@ -115,5 +132,5 @@ def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch):
     assert row["gpu/util_pct"] == 87 and row["gpu/power_w"] == 612 and row["gpu/sm_clock_mhz"] == 1980
     assert "gpu/temp_c" not in row
     assert row["flops_per_token"] == 6 * 1_000 + 12 * 2 * 8 * 10
-    assert row["mfu"] == pytest.approx(row["flops_per_token"] * 100.0 / 1e6)
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * 100.0 / (1e6 * world))
     assert tel.squares == tel.total == 0                 # the context restarts

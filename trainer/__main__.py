@@ -153,11 +153,8 @@ def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.loop import NonFiniteLoss, train   # imports unimrg_fast: after the switch
 
-    from trainer import distributed   # torchrun / --parallel: trainer/distributed.py
-
-    run = distributed.train if distributed.requested(config) else train
     try:
-        run_dir = run(config)
+        run_dir = train(config)   # one process, or a rank of torchrun (trainer/distributed.py)
     except ConfigError as exc:   # found once the model is loaded (e.g. a ViT's token count)
         parser.error(str(exc))
     except NonFiniteLoss as exc:

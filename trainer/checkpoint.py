@@ -5,14 +5,21 @@ One checkpoint is a directory holding
     .metadata, __*.distcp   model (trainable weights) and AdamW state, written by
                             torch.distributed.checkpoint (DCP: sharded-safe; on one process
                             it needs no process group)
-    state.pt                the rest: step, LR scheduler, RNG states (torch CPU, CUDA when
-                            present, numpy, python), the data position and the config
+    state.pt                the rest: step, LR scheduler, rank 0's RNG states (torch CPU,
+                            CUDA when present, numpy, python), the data position, the
+                            number of processes and the config
+    rng-RRRRR.pt            each rank's own RNG states (torchrun: one file per rank)
     COMPLETE                written last: a directory without it is ignored
 
 It is written into a hidden temporary directory next to its final place, every file
 fsync'd, COMPLETE written, then renamed into place (rename is atomic), so a run killed
 or out of disk during a save leaves the previous checkpoint whole and resumable. The last
---keep-checkpoints are kept.
+--keep-checkpoints are kept. Under torchrun every rank writes its part into the same
+directory (a filesystem all ranks share, as DCP assumes); rank 0 seals and renames it
+only after every rank's part is written, and a failure on any rank fails the save on
+every rank, the previous checkpoint intact. A checkpoint resumes with the number of
+processes that wrote it (the data split depends on it); DDP and FSDP2 checkpoints are the
+same DCP format.
 
 The data position is the number of optimizer steps taken: the packs are a pure function
 of the config and the sample index (trainer/data.py), so resuming rebuilds TrainData and
@@ -132,6 +139,16 @@ def check_compatible(saved: Dict[str, Any], config: Config, step: int, path: Pat
                                      f"needs --steps > {step}, got {config.optim.steps}")
 
 
+def check_world(saved: Dict[str, Any], world: int, path: Path) -> None:
+    """The data split and the global batch depend on the number of processes: a resumed
+    run must have as many as the run that wrote the checkpoint."""
+    before = saved.get("world", 1)
+    if before != world:
+        raise ConfigError("--nproc_per_node", f"the checkpoint {path} was written by a run of "
+                                              f"{before} process(es); resuming needs the same "
+                                              f"number, got {world}")
+
+
 def read_state(path: Path) -> Dict[str, Any]:
     return torch.load(Path(path) / STATE, weights_only=False, map_location="cpu")
 
@@ -193,20 +210,63 @@ def _write_tensors(path: Path, model, optimizer) -> None:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
+
+
+class _Phase:
+    """One step of a save that every rank runs: afterwards either every rank goes on or
+    every rank raises (a rank that failed alone would otherwise leave the others waiting
+    in the next collective)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.error: Optional[BaseException] = None
+
+    def run(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:   # noqa: BLE001 - handed on below, on every rank
+            self.error = exc
+        failed = self.ctx.any_failed(self.error is not None)
+        if failed:
+            raise self.error if self.error is not None else _OtherRankFailed(failed)
+
+
+class _OtherRankFailed(OSError):
+    def __init__(self, ranks):
+        super().__init__(f"rank(s) {ranks} failed to write their part")
+
+
 def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Config,
-         keep: int = 2, extra: Optional[Dict[str, Any]] = None) -> Path:
+         keep: int = 2, extra: Optional[Dict[str, Any]] = None, ctx=None) -> Path:
     """Writes checkpoint `step` atomically and prunes to the last `keep`. On failure the
-    temporary directory is removed and CheckpointError names the intact previous one."""
+    temporary directory is removed and CheckpointError names the intact previous one.
+
+    Under torchrun (ctx: trainer.distributed.Context) every rank calls it: each writes its
+    shards through DCP and its own RNG state; rank 0 writes the rest, marks it COMPLETE and
+    renames it into place once every rank's part is on disk (a shared filesystem)."""
+    from trainer.distributed import SINGLE
+
+    ctx = ctx or SINGLE
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    try:
+    tmp = final.parent / f".{final.name}.tmp"   # one name for every rank
+    phase = _Phase(ctx)
+
+    def prepare():
+        final.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_tensors(tmp, model, optimizer)
+
+    def write_parts():
+        _write_tensors(tmp, model, optimizer)   # a collective under torchrun
+        torch.save(rng_state(), tmp / _rng_file(ctx.rank))
+
+    def seal():
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                 "data": {"steps": step}, "config": config.to_dict(), **(extra or {})}
+                 "data": {"steps": step}, "world": ctx.world, "config": config.to_dict(),
+                 **(extra or {})}
         torch.save(state, tmp / STATE)
         _fsync_tree(tmp)
         with open(tmp / COMPLETE, "w") as fh:   # last: marks the directory whole
@@ -218,17 +278,43 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
+
+    try:
+        phase.run(prepare if ctx.main else _nothing)
+        phase.run(write_parts)
+        phase.run(seal if ctx.main else _nothing)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            previous = latest(run_dir)
-            kept = (f"the previous checkpoint {previous} is intact" if previous
-                    else "no earlier checkpoint exists")
-            raise CheckpointError(f"could not write the checkpoint of step {step} in "
-                                  f"{final.parent}: {exc}; {kept}") from exc
-        raise
-    prune(run_dir, keep)
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _write_failure(exc)
+        if reason is None:   # not an I/O failure (a bug, an interrupt): as it is
+            raise
+        previous = latest(run_dir)
+        kept = (f"the previous checkpoint {previous} is intact" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"could not write the checkpoint of step {step} in "
+                              f"{final.parent}: {reason}; {kept}") from exc
+    if ctx.main:
+        prune(run_dir, keep)
     return final
+
+
+def _nothing() -> None:
+    pass
+
+
+def _write_failure(exc: BaseException) -> Optional[str]:
+    """What went wrong when `exc` is a failure to write (disk full, permissions, another
+    rank's failure), else None. DCP gathers the failures of all ranks into one
+    CheckpointException (a BaseException) raised on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, OSError):
+        return str(exc)
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {rank}: {failure[0] if isinstance(failure, tuple) else failure}"
+                         for rank, failure in sorted(exc.failures.items()))
+    return None
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -238,13 +324,14 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     root = Path(run_dir) / DIRNAME
     for p in root.iterdir() if root.is_dir() else ():
-        if p.name.startswith(f".{PREFIX}") and ".tmp-" in p.name:   # left by a killed save
+        if p.name.startswith(f".{PREFIX}") and p.name.endswith(".tmp"):   # left by a killed save
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(path: Path, *, model, optimizer, scheduler) -> Dict[str, Any]:
-    """Restores model, optimizer and scheduler in place; returns state.pt (step, rng,
-    data position, config). Call set_rng_state(state['rng']) right before the next step."""
+def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str, Any]:
+    """Restores model, optimizer and scheduler in place (every rank of a torchrun run
+    calls it); returns state.pt (step, rng of this rank, data position, config). Call
+    set_rng_state(state['rng']) right before the next step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -252,6 +339,9 @@ def load(path: Path, *, model, optimizer, scheduler) -> Dict[str, Any]:
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     state = read_state(path)
+    own_rng = path / _rng_file(rank)
+    if own_rng.is_file():
+        state["rng"] = torch.load(own_rng, weights_only=False)
     model_state, optim_state = _dcp_state(model, optimizer)
     # AdamW has no state for a parameter that has not had a gradient yet (e.g. the LM head
     # before the first und sample); get_state_dict makes state for every one, so ask only

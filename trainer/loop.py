@@ -2,7 +2,10 @@
 
 One optimizer step = the step's packs (interleaved: --packs-per-step task-mixed packs;
 round-robin: one single-task pack per task), each scored by ONE joint_loss call, their
-gradients accumulated, clipped, AdamW, warm-up + cosine schedule. Per-task loss sums stay
+gradients accumulated, clipped, AdamW, warm-up + cosine schedule. The step's objective is
+the joint loss over all of its rows: per-task means by the step's row counts (over every
+rank under torchrun: trainer/distributed.py), so how the rows fall into packs does not
+change the gradient. The same loop runs one process and DDP / FSDP2. Per-task loss sums stay
 on the device until a log step, the only place the host waits for the device: there the
 losses are checked (a non-finite one stops the run naming its step and task), logged to
 metrics.jsonl and shown on the progress bar.
@@ -19,13 +22,14 @@ from typing import Dict, List, Optional
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import report
+from trainer import distributed, report
 from trainer.config import TASKS, Config, ConfigError
-from trainer.data import SampleFactory, TrainData
+from trainer.data import SampleFactory
 from trainer.evaluate import evaluate, held_out
 from trainer.model import build_model
 from trainer.telemetry import Telemetry
 from unimrg_fast import backends
+from unimrg_fast.specs import total_from_sums
 
 SHORT = {"und": "und", "pixel": "pix", "depth": "dep", "seg": "seg"}
 
@@ -117,6 +121,13 @@ class LossTracker:
         return row
 
 
+def step_objective(out, step_counts: torch.Tensor, lambdas, world: int) -> torch.Tensor:
+    """This pack's share of the step's objective J = sum_t lambda_t S_t / G_t (S_t: task
+    t's loss sum, G_t: its rows in the whole step, over every rank), times the world size:
+    DDP / FSDP average the ranks' gradients (trainer/distributed.py)."""
+    return total_from_sums(out.task_loss_sum, step_counts, lambdas) * world
+
+
 def build_run(config: Config, device: torch.device):
     """What every training entry point (this loop, trainer.distributed) builds first:
     (model on `device` in train mode, text tokenizer, image tokenizer, sample factory,
@@ -132,99 +143,152 @@ def build_run(config: Config, device: torch.device):
     return model, text, images, SampleFactory(config, text, images, cond_tokens), impl, autocast
 
 
-def train(config: Config) -> Path:
+def train(config: Config) -> Optional[Path]:
     """Post-trains the configured UMM; returns the run directory (metrics, PNG, summary,
-    checkpoints). Raises NonFiniteLoss (outputs so far kept) if a loss turns non-finite,
-    CheckpointError (the previous checkpoint intact) if a checkpoint cannot be written.
+    checkpoints) on rank 0, None on the other ranks of a torchrun run. Raises
+    NonFiniteLoss (outputs so far kept) if a loss turns non-finite, CheckpointError (the
+    previous checkpoint intact) if a checkpoint cannot be written.
+
+    One loop for every run: a plain one (one process), and DDP / FSDP2 under torchrun
+    (trainer/distributed.py: its docstring gives the loss normalisation, by the global
+    step's counts, and the data split).
 
     With --resume the run continues in the checkpoint's run directory: model, AdamW,
     schedule, RNG states and the data position are restored, metrics rows past the
     checkpoint's step are dropped, and the steps that follow log the identical losses."""
-    wall = time.perf_counter()
     resume_from, saved = None, None
     if config.run.resume:   # checked before any work: a bad checkpoint exits at once
         resume_from = ckpt.resolve(config.run.resume, config.run.resume_dir)
         saved = ckpt.read_state(resume_from)
         ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
-    device = resolve_device(config)
-    model, text, images, factory, impl, autocast = build_run(config, device)
-    data, held = TrainData(config, factory, text.pad_id), held_out(config, factory, text.pad_id)
-    optimizer, schedule = build_optimizer(model, config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    start = 0
+    ctx = distributed.init(config, resolve_device(config))
+    try:
+        if saved is not None:
+            ckpt.check_world(saved, ctx.world, resume_from)
+        return _train(config, ctx, resume_from)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]) -> Optional[Path]:
+    wall = time.perf_counter()
+    device = ctx.device
+    umm, text, images, factory, impl, autocast = build_run(config, device)
+    data = distributed.ShardedData(config, factory, text.pad_id, ctx)
+    held = held_out(config, factory, text.pad_id)
     if resume_from is not None:
         run_dir = ckpt.run_dir_of(resume_from)
-        state = ckpt.load(resume_from, model=model, optimizer=optimizer, scheduler=schedule)
-        start = state["step"]
-        for _ in range(state["data"]["steps"]):   # replay the data stream to its position
-            data.step()
-        metrics = report.MetricsLog(run_dir / report.METRICS)
-        metrics.rows = _rows_until(run_dir / report.METRICS, start)
-        before = state["eval_before"]
-        print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
-    else:
-        run_dir = report.make_run_dir(config)
-        metrics = report.MetricsLog(run_dir / report.METRICS)
-        before = evaluate(model, held, factory, text, device, impl, autocast)
-    report.write_config(run_dir, config)
-    telemetry = Telemetry(config, model, device, run_dir)
+    else:   # rank 0 names it (a fresh directory); every rank writes its checkpoint shards there
+        run_dir = ctx.broadcast(report.make_run_dir(config) if ctx.main else None)
+    metrics = report.MetricsLog(run_dir / report.METRICS) if ctx.main else None
+    if ctx.main:
+        report.write_config(run_dir, config)
+    # before wrapping: FSDP turns the weights into shards (telemetry counts them whole)
+    telemetry = Telemetry(config, umm, device, run_dir, world=ctx.world, enabled=ctx.main)
 
     def log(row):
-        metrics.write(row)
-        telemetry.scalars(row, row["step"])
+        if ctx.main:
+            metrics.write(row)
+            telemetry.scalars(row, row["step"])
 
-    if resume_from is None:
+    before = None
+    if resume_from is None and ctx.main:   # the weights are the same everywhere: rank 0 alone
+        before = evaluate(umm, held, factory, text, device, impl, autocast)
         log({"event": "eval", "when": "before", "step": 0, **before})
-    else:
+    ctx.barrier()
+    model, sync = distributed.wrap(umm, ctx)
+    optimizer, schedule = build_optimizer(umm, config, device)
+    params = [p for p in umm.parameters() if p.requires_grad]
+    start = 0
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model=umm, optimizer=optimizer, scheduler=schedule,
+                          rank=ctx.rank)
+        start, before = state["step"], state["eval_before"]
+        for _ in range(state["data"]["steps"]):   # replay the data stream to its position
+            data.step()
+        if ctx.main:
+            metrics.rows = _rows_until(run_dir / report.METRICS, start)
+            print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
         ckpt.set_rng_state(state["rng"])       # last: nothing random may run after it
 
+    lambdas = umm.task_weights
     steps, log_every, every = config.optim.steps, config.run.log_every, config.run.checkpoint_every
-    tracker, bar = LossTracker(device), _progress(config, steps, start)
+    tracker = LossTracker(device)
+    bar = _progress(config, steps, start, enabled=ctx.main)
     for step in range(start + 1, steps + 1):
         packs = data.step()
-        telemetry.add_packs(packs)
+        counts = ctx.all_reduce(distributed.step_counts(packs))   # host tensor: no device sync
+        task_counts = counts[:len(TASKS)]
+        global_weight = task_counts.float().to(device)
+        telemetry.add_context(float(counts[distributed.CONTEXT_SQUARES]),
+                              float(counts[distributed.CONTEXT_TOKENS]))
         loss_sum = torch.zeros(len(TASKS), device=device)
-        weight_sum = torch.zeros(len(TASKS), device=device)
-        for pack in packs:
-            with autocast():
-                out = model.loss(pack.to(device), impl)
-            (out.total / len(packs)).backward()
-            loss_sum = loss_sum + out.task_loss_sum.detach()
-            weight_sum = weight_sum + out.task_weight_sum.detach()
+        for i, pack in enumerate(packs):
+            with sync(i == len(packs) - 1):
+                with autocast():
+                    out = model(pack.to(device), impl)
+                step_objective(out, global_weight, lambdas, ctx.world).backward()
+            loss_sum = loss_sum + out.task_loss_sum.detach().float()
+        distributed.drop_unused_grads(umm, task_counts)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
                      if config.optim.grad_clip > 0 else None)
         lr = schedule.get_last_lr()[0]
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        tracker.add(step, loss_sum, weight_sum, sum(p.num_real_tokens for p in packs))
+        # every rank tracks the global sums, so a non-finite loss stops every rank at once
+        tracker.add(step, ctx.all_reduce(loss_sum), global_weight, int(counts[distributed.TOKENS]))
         save = bool(every) and (step % every == 0 or step == steps)
         if step % log_every == 0 or step == steps or save or telemetry.due(step):
             row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
+            if hasattr(grad_norm, "full_tensor"):   # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             row.update(event="train", step=step, lr=lr,
                        grad_norm=float(grad_norm) if grad_norm is not None else None)
-            row.update({f"skipped/{k}": v for k, v in data.skipped.items()})   # real data
+            if ctx.world > 1:
+                row["world_size"] = ctx.world
+            skipped = ctx.sum_counters(data.skipped) if config.data.data else {}
+            row.update({f"skipped/{k}": v for k, v in skipped.items()})   # real data
             if telemetry.due(step):
                 row.update(telemetry.readings(row["tokens_per_s"]))
             log(row)
             bar.set_postfix_str(_postfix(row), refresh=False)
         if save:
-            ckpt.save(run_dir, step=step, model=model, optimizer=optimizer, scheduler=schedule,
+            ckpt.save(run_dir, step=step, model=umm, optimizer=optimizer, scheduler=schedule,
                       config=config, keep=config.run.keep_checkpoints,
-                      extra={"eval_before": before})
-            report.save_checkpoint(run_dir, model, config, step, images)   # weights export
+                      extra={"eval_before": before}, ctx=ctx)
+            _export_weights(run_dir, umm, ctx, config, step, images)
         bar.update()
     bar.close()
 
-    after = evaluate(model, held, factory, text, device, impl, autocast)
-    log({"event": "eval", "when": "after", "step": steps, **after})
+    weights = distributed.full_trainable_state(umm, ctx)   # every rank joins the gather
+    if ctx.main:
+        if ctx.sharded:   # rank 0 cannot run a sharded model alone: evaluate a whole copy
+            umm, *_ = build_model(config)
+            umm.load_state_dict(weights, strict=False)
+            umm.to(device).train()
+        after = evaluate(umm, held, factory, text, device, impl, autocast)
+        log({"event": "eval", "when": "after", "step": steps, **after})
+        report.save_checkpoint(run_dir, distributed.Weights(weights), config, steps, images)
+        parallel = f", {ctx.mode} x{ctx.world}" if ctx.world > 1 else ""
+        report.plot_losses(metrics.rows, run_dir / report.CURVES,
+                           f"{config.preset} / {config.model.family} / {config.data.recipe} "
+                           f"({impl}{parallel})")
+        summary = report.summary(config, metrics.rows, before, after,
+                                 time.perf_counter() - wall, impl)
+        print(report.write_summary(run_dir, summary), flush=True)
     telemetry.close()
-    report.save_checkpoint(run_dir, model, config, steps, images)
-    report.plot_losses(metrics.rows, run_dir / report.CURVES,
-                       f"{config.preset} / {config.model.family} / {config.data.recipe} ({impl})")
-    summary = report.summary(config, metrics.rows, before, after, time.perf_counter() - wall, impl)
-    print(report.write_summary(run_dir, summary))
-    return run_dir
+    ctx.barrier()
+    return run_dir if ctx.main else None
+
+
+def _export_weights(run_dir: Path, umm, ctx: distributed.Context, config: Config, step: int,
+                    images) -> None:
+    """checkpoint.pt (the trainable weights alone, for evaluation / export) next to the
+    resumable checkpoints; a collective under FSDP."""
+    weights = distributed.full_trainable_state(umm, ctx)
+    if ctx.main:
+        report.save_checkpoint(run_dir, distributed.Weights(weights), config, step, images)
 
 
 def _rows_until(path: Path, step: int) -> List[Dict]:
@@ -239,11 +303,11 @@ def _rows_until(path: Path, step: int) -> List[Dict]:
     return kept
 
 
-def _progress(config: Config, steps: int, initial: int = 0):
+def _progress(config: Config, steps: int, initial: int = 0, enabled: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=steps, initial=initial, desc=f"{config.model.family}/{config.data.recipe}", unit="step",
-                disable=not config.run.progress, dynamic_ncols=True)
+    return tqdm(total=steps, initial=initial, desc=f"{config.model.family}/{config.data.recipe}",
+                unit="step", disable=not (config.run.progress and enabled), dynamic_ncols=True)
 
 
 def _postfix(row: Dict[str, Optional[float]]) -> str:

@@ -77,10 +77,14 @@ class Telemetry:
     """Collects the attention context of each step's packs and, at telemetry steps, adds
     the GPU readings and MFU to a metrics row; mirrors rows to TensorBoard when on."""
 
-    def __init__(self, config, model: torch.nn.Module, device: torch.device, run_dir: Path):
+    def __init__(self, config, model: torch.nn.Module, device: torch.device, run_dir: Path,
+                 world: int = 1, enabled: bool = True):
+        """world: processes of the run (MFU divides the global tokens/s by world GPUs);
+        enabled=False (a rank > 0): due() still answers, but nothing is read or written."""
         self.every = config.run.telemetry_every or config.run.log_every
+        self.world = world
         self.device = device
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.cuda = enabled and device.type == "cuda" and torch.cuda.is_available()
         llm_cfg = getattr(getattr(model, "llm", None), "config", None)
         self.layers = getattr(llm_cfg, "num_hidden_layers", config.model.num_layers)
         self.hidden = getattr(llm_cfg, "hidden_size", config.model.hidden_size)
@@ -89,7 +93,7 @@ class Telemetry:
         self.squares = self.total = 0
         self.nvml = self._nvml() if self.cuda else None
         self.writer = None
-        if config.run.tensorboard:
+        if config.run.tensorboard and enabled:
             writer = _summary_writer()
             if writer is not None:
                 self.writer = writer(log_dir=str(Path(run_dir) / "tensorboard"))
@@ -104,8 +108,8 @@ class Telemetry:
         except Exception:
             return None
 
-    def add_packs(self, packs) -> None:
-        squares, total = pack_context(packs)
+    def add_context(self, squares: float, total: float) -> None:
+        """A step's attention context (pack_context over the packs of every rank)."""
         self.squares += squares
         self.total += total
 
@@ -125,7 +129,9 @@ class Telemetry:
             row["gpu/mem_reserved_gib"] = torch.cuda.memory_reserved(self.device) / gib
             row["gpu/mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / gib
             row.update(self._nvml_readings())
-            value = mfu(self.flops_per_token(), tokens_per_s, self.peak)
+            # the run's tokens/s over all of its GPUs; the readings above are this GPU's
+            value = mfu(self.flops_per_token(), tokens_per_s,
+                        self.peak * self.world if self.peak else None)
             if value is not None:
                 row["mfu"] = value
                 row["flops_per_token"] = self.flops_per_token()
