@@ -9,7 +9,7 @@ import pytest
 
 from trainer import checkpoint as ckpt
 from trainer.__main__ import main
-from trainer.config import ConfigError
+from trainer.config import ConfigError, build_config
 from trainer.loop import train
 from trainer_helpers import SMALL, small_config, train_rows
 
@@ -198,3 +198,18 @@ def test_a_failure_inside_dcp_is_a_checkpoint_error(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "rank 0: [Errno 28] No space left on device" in err and "step-00000002" in err, err
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_the_tiny_preset_resumes_bit_exact(tmp_path, monkeypatch):
+    """The main job's own preset (not the smaller test model): killed after its step-3
+    checkpoint and resumed, it logs the uninterrupted run's values exactly."""
+    common = dict(out=str(tmp_path), steps=6, checkpoint_every=3, eval_questions=2,
+                  log_every=1, progress=False, tensorboard=False)
+    straight = train_rows(train(build_config("tiny", {**common, "name": "straight"})))
+    _kill_after_save(monkeypatch, 3)
+    with pytest.raises(Killed) as info:
+        train(build_config("tiny", {**common, "name": "killed"}))
+    monkeypatch.undo()
+    resumed = train_rows(train(build_config("tiny", {**common, "name": "killed",
+                                                     "resume": str(info.value.args[0])})))
+    assert _losses(resumed) == _losses(straight)
