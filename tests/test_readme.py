@@ -22,3 +22,19 @@ def test_ci_runs_the_readme_test_command():
     assert block is not None, "README.md must keep its test command between the markers"
     assert "pytest tests" in block.group(1) and "pytest benchmarks --benchmark-only" in block.group(1)
     assert "test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_gpu_session_script_parses_and_names_its_slices():
+    """benchmarks/gpu_session.sh (what a session with a GPU runs, README Results): valid
+    bash, every slice the README names is known, a wrong one exits 2 listing them."""
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    bad = subprocess.run(["bash", str(script), "no-such-slice"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    readme = (ROOT / "README.md").read_text()
+    for slice_name in ("tests", "losses", "attention", "train-step", "trainer", "estimate"):
+        assert slice_name in bad.stderr
+        assert f"gpu_session.sh {slice_name}" in readme, slice_name

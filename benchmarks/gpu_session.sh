@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU checks and figures of a session that has a CUDA machine, one slice per command so
+# that each fits a 10-minute limit (each slice first builds the package in place: a fresh
+# machine is bare, and nothing is fetched from a registry):
+#
+#   bash benchmarks/gpu_session.sh SLICE [LOG_DIR]
+#
+#   tests       the GPU lane of the tests (pytest -m gpu)
+#   losses      loss / head benchmarks        -> benchmarks/results/<tag>-losses.json
+#   attention   packed-attention benchmarks   -> benchmarks/results/<tag>-attention.json
+#   train-step  train-step + layout benchmarks -> benchmarks/results/<tag>-train-step.json
+#   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun FSDP2
+#               run with a checkpoint and a resume
+#   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8
+#
+# LOG_DIR (default: $OUT when set, else benchmarks/results) gets each slice's log and a copy
+# of its results JSON. <tag> is h200-YYYYMMDD, or $RESULTS_TAG. Python: $PYTHON or python3.
+# Optional peers (liger-kernel, cut-cross-entropy) install from wheels in ./.wheels when
+# that folder exists (carry it); without them their benchmark rows are skipped, not failed.
+set -euo pipefail
+
+slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|train-step|trainer|estimate [LOG_DIR]"}
+logs=${2:-${OUT:-benchmarks/results}}
+tag=${RESULTS_TAG:-h200-$(date +%Y%m%d)}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+case "$slice" in
+tests | losses | attention | train-step | trainer | estimate) ;;
+*)
+    echo "unknown slice '$slice': tests, losses, attention, train-step, trainer or estimate" >&2
+    exit 2 ;;
+esac
+mkdir -p "$logs" benchmarks/results
+
+build() {
+    # the C++ host helpers in place (pybind11 is there); without them the numpy twins serve
+    "$py" setup.py -q build_ext --inplace >/dev/null 2>&1 ||
+        echo "note: the native extension did not build; the numpy twins are used"
+    if [ -d .wheels ]; then
+        "$py" -m pip install -q --no-index --find-links .wheels liger-kernel cut-cross-entropy ||
+            echo "note: the peer wheels in .wheels did not install"
+    fi
+    "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+    "$py" -m unimrg_fast.backends
+}
+
+bench() {   # bench NAME FILE...: one benchmark slice, its JSON copied next to the log
+    local name=$1
+    shift
+    "$py" -m pytest "$@" --benchmark-only -q -p no:cacheprovider --results-save "$tag-$name"
+    cp "benchmarks/results/$tag-$name.json" "$logs/" 2>/dev/null || true
+}
+
+run_slice() {
+    case "$slice" in
+    tests)
+        "$py" -m pytest tests -m gpu -q -rs -p no:cacheprovider ;;
+    losses)
+        bench losses benchmarks/test_bench_losses.py ;;
+    attention)
+        bench attention benchmarks/test_bench_attention.py ;;
+    train-step)
+        bench train-step benchmarks/test_bench_train_step.py benchmarks/test_bench_layout_metadata.py ;;
+    trainer)
+        local out
+        out=$(mktemp -d)
+        "$py" -m trainer --fast-kernels --out "$out" --name main --no-progress
+        "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m trainer --fast-kernels \
+            --parallel fsdp --steps 6 --checkpoint-every 3 --out "$out" --name fsdp --no-progress
+        "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m trainer --fast-kernels \
+            --parallel fsdp --steps 9 --checkpoint-every 3 --out "$out" --no-progress \
+            --resume "$out/fsdp"
+        cp "$out/main/summary.txt" "$logs/trainer-summary.txt" ;;
+    estimate)
+        "$py" -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8 ;;
+    esac
+}
+
+{ build && run_slice; } 2>&1 | tee "$logs/gpu-$slice.log"
