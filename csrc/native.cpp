@@ -119,21 +119,23 @@ py::array_t<int64_t> pack_first_fit_decreasing(const CArray<int64_t>& lengths_ar
 
 // ------------------------------------------------------------------------ tile metadata
 
+// offsets[0] == 0 and strictly increasing over count + 1 entries: every `unit` (sample,
+// span) holds at least one token.
+void check_offsets(const int32_t* offsets, int64_t count, const std::string& name,
+                   const std::string& unit) {
+  REQUIRE(offsets[0] == 0, name + "[0] must be 0, got " + std::to_string(offsets[0]));
+  for (int64_t i = 0; i < count; ++i)
+    REQUIRE(offsets[i + 1] > offsets[i],
+            name + " must be strictly increasing (every " + unit + " >= 1 token); " + name +
+                "[" + std::to_string(i + 1) + "] = " + std::to_string(offsets[i + 1]) +
+                " <= " + name + "[" + std::to_string(i) + "] = " + std::to_string(offsets[i]));
+}
+
 // Checks that the four layout arrays describe samples made of consecutive spans.
 void check_layout(const int32_t* cu, int64_t num_samples, const int32_t* bounds,
                   const int32_t* modes, const int32_t* span_sample, int64_t num_spans) {
-  REQUIRE(cu[0] == 0, "cu_seqlens[0] must be 0, got " + std::to_string(cu[0]));
-  for (int64_t s = 0; s < num_samples; ++s)
-    REQUIRE(cu[s + 1] > cu[s], "cu_seqlens must be strictly increasing (every sample >= 1 "
-                               "token); cu_seqlens[" + std::to_string(s + 1) + "] = " +
-                               std::to_string(cu[s + 1]) + " <= cu_seqlens[" +
-                               std::to_string(s) + "] = " + std::to_string(cu[s]));
-  REQUIRE(bounds[0] == 0, "span_bounds[0] must be 0, got " + std::to_string(bounds[0]));
-  for (int64_t p = 0; p < num_spans; ++p)
-    REQUIRE(bounds[p + 1] > bounds[p], "span_bounds must be strictly increasing (every span >= 1 "
-                                       "token); span_bounds[" + std::to_string(p + 1) + "] = " +
-                                       std::to_string(bounds[p + 1]) + " <= span_bounds[" +
-                                       std::to_string(p) + "] = " + std::to_string(bounds[p]));
+  check_offsets(cu, num_samples, "cu_seqlens", "sample");
+  check_offsets(bounds, num_spans, "span_bounds", "span");
   REQUIRE(bounds[num_spans] == cu[num_samples],
           "span_bounds[-1] = " + std::to_string(bounds[num_spans]) +
               " must equal cu_seqlens[-1] = " + std::to_string(cu[num_samples]) +

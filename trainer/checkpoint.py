@@ -214,23 +214,19 @@ def _rng_file(rank: int) -> str:
     return f"rng-{rank:05d}.pt"
 
 
-class _Phase:
-    """One step of a save that every rank runs: afterwards either every rank goes on or
-    every rank raises (a rank that failed alone would otherwise leave the others waiting
-    in the next collective)."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.error: Optional[BaseException] = None
-
-    def run(self, fn, *args) -> None:
+def _together(ctx, fn, main_only: bool = False) -> None:
+    """Runs one step of a save (on rank 0 alone with main_only); afterwards either every
+    rank goes on or every rank raises: a rank that failed alone would otherwise leave the
+    others waiting in the next collective."""
+    error: Optional[BaseException] = None
+    if ctx.main or not main_only:
         try:
-            fn(*args)
+            fn()
         except BaseException as exc:   # noqa: BLE001 - handed on below, on every rank
-            self.error = exc
-        failed = self.ctx.any_failed(self.error is not None)
-        if failed:
-            raise self.error if self.error is not None else _OtherRankFailed(failed)
+            error = exc
+    failed = ctx.any_failed(error is not None)
+    if failed:
+        raise error if error is not None else _OtherRankFailed(failed)
 
 
 class _OtherRankFailed(OSError):
@@ -251,7 +247,6 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
     ctx = ctx or SINGLE
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"   # one name for every rank
-    phase = _Phase(ctx)
 
     def prepare():
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +275,9 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
         _fsync_dir(final.parent)
 
     try:
-        phase.run(prepare if ctx.main else _nothing)
-        phase.run(write_parts)
-        phase.run(seal if ctx.main else _nothing)
+        _together(ctx, prepare, main_only=True)
+        _together(ctx, write_parts)
+        _together(ctx, seal, main_only=True)
     except BaseException as exc:
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -297,10 +292,6 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
     if ctx.main:
         prune(run_dir, keep)
     return final
-
-
-def _nothing() -> None:
-    pass
 
 
 def _write_failure(exc: BaseException) -> Optional[str]:

@@ -56,6 +56,7 @@ from torch import nn
 
 from trainer.config import TASKS, Config
 from trainer.data import UND, Pack, SampleFactory, TrainData
+from trainer.telemetry import pack_context
 from unimrg_fast.packing import StreamingPacker
 
 
@@ -196,8 +197,6 @@ def step_counts(packs: List[Pack]) -> torch.Tensor:
     """float64 host tensor [num_tasks + 3]: weight_sums, real tokens, and the attention
     context (sum of L_i^2, sum of L_i over the samples) that MFU needs. One all-reduce of
     it gives every rank the global step's counts."""
-    from trainer.telemetry import pack_context
-
     squares, total = pack_context(packs)
     tokens = sum(p.num_real_tokens for p in packs)
     return torch.cat([weight_sums(packs).double(),

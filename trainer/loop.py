@@ -161,10 +161,9 @@ def train(config: Config) -> Optional[Path]:
         resume_from = ckpt.resolve(config.run.resume, config.run.resume_dir)
         saved = ckpt.read_state(resume_from)
         ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
+        ckpt.check_world(saved, distributed.env_world_size(), resume_from)
     ctx = distributed.init(config, resolve_device(config))
     try:
-        if saved is not None:
-            ckpt.check_world(saved, ctx.world, resume_from)
         return _train(config, ctx, resume_from)
     finally:
         distributed.shutdown(ctx)
@@ -257,7 +256,8 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             ckpt.save(run_dir, step=step, model=umm, optimizer=optimizer, scheduler=schedule,
                       config=config, keep=config.run.keep_checkpoints,
                       extra={"eval_before": before}, ctx=ctx)
-            _export_weights(run_dir, umm, ctx, config, step, images)
+            if step < steps:   # the last step's weights are exported below, gathered once
+                _export_weights(run_dir, umm, ctx, config, step, images)
         bar.update()
     bar.close()
 

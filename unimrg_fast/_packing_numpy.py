@@ -61,22 +61,23 @@ def pack_first_fit_decreasing(lengths: np.ndarray, max_tokens: int, max_packs: i
 
 
 # ----------------------------------------------------------------------- tile metadata
+def _check_offsets(offsets: np.ndarray, name: str, unit: str) -> None:
+    """check_offsets() in native.cpp: offsets[0] == 0 and strictly increasing (every
+    `unit` holds at least one token), with the same messages."""
+    _require(offsets[0] == 0, f"{name}[0] must be 0, got {offsets[0]}")
+    bad = np.flatnonzero(np.diff(offsets) <= 0)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"{name} must be strictly increasing (every {unit} >= 1 token); "
+                         f"{name}[{i + 1}] = {offsets[i + 1]} <= {name}[{i}] = {offsets[i]}")
+
+
 def _check_layout(cu: np.ndarray, bounds: np.ndarray, modes: np.ndarray,
                   span_sample: np.ndarray) -> None:
     """The checks of check_layout() in native.cpp, in the same order with the same messages."""
     num_samples, num_spans = cu.shape[0] - 1, bounds.shape[0] - 1
-    _require(cu[0] == 0, f"cu_seqlens[0] must be 0, got {cu[0]}")
-    bad = np.flatnonzero(np.diff(cu) <= 0)
-    if bad.size:
-        s = bad[0]
-        raise ValueError(f"cu_seqlens must be strictly increasing (every sample >= 1 token); "
-                         f"cu_seqlens[{s + 1}] = {cu[s + 1]} <= cu_seqlens[{s}] = {cu[s]}")
-    _require(bounds[0] == 0, f"span_bounds[0] must be 0, got {bounds[0]}")
-    bad = np.flatnonzero(np.diff(bounds) <= 0)
-    if bad.size:
-        p = bad[0]
-        raise ValueError(f"span_bounds must be strictly increasing (every span >= 1 token); "
-                         f"span_bounds[{p + 1}] = {bounds[p + 1]} <= span_bounds[{p}] = {bounds[p]}")
+    _check_offsets(cu, "cu_seqlens", "sample")
+    _check_offsets(bounds, "span_bounds", "span")
     _require(bounds[-1] == cu[-1], f"span_bounds[-1] = {bounds[-1]} must equal cu_seqlens[-1] = "
                                    f"{cu[-1]} (both are the pack's token count)")
     bad = np.flatnonzero((modes < 0) | (modes > 2))
