@@ -48,8 +48,13 @@ def gpu_info() -> dict:
     except Exception:
         return {}
     try:
-        index = torch.cuda.current_device() if HAS_CUDA else 0
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        if not HAS_CUDA:
+            return {}
+        from trainer.telemetry import nvml_handle
+
+        handle = nvml_handle(pynvml, torch.cuda.current_device())
+        if handle is None:
+            return {"nvml_error": "the CUDA device has no matching NVML device"}
         clocks = pynvml.NVML_CLOCK_SM, pynvml.NVML_CLOCK_MEM
         name = pynvml.nvmlDeviceGetName(handle)
         driver = pynvml.nvmlSystemGetDriverVersion()

@@ -43,7 +43,7 @@ import torch
 
 import unimrg_fast as uf
 from unimrg_fast import backends
-from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
+from unimrg_fast.layout import PackedLayout
 
 HEAD_DIM = 128
 DTYPE = torch.bfloat16
@@ -93,21 +93,6 @@ def umm_layout(num_tokens: int, seed: int = 0, variant: str = "unimrg", shrink: 
     """draw_umm_pack's samples plus a causal padding sample up to `num_tokens`."""
     return PackedLayout.from_spans(draw_umm_pack(num_tokens, seed, variant, shrink),
                                    pad_to=num_tokens, device=device)
-
-
-def allowed_pairs(layout: PackedLayout) -> int:
-    """Exact number of (query, key) pairs the rule of DESIGN.md 3.4 allows, per sample from
-    its spans: a query of span i sees every earlier non-noise span of its sample, plus its
-    own span (all of it when full / noise, up to itself when causal)."""
-    total = 0
-    for sample in layout.spans:
-        visible_before = 0
-        for length, mode in sample:
-            own = length * (length + 1) // 2 if mode == CAUSAL else length * length
-            total += length * visible_before + own
-            if mode != NOISE:
-                visible_before += length
-    return total
 
 
 def causal_pairs(layout: PackedLayout) -> int:
@@ -198,7 +183,10 @@ def test_bench_packed_attention(benchmark, gpu_bench, pack, heads, passes, varia
         _raise_recompile_limit()
     hq, hkv = heads
     q, k, v, grad_out = make_inputs(layout, hq, hkv, HEAD_DIM, DTYPE, passes == "fwd+bwd")
-    pairs = causal_pairs(layout) if variant == "flash-causal-sol" else allowed_pairs(layout)
+    # useful work: the pairs of the drawn samples, not of the padding sample after them
+    real_samples = len(draw_umm_pack(num_tokens, seed=0, variant=variant_name))
+    pairs = (causal_pairs(layout) if variant == "flash-causal-sol"
+             else layout.attended_pairs(real_samples))
     benchmark.group = f"attention-{_pack_id(pack)}-{hq}q{hkv}kv-{passes}"
     gpu_bench(attention_step(forward, q, k, v, grad_out, passes),
               flops=attention_flops(pairs, hq, HEAD_DIM, passes),

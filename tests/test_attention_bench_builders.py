@@ -62,20 +62,21 @@ def test_task_shares_follow_the_variant():
 def test_allowed_pairs_counts_the_dense_mask_on_shrunk_packs(variant, seed):
     layout = bench.umm_layout(1000, seed=seed, variant=variant, shrink=32)
     assert layout.num_samples > 3
-    assert bench.allowed_pairs(layout) == int(layout.dense_mask().sum())
+    assert layout.attended_pairs() == int(layout.dense_mask().sum())
     assert bench.causal_pairs(layout) == sum(n * (n + 1) // 2 for n in layout.seqlens)
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_allowed_pairs_on_random_layouts_with_every_mode(seed):
     layout, samples = random_layout(seed)
-    assert bench.allowed_pairs(layout) == int(rule_mask(samples).sum()), samples
+    assert layout.attended_pairs() == int(rule_mask(samples).sum()), samples
 
 
-def test_allowed_pairs_of_a_generation_sample_by_hand():
+def test_attended_pairs_of_a_generation_sample_by_hand():
     layout = PackedLayout.from_spans([[(4, "full"), (3, "causal"), (5, "noise")], [(2, "causal")]])
     image, text, noise, pad = 4 * 4, 3 * 4 + 6, 5 * 7 + 25, 3
-    assert bench.allowed_pairs(layout) == image + text + noise + pad
+    assert layout.attended_pairs() == image + text + noise + pad
+    assert layout.attended_pairs(1) == image + text + noise   # without the padding sample
 
 
 def test_flop_convention():

@@ -1,4 +1,5 @@
-"""Telemetry (trainer/telemetry.py): nothing GPU-shaped on a CPU, the MFU formula, and the
+"""Telemetry (trainer/telemetry.py): nothing GPU-shaped on a CPU, the model-FLOP count
+against torch's FLOP counter, MFU, NVML's device lookup, and the
 TensorBoard mirror of the metrics when torch.utils.tensorboard is importable."""
 import pytest
 
@@ -11,15 +12,13 @@ def test_cpu_run_has_no_gpu_keys_and_does_not_fail(tmp_path):
     rows = train_rows(train(small_config(tmp_path, steps=3, telemetry_every=1, family="ar")))
     assert len(rows) == 3
     for row in rows:
-        assert not [k for k in row if k.startswith("gpu/") or k in ("mfu", "flops_per_token")]
+        assert not [k for k in row if k.startswith("gpu/") or k in ("mfu", "model_tflops_per_s")]
 
 
-def test_mfu_formula_with_a_fake_peak():
-    # 6 * P + 12 * layers * hidden * context
-    per_token = telemetry.flops_per_token(params=1_000, layers=2, hidden=8, avg_context=10)
-    assert per_token == 6 * 1_000 + 12 * 2 * 8 * 10
-    assert telemetry.mfu(per_token, tokens_per_s=100.0, peak=per_token * 400.0) == pytest.approx(0.25)
-    assert telemetry.mfu(per_token, 100.0, None) is None
+def test_mfu_is_model_flops_over_time_and_peak():
+    assert telemetry.mfu(4e12, seconds=2.0, peak=8e12) == pytest.approx(0.25)
+    assert telemetry.mfu(4e12, 2.0, None) is None
+    assert telemetry.mfu(4e12, 0.0, 8e12) is None
 
 
 def test_peak_table_knows_hopper_and_ampere_only():
@@ -30,17 +29,60 @@ def test_peak_table_knows_hopper_and_ampere_only():
     assert telemetry.peak_flops(None) is None
 
 
-def test_pack_context_is_mean_attended_keys_of_real_samples(tmp_path):
+def _no_flop_attention(q, k, v, layout, **_):
+    """Stands in for packed_attention: every input gets a gradient, no matmul runs."""
+    return (v + k * 0).repeat_interleave(q.shape[1] // k.shape[1], dim=1) + q * 0
+
+
+@pytest.mark.parametrize("family", ["ar", "mar", "flow"])
+def test_flop_model_matches_a_flop_counter_on_a_training_pack(tmp_path, monkeypatch, family):
+    """FlopModel.pack against torch's FlopCounterMode over one pack's forward + backward.
+    Attention is swapped for a FLOP-free stand-in (its pairs are checked against the
+    dense mask below) and CPU SDPA (the ViT's attention) is not counted by FlopCounterMode,
+    so both are left out; padding tokens do run through the decoder. The model charges the
+    first layer of an input chain 6 FLOPs per weight where its input needs no gradient (4):
+    a small over-count, at most 2% at these toy widths."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import unimrg_fast as uf
     from trainer.data import SampleFactory, TrainData
     from trainer.model import build_model
 
-    config = small_config(tmp_path)
+    config = small_config(tmp_path, family=family, hidden_size=64, intermediate_size=128,
+                          num_heads=4, num_kv_heads=2)
     model, text, images, cond = build_model(config)
-    packs = TrainData(config, SampleFactory(config, text, images, cond), text.pad_id).step()
-    squares, total = telemetry.pack_context(packs)
-    assert total == sum(p.num_real_tokens for p in packs)
-    lengths = [n for p in packs for n in p.layout.seqlens[:len(p.sample_tasks)]]
-    assert squares == sum(n * n for n in lengths)
+    model.train()
+    flops = telemetry.FlopModel.from_model(model)
+    pack = TrainData(config, SampleFactory(config, text, images, cond), text.pad_id).step()[0]
+    assert pack.scored.shape[0] > 0 and pack.num_real_tokens < pack.num_tokens
+    monkeypatch.setattr(uf, "packed_attention", _no_flop_attention)
+    with FlopCounterMode(display=False) as counter:
+        model.loss(pack, "reference").total.backward()
+    vit = model.vit.config
+    vit_attention = 4 * vit.num_hidden_layers * vit.hidden_size * (vit.image_size // vit.patch_size) ** 2
+    expected = (flops.pack(pack)
+                - flops.attn_pair * pack.layout.attended_pairs(len(pack.sample_tasks))
+                - vit_attention * pack.vit_rows.shape[0]
+                + flops.decoder * (pack.num_tokens - pack.num_real_tokens))
+    counted = counter.get_total_flops()
+    assert counted <= expected <= 1.02 * counted, (family, counted, expected)
+
+
+def test_attention_pairs_of_a_pack_follow_the_mask_of_its_real_samples(tmp_path):
+    from trainer.data import SampleFactory, TrainData
+    from trainer.model import build_model
+
+    config = small_config(tmp_path, family="flow")
+    model, text, images, cond = build_model(config)
+    flops = telemetry.FlopModel.from_model(model)
+    pack = TrainData(config, SampleFactory(config, text, images, cond), text.pad_id).step()[0]
+    real = len(pack.sample_tasks)
+    pairs = sum(int(pack.layout.sample_mask(s).sum()) for s in range(real))
+    assert pack.layout.attended_pairs(real) == pairs
+    assert pairs < sum(n * n for n in pack.layout.seqlens[:real])   # not every key is visible
+    cfg = model.llm.config
+    assert flops.attn_pair == 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
 
 
 class FakeWriter:
@@ -122,15 +164,48 @@ def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch, world):
     for name, value in (("memory_allocated", 2 << 30), ("memory_reserved", 3 << 30),
                         ("max_memory_allocated", 4 << 30)):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, v=value: v)
+    clock = iter([10.0, 12.0])   # the first step begins at 10 s, the reading is at 12 s
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: next(clock))
     tel = telemetry.Telemetry.__new__(telemetry.Telemetry)
     tel.device, tel.cuda, tel.nvml = torch.device("cuda", 0), True, (FakeNvml, object())
-    tel.params, tel.layers, tel.hidden, tel.peak, tel.world = 1_000, 2, 8, 1e6, world
-    tel.squares, tel.total = 300, 30                     # mean context 10
-    row = tel.readings(tokens_per_s=100.0)
+    tel.peak, tel.world, tel.flops, tel.since = 1e6, world, 0.0, None
+    tel.add_flops(3e5)
+    tel.add_flops(1e5)                                   # two steps: 4e5 FLOPs in 2 s
+    row = tel.readings()
     assert row["gpu/mem_allocated_gib"] == 2 and row["gpu/mem_reserved_gib"] == 3
     assert row["gpu/mem_peak_gib"] == 4
     assert row["gpu/util_pct"] == 87 and row["gpu/power_w"] == 612 and row["gpu/sm_clock_mhz"] == 1980
     assert "gpu/temp_c" not in row
-    assert row["flops_per_token"] == 6 * 1_000 + 12 * 2 * 8 * 10
-    assert row["mfu"] == pytest.approx(row["flops_per_token"] * 100.0 / (1e6 * world))
-    assert tel.squares == tel.total == 0                 # the context restarts
+    assert row["mfu"] == pytest.approx(4e5 / 2.0 / (1e6 * world))
+    assert row["model_tflops_per_s"] == pytest.approx(2e5 / 1e12)
+    assert tel.flops == 0 and tel.since is None          # the next interval starts afresh
+
+
+def test_nvml_handle_is_found_by_uuid_not_by_cuda_index(monkeypatch):
+    """With CUDA_VISIBLE_DEVICES=4,5 torch's cuda:0 is the machine's 5th GPU: NVML's index 0
+    would read another GPU, its UUID finds the right one."""
+    import types
+
+    import torch
+
+    uuids = {0: "1111-aaaa", 1: "2222-bbbb"}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid=uuids[i]))
+
+    class FakeNvml:
+        @staticmethod
+        def nvmlDeviceGetHandleByUUID(uuid):
+            return {"GPU-1111-aaaa": "gpu4", "GPU-2222-bbbb": "gpu5"}[uuid]
+
+        @staticmethod
+        def nvmlDeviceGetHandleByIndex(index):
+            return f"gpu{index}"
+
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert telemetry.nvml_handle(FakeNvml, 0) == "gpu4"
+    assert telemetry.nvml_handle(FakeNvml, 1) == "gpu5"
+    uuids[0] = "9999-unknown"                  # NVML does not know it: no readings at all
+    assert telemetry.nvml_handle(FakeNvml, 0) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # every GPU visible: the numbering is NVML's
+    assert telemetry.nvml_handle(FakeNvml, 0) == "gpu0"

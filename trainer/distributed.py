@@ -56,7 +56,6 @@ from torch import nn
 
 from trainer.config import TASKS, Config
 from trainer.data import UND, Pack, SampleFactory, TrainData
-from trainer.telemetry import pack_context
 from unimrg_fast.packing import StreamingPacker
 
 
@@ -180,7 +179,7 @@ class ShardedData:
 
 
 # Layout of step_counts(): the per-task weight sums, then what telemetry needs.
-TOKENS, CONTEXT_SQUARES, CONTEXT_TOKENS = len(TASKS), len(TASKS) + 1, len(TASKS) + 2
+TOKENS, FLOPS = len(TASKS), len(TASKS) + 1
 
 
 def weight_sums(packs: List[Pack]) -> torch.Tensor:
@@ -193,14 +192,13 @@ def weight_sums(packs: List[Pack]) -> torch.Tensor:
     return torch.from_numpy(counts).float()
 
 
-def step_counts(packs: List[Pack]) -> torch.Tensor:
-    """float64 host tensor [num_tasks + 3]: weight_sums, real tokens, and the attention
-    context (sum of L_i^2, sum of L_i over the samples) that MFU needs. One all-reduce of
-    it gives every rank the global step's counts."""
-    squares, total = pack_context(packs)
+def step_counts(packs: List[Pack], flops: float = 0.0) -> torch.Tensor:
+    """float64 host tensor [num_tasks + 2]: weight_sums, real tokens and this rank's model
+    FLOPs of the step (telemetry's MFU). One all-reduce of it gives every rank the global
+    step's counts."""
     tokens = sum(p.num_real_tokens for p in packs)
     return torch.cat([weight_sums(packs).double(),
-                      torch.tensor([tokens, squares, total], dtype=torch.float64)])
+                      torch.tensor([tokens, flops], dtype=torch.float64)])
 
 
 # -------------------------------------------------------------------------- model

@@ -216,11 +216,10 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
     bar = _progress(config, steps, start, enabled=ctx.main)
     for step in range(start + 1, steps + 1):
         packs = data.step()
-        counts = ctx.all_reduce(distributed.step_counts(packs))   # host tensor: no device sync
+        counts = ctx.all_reduce(distributed.step_counts(packs, telemetry.step_flops(packs)))
         task_counts = counts[:len(TASKS)]
         global_weight = task_counts.float().to(device)
-        telemetry.add_context(float(counts[distributed.CONTEXT_SQUARES]),
-                              float(counts[distributed.CONTEXT_TOKENS]))
+        telemetry.add_flops(float(counts[distributed.FLOPS]))   # host tensor: no device sync
         loss_sum = torch.zeros(len(TASKS), device=device)
         for i, pack in enumerate(packs):
             with sync(i == len(packs) - 1):
@@ -249,7 +248,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             skipped = ctx.sum_counters(data.skipped) if config.data.data else {}
             row.update({f"skipped/{k}": v for k, v in skipped.items()})   # real data
             if telemetry.due(step):
-                row.update(telemetry.readings(row["tokens_per_s"]))
+                row.update(telemetry.readings())
             log(row)
             bar.set_postfix_str(_postfix(row), refresh=False)
         if save:

@@ -26,6 +26,7 @@ from unimrg_fast.targets import ddpm_eps_target, flow_matching_target
 
 from trainer.config import TASKS, Config, ConfigError
 from trainer.data import UND, Pack
+from trainer.telemetry import matmul_weights
 
 ATTENTION_NAME = "unimrg_packed"
 
@@ -87,6 +88,11 @@ class ARSide(nn.Module):
         nn.init.normal_(self.code_embed.weight, std=0.02)
         self.head = ImageTokenHead(hidden, num_codes)
 
+    def matmul_weights(self) -> Tuple[int, int]:
+        """(weights every target token passes through, weights every scored one does): the
+        model FLOPs telemetry counts. Code embeddings are a lookup."""
+        return 0, matmul_weights(self.head)
+
     def inputs(self, pack: Pack):
         codes = pack.gen_codes.index_fill(0, pack.scored, self.mask_id)
         return self.code_embed(codes), None
@@ -147,6 +153,9 @@ class MARSide(nn.Module):
         self.diffusion = DiffusionMLP(hidden, channels, layers)
         self.head = RegressionHead(hidden, channels)
 
+    def matmul_weights(self) -> Tuple[int, int]:
+        return matmul_weights(self.latent_in), matmul_weights(self.diffusion) + matmul_weights(self.head)
+
     def inputs(self, pack: Pack):
         x = self.latent_in(pack.gen_latents)
         masked = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)
@@ -175,6 +184,9 @@ class FlowSide(nn.Module):
         self.latent_in = nn.Linear(channels, hidden)
         self.t_embed = TimestepEmbedding(hidden)
         self.head = RegressionHead(hidden, channels)
+
+    def matmul_weights(self) -> Tuple[int, int]:
+        return matmul_weights(self.latent_in) + matmul_weights(self.t_embed), matmul_weights(self.head)
 
     def inputs(self, pack: Pack):
         noisy, target, s = flow_matching_target(pack.gen_latents, eps=pack.gen_eps,

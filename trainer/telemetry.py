@@ -7,20 +7,33 @@ GPU keys (only when the run is on a CUDA device; on a CPU none appear and nothin
                                                                      when importable
     mfu                                                              when the GPU's peak is known
 
-MFU (model FLOPs utilisation) = model FLOPs per token x tokens/s / peak dense bf16 FLOP/s,
-with model FLOPs per token (forward + backward, PaLM appendix B):
+MFU (model FLOPs utilisation) = the model FLOPs of the steps since the last reading / their
+wall time / (peak dense bf16 FLOP/s x GPUs). Model FLOPs count the useful matrix work of
+each pack from its host-known shapes (FlopModel), forward + backward (x3) for trained
+weights and forward only (x1) for the frozen ViT, 2 FLOPs per multiply-add:
 
-    6 * P  +  12 * layers * hidden * avg_context
+    decoder layers   6 * (their matmul weights)                 per real token
+    attention       12 * layers * q_heads * head_dim            per attended (query, key)
+                                                                pair (DESIGN.md 3.4's rule,
+                                                                exact from the spans)
+    LM head          6 * vocab * hidden                         per answer row
+    projector        6 * (its matmul weights)                   per condition token
+    ViT (frozen)     2 * (its matmul weights)                   per ViT token
+                     4 * vit_layers * vit_hidden * tokens/image per ViT token
+    generation side  6 * (input-side weights)                   per target-image token
+                     6 * (scored-side weights: diffusion MLP,   per scored target token
+                          regression / image-token head)
 
-P: every parameter on the LLM path, trainable and frozen (decoder, embeddings, LM head,
-generation head; not the ViT, which runs forward only on condition images and is small);
-avg_context: the keys each real token attends to on average, taken as sum(L_i^2) /
-sum(L_i) over the samples of a pack (block-diagonal packs; each sample counted as fully
-visible, an upper bound for its causal text spans). Rematerialisation (gradient
-checkpointing) is not counted: it is hardware FLOPs, not model FLOPs.
+Padding tokens, the input embedding (a lookup) and rematerialisation (gradient
+checkpointing) are not counted: they are not model FLOPs. The first layer of a chain whose
+input needs no gradient (projector, latent_in) is charged 6 rather than 4: an over-count
+of well under 1% of a step at the Qwen presets.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -40,29 +53,82 @@ def peak_flops(device_name: Optional[str]) -> Optional[float]:
     return None
 
 
-def llm_path_params(model: torch.nn.Module) -> int:
-    """Parameters on the LLM path (everything but the ViT), trainable and frozen."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vit."))
+def matmul_weights(module: torch.nn.Module) -> int:
+    """Weights a token's vector is multiplied by in `module`: every nn.Linear / nn.Conv2d
+    (a patch embedding is a linear map per patch) and unimrg_fast's heads."""
+    from unimrg_fast.heads import LMHead, RegressionHead
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, LMHead, RegressionHead)
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, kinds))
 
 
-def flops_per_token(params: int, layers: int, hidden: int, avg_context: float) -> float:
-    return 6.0 * params + 12.0 * layers * hidden * avg_context
-
-
-def mfu(flops_token: float, tokens_per_s: float, peak: Optional[float]) -> Optional[float]:
-    if not peak or tokens_per_s is None:
+def mfu(flops: float, seconds: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs over `seconds` as a fraction of `peak` FLOP/s (None: unknown peak)."""
+    if not peak or not seconds:
         return None
-    return flops_token * tokens_per_s / peak
+    return flops / seconds / peak
 
 
-def pack_context(packs: Iterable) -> tuple:
-    """(sum of L_i^2, sum of L_i) over the real samples of packs."""
-    squares = total = 0
-    for pack in packs:
-        lengths = pack.layout.seqlens[:len(pack.sample_tasks)]
-        squares += sum(n * n for n in lengths)
-        total += sum(lengths)
-    return squares, total
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """Model FLOPs of a training pack from its host-known shapes (see the module docstring);
+    build it with from_model before the model is wrapped (FSDP shards the weights)."""
+
+    decoder: float       # per real token
+    attn_pair: float     # per attended (query, key) pair
+    lm_head: float       # per answer row
+    projector: float     # per condition (ViT) token
+    vit_token: float     # per ViT token: weights and attention, forward only
+    gen_input: float     # per target-image token
+    gen_scored: float    # per scored target token
+
+    @classmethod
+    def from_model(cls, umm: torch.nn.Module) -> "FlopModel":
+        cfg = umm.llm.config
+        vit_cfg = umm.vit.config
+        vit_tokens = (vit_cfg.image_size // vit_cfg.patch_size) ** 2
+        gen_input, gen_scored = umm.gen.matmul_weights()
+        return cls(decoder=6.0 * matmul_weights(umm.llm.layers),
+                   attn_pair=12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg),
+                   lm_head=6.0 * umm.lm_head.weight.numel(),
+                   projector=6.0 * matmul_weights(umm.projector),
+                   vit_token=2.0 * matmul_weights(umm.vit)
+                   + 4.0 * vit_cfg.num_hidden_layers * vit_cfg.hidden_size * vit_tokens,
+                   gen_input=6.0 * gen_input, gen_scored=6.0 * gen_scored)
+
+    def pack(self, pack) -> float:
+        """Model FLOPs of one pack (forward + backward), without touching the device."""
+        real = len(pack.sample_tasks)   # the samples before the padding sample
+        return (self.decoder * pack.num_real_tokens
+                + self.attn_pair * pack.layout.attended_pairs(real)
+                + self.lm_head * pack.text_rows.shape[0]
+                + (self.projector + self.vit_token) * pack.vit_rows.shape[0]
+                + self.gen_input * pack.gen_rows.shape[0]
+                + self.gen_scored * pack.scored.shape[0])
+
+    def packs(self, packs: Iterable) -> float:
+        return sum(self.pack(p) for p in packs)
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def nvml_handle(pynvml, cuda_index: int):
+    """The NVML handle of torch's CUDA device `cuda_index`, found by the GPU's UUID: NVML
+    numbers every GPU of the machine, CUDA only the visible ones (CUDA_VISIBLE_DEVICES) and
+    possibly in another order. None when the GPU cannot be matched (no readings rather than
+    another GPU's)."""
+    uuid = getattr(torch.cuda.get_device_properties(cuda_index), "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}")
+        except Exception:
+            pass
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.environ.get("CUDA_DEVICE_ORDER"):
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)   # same numbering
+    return None
 
 
 def _summary_writer():
@@ -85,12 +151,11 @@ class Telemetry:
         self.world = world
         self.device = device
         self.cuda = enabled and device.type == "cuda" and torch.cuda.is_available()
-        llm_cfg = getattr(getattr(model, "llm", None), "config", None)
-        self.layers = getattr(llm_cfg, "num_hidden_layers", config.model.num_layers)
-        self.hidden = getattr(llm_cfg, "hidden_size", config.model.hidden_size)
-        self.params = llm_path_params(model)
+        # only a UMM has the shapes MFU needs (tests pass stand-in modules)
+        self.flop_model = FlopModel.from_model(model) if hasattr(model, "gen") else None
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if self.cuda else None
-        self.squares = self.total = 0
+        self.flops = 0.0
+        self.since: Optional[float] = None   # when the first step since the last reading began
         self.nvml = self._nvml() if self.cuda else None
         self.writer = None
         if config.run.tensorboard and enabled:
@@ -104,24 +169,27 @@ class Telemetry:
 
             pynvml.nvmlInit()
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = nvml_handle(pynvml, index)
+            return (pynvml, handle) if handle is not None else None
         except Exception:
             return None
 
-    def add_context(self, squares: float, total: float) -> None:
-        """A step's attention context (pack_context over the packs of every rank)."""
-        self.squares += squares
-        self.total += total
+    def step_flops(self, packs) -> float:
+        """Model FLOPs of this rank's packs of a step (0 without a UMM)."""
+        return self.flop_model.packs(packs) if self.flop_model is not None else 0.0
+
+    def add_flops(self, flops: float) -> None:
+        """A step's model FLOPs over every rank, called as the step begins."""
+        if self.since is None:
+            self.since = time.perf_counter()
+        self.flops += flops
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def flops_per_token(self) -> float:
-        avg = self.squares / self.total if self.total else 0.0
-        return flops_per_token(self.params, self.layers, self.hidden, avg)
-
-    def readings(self, tokens_per_s: Optional[float]) -> Dict[str, Any]:
-        """GPU keys and MFU (empty on a CPU); resets the context accumulated so far."""
+    def readings(self) -> Dict[str, Any]:
+        """GPU keys and MFU over the steps since the last reading (empty on a CPU); called
+        at the end of a step, after the host has waited for the device (a log step)."""
         row: Dict[str, Any] = {}
         if self.cuda:
             gib = float(1 << 30)
@@ -129,13 +197,13 @@ class Telemetry:
             row["gpu/mem_reserved_gib"] = torch.cuda.memory_reserved(self.device) / gib
             row["gpu/mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / gib
             row.update(self._nvml_readings())
-            # the run's tokens/s over all of its GPUs; the readings above are this GPU's
-            value = mfu(self.flops_per_token(), tokens_per_s,
-                        self.peak * self.world if self.peak else None)
+            seconds = time.perf_counter() - self.since if self.since is not None else 0.0
+            # the run's FLOPs over all of its GPUs; the readings above are this GPU's
+            value = mfu(self.flops, seconds, self.peak * self.world if self.peak else None)
             if value is not None:
                 row["mfu"] = value
-                row["flops_per_token"] = self.flops_per_token()
-        self.squares = self.total = 0
+                row["model_tflops_per_s"] = self.flops / seconds / 1e12
+        self.flops, self.since = 0.0, None
         return row
 
     def _nvml_readings(self) -> Dict[str, Any]:

@@ -215,6 +215,22 @@ class PackedLayout:
             raise ValueError(f"{name} has {n} tokens but the layout holds {self.num_tokens} "
                              f"(samples {list(self.seqlens)[:8]}{'...' if self.num_samples > 8 else ''})")
 
+    def attended_pairs(self, samples: Optional[int] = None) -> int:
+        """Exact number of (query, key) pairs the rule allows, over the first `samples`
+        samples (default: all of them; a padded pack's padding is its last sample), from
+        the spans alone: a query of a span sees every earlier non-noise span of its sample,
+        plus its own span (all of it when full / noise, up to itself when causal). The
+        useful work of attention, for FLOP counts."""
+        total = 0
+        for sample in self.spans[:samples]:
+            visible_before = 0
+            for length, mode in sample:
+                own = length * (length + 1) // 2 if mode == CAUSAL else length * length
+                total += length * visible_before + own
+                if mode != NOISE:
+                    visible_before += length
+        return total
+
     def dense_mask(self, device: Optional[torch.device | str] = None) -> torch.Tensor:
         """[T, T] bool, True where query (row) may attend key (column). Small packs only."""
         if self.num_tokens > DENSE_MASK_MAX_TOKENS:
