@@ -119,7 +119,7 @@ def test_estimate_on_the_tiny_preset_prints_both_projections():
     out = result.stdout
     assert "fast (" in out and "plain (PyTorch reference)" in out, out
     assert out.count("projected") == 2 and "10,000 iterations" in out, out
-    assert "5% all-reduce" in out and "3-8 h" in out, out
+    assert "ms all-reduce" in out and "3-8 h" in out and "not modelled" in out, out
 
 
 def test_estimate_unknown_recipe_exits_2_naming_the_allowed_values(capsys):

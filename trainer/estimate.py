@@ -5,35 +5,52 @@ steps on this machine's device, for the fast (fused Triton) and the plain path.
     python -m trainer --estimate --preset tiny          # a CPU: seconds, for the tests
 
 The model is built at the recipe's preset with random weights (weights do not change the
-time of a step), the recipe's micro-batch of samples (16 per GPU for Harmon: four of each
-task, task-interleaved) is packed into --pack-tokens packs, and one optimizer step (every
-pack's forward, ONE joint_loss per pack, backward, clipping, AdamW) is timed after
-warm-up steps that are excluded.
+time of a step). One micro-batch per GPU is timed: the recipe's samples per GPU (16 for
+Harmon, four of each task, task-interleaved), with text of the lengths DESIGN.md section 5
+gives for real data (answers 32-512 tokens, prompts 8-48, drawn with a fixed seed; the
+synthetic scenes' own text is a few tokens), packed into --pack-tokens packs. The timed
+step is every pack's forward, ONE joint_loss per pack, backward, clipping and AdamW, after
+untimed warm-up steps.
 
-Projection (data parallel: each of the --gpus GPUs does its own micro-batch per
-iteration, so the per-GPU step time is the iteration time):
+What an iteration is: the released recipe (Harmon's mmengine loop, accumulative_counts = 4)
+counts one single-task micro-batch of 16 samples per GPU on 8 GPUs as an iteration, and
+steps AdamW every 4 of them. So the recipe's 10,000 iterations are 10,000 micro-batches per
+GPU at 8 GPUs; the global batch of an iteration (8 x 16 samples) is kept for any --gpus N,
+each GPU doing 8 / N micro-batches. Timing AdamW with every micro-batch over-counts it by
+the 3 in 4 micro-batches that only accumulate (a few ms of a step).
 
-    wall = step time x iterations x (1 + 5% for the gradient all-reduce when gpus > 1)
+Projection, per GPU (data parallel):
 
-The 5% is a stated assumption, not a measurement: an all-reduce of the ~1.5e9 bf16
-gradients (3 GB) over NVLink at ~400 GB/s bus bandwidth is ~15 ms per iteration, and
-overlaps the backward pass in DDP / FSDP.
+    wall = iterations x (8 / N) x step time x buffer-token factor + iterations x all-reduce
+
+All-reduce: the fp32 gradients of the trainable weights (4 bytes each) over a ring,
+2 (N - 1) / N x bytes / bus bandwidth, at a stated 400 GB/s (NVLink on 8 H100 / H200,
+nccl-tests' order of magnitude), charged in full as if it never overlapped the backward
+pass (an upper bound; DDP and FSDP overlap most of it). Charged once per iteration, an
+upper bound again for the 3 in 4 micro-batches that only accumulate.
 
 Image tokens: Harmon has 1,088 per image (1,024 MAR latents + 64 buffer tokens). The
-trainer's closest shape is 1,024 (128-px scenes, 4-px patches) for the condition image
-and the target image, without the 64 buffer tokens; the step time measured at that shape
-is scaled up by the ratio of real tokens with and without the buffer tokens (linear in
-tokens: an upper bound, since the attention part is quadratic only within a sample and
-the rest is linear).
+trainer's closest shape is 1,024 (128-px scenes, 4-px patches) for the condition image and
+the target image, without the buffer tokens; the step time measured at that shape is scaled
+by the ratio of the micro-batch's model FLOPs (trainer/telemetry.py's FlopModel) with and
+without the 64 buffer tokens in every image span: attention grows with the square of a
+sample's length, the rest linearly, and the step time is taken to follow the FLOPs.
+
+Not modelled (printed with the projection): Harmon's MAR-H encoder / decoder and KL-16 VAE
+around the LLM (the trainer's model has a ViT, a projector and a diffusion MLP instead);
+data loading; evaluation and checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
 from typing import Dict, List, Optional
+
+import numpy as np
 
 ESTIMATE_RECIPES = {
     # name: preset, family, data recipe, samples per GPU per micro-batch, iterations,
@@ -45,7 +62,10 @@ ESTIMATE_RECIPES = {
                                samples=16, iterations=10_000, paper_hours=(3, 8),
                                target_hours=3.0, buffer_tokens=64),
 }
-ALLREDUCE_OVERHEAD = 0.05
+RECIPE_GPUS = 8                # the released recipe's data-parallel GPUs
+BUS_BANDWIDTH = 400e9          # bytes/s, a stated assumption (see the module docstring)
+ANSWER_TOKENS = (32, 512)      # DESIGN.md section 5: real understanding answers
+PROMPT_TOKENS = (8, 48)        # and generation prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(ESTIMATE_RECIPES)} (default unimrg-harmon-1.5b)")
     p.add_argument("--preset", default=None, metavar="NAME",
                    help="model shapes instead of the recipe's (tiny: a CPU check)")
-    p.add_argument("--gpus", type=int, default=8, metavar="N", help="data-parallel GPUs")
+    p.add_argument("--gpus", type=int, default=RECIPE_GPUS, metavar="N",
+                   help=f"data-parallel GPUs, a divisor of {RECIPE_GPUS}: each does "
+                        f"{RECIPE_GPUS} / N micro-batches per iteration (default {RECIPE_GPUS})")
     p.add_argument("--samples-per-gpu", type=int, default=None, metavar="N",
                    help="samples per GPU per micro-batch (default: the recipe's)")
     p.add_argument("--iterations", type=int, default=None, metavar="N",
-                   help="optimizer steps of the recipe (default: the recipe's)")
+                   help="iterations of the recipe: micro-batches per GPU at 8 GPUs "
+                        "(default: the recipe's)")
     p.add_argument("--pack-tokens", type=int, default=None, metavar="N",
                    help="tokens per pack (default: the preset's)")
     p.add_argument("--warmup-steps", type=int, default=2, metavar="N", help="untimed steps")
@@ -90,9 +113,15 @@ def main(argv: List[str]) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or any(p not in ("fast", "plain") for p in paths):
         _fail(parser, f"--paths: allowed values: fast, plain (comma-separated), got {args.paths!r}")
-    for name in ("gpus", "timed_steps"):
-        if getattr(args, name) < 1:
-            _fail(parser, f"--{name.replace('_', '-')}: must be >= 1")
+    for name in ("gpus", "timed_steps", "samples_per_gpu", "iterations", "pack_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(parser, f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.warmup_steps < 0:
+        _fail(parser, f"--warmup-steps: must be >= 0, got {args.warmup_steps}")
+    if RECIPE_GPUS % args.gpus:
+        _fail(parser, f"--gpus: must divide the recipe's {RECIPE_GPUS} GPUs (its global batch "
+                      f"is kept: each GPU does {RECIPE_GPUS} / N micro-batches), got {args.gpus}")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -100,32 +129,92 @@ def main(argv: List[str]) -> int:
         os.environ["TRITON_INTERPRET"] = "1"   # before unimrg_fast is imported
     recipe = ESTIMATE_RECIPES[args.recipe]
     preset = args.preset or recipe["preset"]
-    samples = args.samples_per_gpu or recipe["samples"]
-    iterations = args.iterations or recipe["iterations"]
-    results = estimate(preset, recipe, samples, args.pack_tokens, paths, args.warmup_steps,
-                       args.timed_steps, args.gradient_checkpointing)
+    samples = args.samples_per_gpu if args.samples_per_gpu is not None else recipe["samples"]
+    iterations = args.iterations if args.iterations is not None else recipe["iterations"]
+    from trainer.config import ConfigError
+
+    try:
+        results = estimate(preset, recipe, samples, args.pack_tokens, paths, args.warmup_steps,
+                           args.timed_steps, args.gradient_checkpointing)
+    except ConfigError as exc:   # e.g. --pack-tokens below the longest sample
+        _fail(parser, str(exc))
     print(report(args.recipe, recipe, preset, samples, iterations, args.gpus, results))
     return 0
 
 
 def _packs(config, factory, pad_id: int, samples: int):
-    """One micro-batch: `samples` samples of the recipe's task cycle, packed first-fit
-    decreasing into --pack-tokens packs."""
+    """One micro-batch: `samples` samples of the recipe's task cycle with real-data text
+    lengths, packed first-fit decreasing into --pack-tokens packs (host packs)."""
     from trainer.data import build_pack
     from unimrg_fast.packing import StreamingPacker
 
     cycle = config.data.task_cycle
+    rng = np.random.default_rng(0)
     counts: Dict[str, int] = {}
     batch = []
     for i in range(samples):
         task = cycle[i % len(cycle)]
-        batch.append(factory.train_sample(task, counts.get(task, 0)))
+        sample = factory.train_sample(task, counts.get(task, 0))
+        batch.append(with_text_length(sample, rng, factory.text.vocab_size))
         counts[task] = counts.get(task, 0) + 1
+    longest = max(s.length for s in batch)
+    if longest > config.data.pack_tokens:
+        from trainer.config import ConfigError
+
+        raise ConfigError("--pack-tokens", f"a sample of this micro-batch holds {longest:,} "
+                                           f"tokens; use --pack-tokens >= {longest}")
     packer = StreamingPacker(config.data.pack_tokens)
     packer.add(range(len(batch)), [s.length for s in batch])
     channels = config.model.latent_channels if factory.family != "ar" else 0
     return [build_pack([batch[i] for i in group], config.data.pack_tokens, pad_id,
                        factory.cond_tokens, channels) for group in packer.pop_packs()]
+
+
+def with_text_length(sample, rng: np.random.Generator, vocab_size: int):
+    """The sample with its text span grown to a real-data length (DESIGN.md section 5):
+    an understanding sample's answer to ANSWER_TOKENS, a generation sample's prompt to
+    PROMPT_TOKENS, by random tokens appended to the end of its causal span (the answer's
+    new tokens are scored like the rest of it). Never shorter than it was."""
+    from trainer.data import UND
+
+    low, high = ANSWER_TOKENS if sample.task == UND else PROMPT_TOKENS
+    spans = list(sample.spans)
+    text = max(i for i, (_, mode) in enumerate(spans) if mode == "causal")
+    end = sum(n for n, _ in spans[:text + 1])
+    current = len(sample.label_ids) if sample.task == UND else spans[text][0]
+    extra = max(0, int(rng.integers(low, high + 1)) - current)
+    ids = rng.integers(0, vocab_size, extra, dtype=np.int64)
+    spans[text] = (spans[text][0] + extra, "causal")
+    grown = dataclasses.replace(sample, spans=tuple(spans),
+                                input_ids=np.insert(sample.input_ids, end, ids))
+    if sample.task == UND:   # position p predicts token p + 1
+        grown.label_rows = np.concatenate([sample.label_rows, end - 1 + np.arange(extra)])
+        grown.label_ids = np.concatenate([sample.label_ids, ids])
+    else:
+        grown.target_start = sample.target_start + extra
+    return grown
+
+
+def buffer_token_factor(flops, packs, buffer: int) -> float:
+    """Model FLOPs of the micro-batch with `buffer` more tokens in every image span (the
+    condition image and a generation target) over its FLOPs without them."""
+    from unimrg_fast.layout import CAUSAL, MODES, PackedLayout
+
+    if not buffer:
+        return 1.0
+    base = grown = 0.0
+    for pack in packs:
+        real = len(pack.sample_tasks)
+        spans = [[(n + buffer if mode != CAUSAL else n, MODES[mode]) for n, mode in sample]
+                 for sample in pack.layout.spans[:real]]
+        images = sum(1 for sample in spans for _, mode in sample if mode != "causal")
+        targets = sum(1 for t in pack.sample_tasks if t != 0)
+        pairs = PackedLayout.from_spans(spans).attended_pairs() - pack.layout.attended_pairs(real)
+        base += flops.pack(pack)
+        grown += (flops.pack(pack) + flops.decoder * buffer * images + flops.attn_pair * pairs
+                  + (flops.projector + flops.vit_token) * buffer * real
+                  + flops.gen_input * buffer * targets)
+    return grown / base
 
 
 def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int],
@@ -136,6 +225,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     from trainer.data import SampleFactory
     from trainer.loop import autocast_for, build_optimizer
     from trainer.model import build_model
+    from trainer.telemetry import FlopModel
     from unimrg_fast import backends
 
     overrides = {"family": recipe["family"], "recipe": recipe["recipe"], "eval_questions": 0,
@@ -152,16 +242,19 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     host_packs = _packs(config, factory, text.pad_id, samples)
     packs = [p.to(device) for p in host_packs]
     tokens = sum(p.num_real_tokens for p in packs)
-    # images per micro-batch: every sample's condition image + each generation target
-    image_spans = sum(len(p.sample_tasks) + sum(1 for t in p.sample_tasks if t != 0)
-                      for p in host_packs)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(config, device)
+    buffer = recipe["buffer_tokens"] if preset == recipe["preset"] else 0
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "tokens": tokens, "packs": len(packs), "pack_tokens": config.data.pack_tokens,
-           "image_tokens": config.model.target_tokens, "image_spans": image_spans,
-           "params": sum(p.numel() for p in model.parameters()), "paths": {}}
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+           "image_tokens": config.model.target_tokens,
+           "answer_rows": sum(p.text_rows.shape[0] for p in host_packs),
+           "params": sum(p.numel() for p in model.parameters()),
+           "trainable": sum(p.numel() for p in params), "buffer_tokens": buffer,
+           "buffer_factor": buffer_token_factor(FlopModel.from_model(model), host_packs, buffer),
+           "paths": {}}
+    # a host copy, so the timed paths' peak memory is a training run's
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     for path in paths:
         impl = "triton" if path == "fast" else "reference"
         if impl == "triton" and not backends.triton().available:
@@ -211,25 +304,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def allreduce_seconds(trainable: int, gpus: int) -> float:
+    """One ring all-reduce of the fp32 gradients at BUS_BANDWIDTH (0 on one GPU)."""
+    return 2 * (gpus - 1) / gpus * 4 * trainable / BUS_BANDWIDTH
+
+
 def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, gpus: int,
            r: Dict) -> str:
-    buffer = recipe["buffer_tokens"] if preset == recipe["preset"] else 0
-    scale = (r["tokens"] + buffer * r["image_spans"]) / r["tokens"]
-    overhead = ALLREDUCE_OVERHEAD if gpus > 1 else 0.0
+    scale = r["buffer_factor"]
+    micro = RECIPE_GPUS // gpus
+    reduce_s = allreduce_seconds(r["trainable"], gpus)
     lines = [
         f"time budget of {name} ({recipe['recipe']} recipe, {recipe['family']} family) at "
         f"preset {preset}, on {r['device']}",
         f"  micro-batch per GPU: {samples} samples = {r['tokens']:,} real tokens in "
         f"{r['packs']} pack(s) of {r['pack_tokens']:,}; {r['image_tokens']:,} tokens per "
-        f"image; {_count(r['params'])} parameters (random weights)",
+        f"image; {r['answer_rows']:,} answer tokens (real-data text lengths); "
+        f"{_count(r['params'])} parameters, {_count(r['trainable'])} trained (random weights)",
     ]
-    if buffer:
-        lines.append(f"  Harmon has {r['image_tokens'] + buffer:,} tokens per image (+{buffer} "
-                     f"buffer tokens, not modelled): step times scaled by x{scale:.3f}")
-    lines.append(f"  projection: {gpus} GPU(s) data parallel, each its own micro-batch, wall = "
-                 f"step time x {iterations:,} iterations"
-                 + (f" x {1 + overhead:.2f} (stated {overhead:.0%} all-reduce overhead)"
-                    if overhead else ""))
+    if r["buffer_tokens"]:
+        lines.append(f"  Harmon has {r['image_tokens'] + r['buffer_tokens']:,} tokens per image "
+                     f"(+{r['buffer_tokens']} buffer tokens, not built): step times scaled by "
+                     f"x{scale:.3f}, the model FLOPs with / without them")
+    lines.append(f"  projection: an iteration is {RECIPE_GPUS} x {samples} samples (the recipe's "
+                 f"global micro-batch); on {gpus} GPU(s) each does {micro} micro-batch(es) of "
+                 f"it: wall = {iterations:,} iterations x {micro} x step time"
+                 + (f" + {iterations:,} x {reduce_s * 1e3:.0f} ms all-reduce of "
+                    f"{4 * r['trainable'] / 1e9:.1f} GB fp32 gradients at a stated "
+                    f"{BUS_BANDWIDTH / 1e9:.0f} GB/s, never overlapped (an upper bound)"
+                    if gpus > 1 else ""))
     lo, hi = recipe["paper_hours"]
     for path in ("fast", "plain"):
         entry = r["paths"].get(path)
@@ -242,17 +345,21 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
             lines.append(f"  {label:<27} not timed: {entry['error']}")
             continue
         step_s = entry["step_s"] * scale
-        hours = step_s * iterations * (1 + overhead) / 3600
+        hours = iterations * (micro * step_s + reduce_s) / 3600
         mem = f", peak {entry['peak_gib']:.1f} GiB" if "peak_gib" in entry else ""
         verdict = ""
-        if path == "fast" and preset != recipe["preset"]:
-            verdict = f"; the < {recipe['target_hours']:g} h target applies at {recipe['preset']} only"
+        if path == "fast" and (preset != recipe["preset"] or gpus != RECIPE_GPUS):
+            verdict = (f"; the < {recipe['target_hours']:g} h target applies at "
+                       f"{recipe['preset']} on {RECIPE_GPUS} GPUs only")
         elif path == "fast":
             meets = hours < recipe["target_hours"]
             verdict = (f"; target < {recipe['target_hours']:g} h: "
                        f"{'MET' if meets else 'NOT MET'}")
         lines.append(f"  {label:<27} {step_s:.3f} s/step{mem} -> projected {_hours(hours)} for "
                      f"the whole recipe{verdict}")
+    lines.append("  not modelled: Harmon's MAR-H encoder / decoder and VAE around the LLM "
+                 "(a ViT, projector and diffusion MLP stand in), data loading, evaluation, "
+                 "checkpoints")
     lines.append(f"  (the paper reports {lo}-{hi} h; projections from a {r['device']} apply to "
                  f"that device only)")
     return "\n".join(lines)

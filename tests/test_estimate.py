@@ -1,0 +1,118 @@
+"""`python -m trainer --estimate` (trainer/estimate.py): real-data text lengths, the
+buffer-token factor from model FLOPs, the projection's arithmetic (the recipe's global
+batch kept for any --gpus, the all-reduce bound) and its argument checks."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer import estimate, telemetry
+from trainer.data import UND, SampleFactory
+from trainer.model import build_model
+from trainer_helpers import small_config
+
+NO_FLOPS = dict(decoder=0.0, attn_pair=0.0, lm_head=0.0, projector=0.0, vit_token=0.0,
+                gen_input=0.0, gen_scored=0.0)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    config = small_config(tmp_path_factory.mktemp("estimate"), family="mar", pack_tokens=2048)
+    model, text, images, cond = build_model(config)
+    return config, SampleFactory(config, text, images, cond), text
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_understanding_answers_grow_to_real_lengths_and_stay_scored(factory, seed):
+    _, samples, text = factory
+    sample = samples.train_sample("und", seed)
+    grown = estimate.with_text_length(sample, np.random.default_rng(seed), text.vocab_size)
+    low, high = estimate.ANSWER_TOKENS
+    assert low <= len(grown.label_ids) <= high and len(grown.label_ids) > len(sample.label_ids)
+    assert grown.length == sum(n for n, _ in grown.spans)
+    # position p predicts token p + 1, for the old answer tokens and the new ones
+    np.testing.assert_array_equal(grown.input_ids[grown.label_rows + 1], grown.label_ids)
+    assert grown.spans[0] == sample.spans[0]                      # the image is unchanged
+
+
+@pytest.mark.parametrize("task", ["depth", "pixel", "seg"])
+def test_generation_prompts_grow_and_the_target_moves_with_them(factory, task):
+    _, samples, text = factory
+    sample = samples.train_sample(task, 1)
+    grown = estimate.with_text_length(sample, np.random.default_rng(0), text.vocab_size)
+    low, high = estimate.PROMPT_TOKENS
+    assert low <= grown.spans[1][0] <= high and grown.spans[2] == sample.spans[2]
+    extra = grown.length - sample.length
+    assert extra > 0 and grown.target_start == sample.target_start + extra
+    np.testing.assert_array_equal(grown.input_ids[grown.target_start:],
+                                  sample.input_ids[sample.target_start:])
+    assert grown.task != UND and len(grown.label_ids) == 0
+
+
+def test_buffer_factor_follows_tokens_for_linear_work_and_pairs_for_attention(factory):
+    config, samples, text = factory
+    packs = estimate._packs(config, samples, text.pad_id, 4)
+    assert estimate.buffer_token_factor(telemetry.FlopModel(**NO_FLOPS), packs, 0) == 1.0
+    buffer = 5
+    linear = telemetry.FlopModel(**{**NO_FLOPS, "decoder": 1.0})
+    real = sum(p.num_real_tokens for p in packs)
+    images = sum(1 for p in packs for s in p.layout.spans[:len(p.sample_tasks)]
+                 for _, mode in s if mode != 0)
+    assert estimate.buffer_token_factor(linear, packs, buffer) == pytest.approx(
+        (real + buffer * images) / real)
+    # attention alone: by hand for one generation sample [4 full | 3 causal | 5 noise]
+    from trainer.data import Pack
+    from unimrg_fast.layout import PackedLayout
+
+    pack = Pack.__new__(Pack)
+    pack.layout = PackedLayout.from_spans([[(4, "full"), (3, "causal"), (5, "noise")]])
+    pack.sample_tasks, pack.num_real_tokens = (2,), 12
+    pairs = lambda a, n: a * a + 3 * a + 6 + n * (a + 3) + n * n   # noqa: E731
+    attention = telemetry.FlopModel(**{**NO_FLOPS, "attn_pair": 1.0})
+    for name in ("text_rows", "vit_rows", "gen_rows", "scored"):
+        setattr(pack, name, np.zeros(0))
+    assert estimate.buffer_token_factor(attention, [pack], 2) == pytest.approx(
+        pairs(6, 7) / pairs(4, 5))
+
+
+RESULT = {"device": "NVIDIA H200", "tokens": 30_000, "packs": 2, "pack_tokens": 16_384,
+          "image_tokens": 1_024, "answer_rows": 1_100, "params": 1.9e9, "trainable": 1.5e9,
+          "buffer_tokens": 64, "buffer_factor": 1.1,
+          "paths": {"fast": {"step_s": 0.5, "peak_gib": 60.0}, "plain": {"step_s": 1.0}}}
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_projection_keeps_the_recipe_global_batch_and_bounds_the_all_reduce(gpus):
+    recipe = estimate.ESTIMATE_RECIPES["unimrg-harmon-1.5b"]
+    text = estimate.report("unimrg-harmon-1.5b", recipe, "qwen2.5-1.5b", 16, 10_000, gpus, RESULT)
+    micro = 8 // gpus
+    reduce_s = 2 * (gpus - 1) / gpus * 4 * 1.5e9 / 400e9   # ring all-reduce of fp32 grads
+    fast = 10_000 * (micro * 0.5 * 1.1 + reduce_s) / 3600
+    plain = 10_000 * (micro * 1.0 * 1.1 + reduce_s) / 3600
+    assert f"projected {fast:.2f} h" in text and f"projected {plain:.2f} h" in text, text
+    assert f"each does {micro} micro-batch" in text and "not modelled" in text
+    if gpus == 8:
+        assert f"{reduce_s * 1e3:.0f} ms all-reduce of 6.0 GB" in text
+        assert ("MET" if fast < 3 else "NOT MET") in text
+    else:
+        assert "applies at qwen2.5-1.5b on 8 GPUs only" in text
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--gpus", "3"], "--gpus"), (["--gpus", "0"], "--gpus"),
+    (["--samples-per-gpu", "0"], "--samples-per-gpu"), (["--iterations", "0"], "--iterations"),
+    (["--warmup-steps", "-1"], "--warmup-steps"), (["--pack-tokens", "0"], "--pack-tokens")])
+def test_bad_estimate_arguments_exit_2_naming_the_flag(args, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        estimate.main(["--estimate", "--preset", "tiny", *args])
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_pack_tokens_below_a_sample_exits_2_naming_it():
+    result = subprocess.run([sys.executable, "-m", "trainer", "--estimate", "--preset", "tiny",
+                             "--pack-tokens", "100", "--paths", "plain"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "--pack-tokens" in result.stderr and "Traceback" not in result.stderr
