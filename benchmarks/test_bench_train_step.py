@@ -7,7 +7,8 @@ A step is what `python -m trainer` does per micro-batch: the UMM's forward over 
 16k-token task-interleaved pack (und + pixel + depth + seg samples of 128-px scenes, 1,024
 tokens per image, mar family), ONE joint_loss call, backward, gradient clipping, AdamW.
 Qwen2.5-1.5B's shape with random weights, bf16 autocast over fp32 master weights.
-tokens/s counts the pack's real (non-padding) tokens; peak extra memory is measured by
+tokens/s counts the pack's real (non-padding) tokens, TFLOP/s its model FLOPs (the count
+telemetry's MFU uses: trainer/telemetry.py FlopModel); peak extra memory is measured by
 the harness. Both variants share the model, the optimizer and the pack, built once.
 
 `make_train_step` is plain code so that tests/test_trainer_bench.py can build and run the
@@ -62,9 +63,12 @@ def make_train_step(state, impl: str) -> Tuple[Callable[[], torch.Tensor], Dict]
         optimizer.zero_grad(set_to_none=True)
         return out.total.detach()
 
+    from trainer.telemetry import FlopModel
+
     info = {"tokens": pack.num_real_tokens, "pack_tokens": pack.num_tokens,
             "samples": len(pack.sample_tasks), "preset": config.preset,
-            "family": config.model.family}
+            "family": config.model.family,
+            "model_flops": FlopModel.from_model(model).pack(pack)}   # telemetry's MFU count
     return step, info
 
 
@@ -82,5 +86,5 @@ def test_bench_train_step(gpu_bench, benchmark, train_state, impl, role):
     step, info = make_train_step(train_state, impl)
     loss = step()
     assert torch.isfinite(loss), f"{impl}: non-finite loss {loss}"
-    median = gpu_bench(step, role=role, rounds=10, warmup=2, **info)
+    median = gpu_bench(step, flops=info["model_flops"], role=role, rounds=10, warmup=2, **info)
     benchmark.extra_info["tokens_per_s"] = info["tokens"] / median

@@ -29,6 +29,7 @@ def test_train_step_builder_runs_fast_and_plain_at_the_tiny_preset():
     plain, info = bench.make_train_step(state, "reference")
     fast, _ = bench.make_train_step(state, "triton")
     assert info["tokens"] > 0 and info["pack_tokens"] == 256 and info["preset"] == "tiny"
+    assert info["model_flops"] > 6 * info["tokens"]   # TFLOP/s of the step: a real count
     # Snapshot the weights so that both variants score the same model.
     weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
     loss_plain = plain()
