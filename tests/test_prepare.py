@@ -4,7 +4,9 @@ folder, so nothing is downloaded. Random teachers rarely produce a SAM mask that
 UniMRG thresholds, so the rendering path is also driven by hand-made masks."""
 from __future__ import annotations
 
+import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from PIL import Image
 
 from trainer import prepare as prep
 from trainer import scenes, teachers
+from trainer.datapaths import SEG_STYLE_FILE, read_seg_style
+from trainer.realdata import to_rgb
 from trainer.teachers import (DepthTeacher, MaskGenerator, MaskSettings, box_nms,
                               mask_boundary, palette, render_boundaries, render_instances,
                               rle_to_mask)
@@ -130,10 +134,10 @@ def test_outputs_mirror_inputs_and_resume_does_nothing(images, models, monkeypat
     assert summary.existing == {"depth": 0, "seg": 0}
     assert sorted(summary.skipped) == sorted(CORRUPT), summary.skipped
 
-    for folder in (depth_dir, seg_dir):
+    for folder, extra in ((depth_dir, []), (seg_dir, [SEG_STYLE_FILE])):  # + the style record
         produced = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                           if p.is_file())
-        assert produced == sorted(expected_png(rel) for rel in SIZES), produced
+        assert produced == sorted([expected_png(rel) for rel in SIZES] + extra), produced
     for rel, (h, w) in SIZES.items():
         with Image.open(depth_dir / expected_png(rel)) as depth:
             assert depth.mode == "L" and depth.size == (w, h), (rel, depth.mode, depth.size)
@@ -529,3 +533,96 @@ def test_cuda_matches_cpu(images, models, tmp_path):
         seg = [np.asarray(Image.open(tmp_path / f"s_{d}" / expected_png(rel)))
                for d in ("cpu", "gpu")]
         np.testing.assert_array_equal(*seg)
+
+
+# ------------------------------------------------------ odd images, links, modes, style
+def save_noise(path, h, w, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)).save(path)
+
+
+def test_thin_and_extreme_images_never_stop_the_run(tmp_path, models, capsys):
+    """1-pixel strips used to lose a side in the depth post-processing's squeeze(); past an
+    aspect ratio the processor (the tiny one: 42 px, sides multiples of 14) resizes a side
+    to 0 and raises. Sorted by aspect, such an image shares the first batch: the batch is
+    retried image by image and only the one that fails alone is left out, run after run."""
+    root = tmp_path / "tuning_data"
+    sizes = {"a.png": (20, 30), "dot.png": (1, 1), "tall.png": (5, 1), "wide.png": (1, 5),
+             "strip.png": (5, 60)}                        # (h, w); strip: 3.5 px -> 0
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        save_noise(root / name, h, w, seed=i)
+    summary = run(root, models, tasks="depth", batch_size=8)
+    out = tmp_path / "tuning_data_depth"
+    assert summary.written == {"depth": 4} and summary.skipped == {}
+    assert list(summary.failed["depth"]) == ["strip.png"], summary.failed
+    assert "ValueError" in summary.failed["depth"]["strip.png"]
+    for name, (h, w) in sizes.items():
+        if name != "strip.png":
+            with Image.open(out / name) as depth:
+                assert depth.size == (w, h), (name, depth.size)
+    assert not (out / "strip.png").exists()
+    # a rerun does not die on it either: it tries it again, alone, and says so
+    assert prep.main(["--images", str(root), "--depth-model", str(models["depth"]), "--tasks",
+                      "depth", "--device", "cpu", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "depth: 0 written, 4 already present, 1 failed" in printed, printed
+    assert "strip.png (depth): ValueError" in printed, printed
+
+
+def test_sam_leaves_out_only_the_image_it_cannot_take(tmp_path, models):
+    root = tmp_path / "tuning_data"
+    save_noise(root / "a.png", 20, 30)
+    save_noise(root / "strip.png", 200, 1)        # the tiny SAM's 64-px side: width 0.3 -> 0
+    summary = run(root, models, tasks="seg", batch_size=2)
+    assert summary.written == {"seg": 1} and list(summary.failed["seg"]) == ["strip.png"]
+    assert (tmp_path / "tuning_data_mask" / "a.png").is_file()
+
+
+def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
+    real = tmp_path / "datasets" / "coco" / "train2017"
+    save_noise(real / "0001.jpg", 8, 8)
+    linked = tmp_path / "all_linked"                                   # nothing but a link
+    linked.mkdir()
+    (linked / "coco").symlink_to(tmp_path / "datasets" / "coco")
+    assert [p.as_posix() for p in prep.list_images(linked)] == ["coco/train2017/0001.jpg"]
+    root = tmp_path / "tuning_data"
+    save_noise(root / "local.jpg", 8, 8)
+    (root / "coco").symlink_to(tmp_path / "datasets" / "coco")
+    (root / "coco2017").symlink_to(tmp_path / "datasets" / "coco")   # the same folder again
+    (real / "up").symlink_to(root)                                     # a loop
+    (root / "self").symlink_to(root)                                   # and a shorter one
+    found = [p.as_posix() for p in prep.list_images(root)]
+    assert found == ["coco/train2017/0001.jpg", "coco2017/train2017/0001.jpg", "local.jpg"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_mode_of_a_plain_save(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        prep.write_png(tmp_path / "a.png", np.zeros((4, 5), np.uint8))
+        prep.write_seg_style(tmp_path, "unimrg")
+    finally:
+        os.umask(old)
+    for name in ("a.png", SEG_STYLE_FILE):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_sixteen_bit_images_are_read_as_the_trainer_reads_them(tmp_path):
+    ramp16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp16).save(tmp_path / "grey16.png")
+    got = np.asarray(prep.load_image(tmp_path / "grey16.png"))
+    assert got.shape == (4, 64, 3) and (got[0, 0, 0], got[0, -1, 0]) == (0, 255)
+    assert len(np.unique(got)) == 64                                  # not saturated
+    with Image.open(tmp_path / "grey16.png") as image:
+        np.testing.assert_array_equal(got, np.asarray(to_rgb(image)))
+
+
+def test_mask_folder_records_its_style_and_refuses_the_other(images, models, monkeypatch):
+    monkeypatch.setattr(MaskGenerator, "masks", lambda self, ims: [[] for _ in ims])
+    run(images, models, tasks="seg", seg_style="sgt", limit=2)
+    out = images.parent / "tuning_data_mask"
+    assert json.loads((out / SEG_STYLE_FILE).read_text()) == {"seg_style": "sgt"}
+    assert read_seg_style(str(out)) == "sgt"                       # what the trainer checks
+    with pytest.raises(prep.PrepareError, match="--seg-style sgt"):
+        run(images, models, tasks="seg")                           # unimrg into sgt: refused
+    assert run(images, models, tasks="seg", seg_style="sgt").written == {"seg": len(SIZES) - 1}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import scenes
+from trainer import realdata, scenes
 from trainer.__main__ import main
 from trainer.config import TASKS, ConfigError
 from trainer.data import Sample, SampleFactory
-from trainer.datapaths import resolve
+from trainer.datapaths import SEG_STYLE_FILE, DataPathError, resolve, target_path
 from trainer.loop import train
-from trainer.realdata import (GREY, RecordDataset, Skipped, conversation_turns, depth_target,
-                              gen_image, pad_to_square, seg_target, und_image)
+from trainer.realdata import (GREY, REAL_PROMPTS, RealSource, RecordDataset, Skipped,
+                              conversation_turns, depth_target, gen_image, pad_to_square,
+                              read_records, seg_target, to_rgb, und_image)
 from trainer.tokenizers import PatchLatents, image_to_unit
 from trainer_helpers import small_config, train_rows
 
@@ -201,7 +204,7 @@ def test_samples_carry_the_preprocessed_images_and_answer_only_labels(tmp_path, 
         if task != "und":
             assert s.latents.min() >= -1 and s.latents.max() <= 1, (rec, task)
             prompt = s.input_ids[16:s.target_start].tolist()
-            assert prompt in [tok.encode(p) for p in scenes.PROMPTS[task]], (rec, task)
+            assert prompt in [tok.encode(p) for p in REAL_PROMPTS[task]], (rec, task)
 
 
 # ----------------------------------------------------------------- skips, determinism
@@ -279,7 +282,9 @@ def _tiny_llm(tmp_path) -> Path:
 
     words = sorted({w.lower() for r in RECORDS if r for m in r.get("conversations", [])
                     for w in m["value"].split()} | {w for p in scenes.PROMPTS.values()
-                                                     for t in p for w in t.split()})
+                                                     for t in p for w in t.split()}
+                   | {w for p in REAL_PROMPTS.values() for t in p
+                      for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
     vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -368,3 +373,181 @@ def test_a_data_set_without_one_usable_record_stops_naming_data(tmp_path, datase
     with pytest.raises(ConfigError, match="--data.*no usable sample") as info:
         train(config)
     assert "bad_image" in str(info.value) and "no_image" in str(info.value)
+
+
+# ------------------------------------------------- prompts, file formats, record shapes
+def test_real_prompts_are_the_design_sentences_and_scenes_keep_their_own(tmp_path, dataset_dir):
+    assert REAL_PROMPTS["depth"][0] == "Generate the depth map of this image."
+    assert REAL_PROMPTS["seg"][0] == "Generate the segmentation mask of this image."
+    assert all(len(REAL_PROMPTS[t]) >= 3 for t in ("depth", "seg", "pixel"))
+    assert "generate the depth map of this image ." in scenes.PROMPTS["depth"]   # unchanged
+    tok = StubTokenizer()
+    items = items_of(dataset_for(tmp_path, dataset_dir, cycle=("depth",)))
+    real = {tuple(s.input_ids[16:s.target_start]) for s in items if isinstance(s, Sample)}
+    assert real and real <= {tuple(tok.encode(p)) for p in REAL_PROMPTS["depth"]}, real
+    synthetic = factory_for(tmp_path).train_sample("depth", 0)
+    assert synthetic.input_ids[16:synthetic.target_start].tolist() in \
+        [tok.encode(p) for p in scenes.PROMPTS["depth"]]
+
+
+def test_targets_are_looked_up_as_the_release_does(tmp_path, dataset_dir):
+    """The image's own relative path first, then .png, then .jpg."""
+    depth, mask = dataset_dir / "tuning_data_depth", dataset_dir / "tuning_data_mask"
+    # b's targets keep the image's own name; a reversed ramp there wins over b.png's
+    Image.fromarray(depth_image(18, 40, 200, 50)).save(depth / "sub" / "b.jpg", format="PNG")
+    (mask / "sub" / "b.png").rename(mask / "sub" / "b.jpg")
+    Image.fromarray(depth_image(24, 24)).save(depth / "c.jpg", quality=95)   # c: .jpg only
+    Image.fromarray(mask_image(24, 24)).save(mask / "c.jpg", format="PNG")
+    assert target_path(str(depth), "sub/b.jpg") == os.path.join(str(depth), "sub/b.jpg")
+    assert target_path(str(depth), "c.png") == os.path.join(str(depth), "c.jpg")
+    assert target_path(str(depth), "a.png") == os.path.join(str(depth), "a.png")
+    assert target_path(str(depth), "nope.png") is None
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
+    assert "missing_depth" not in skips and "missing_mask" not in skips, skips
+    b = [s for s in items if isinstance(s, Sample) and s.source.endswith(":b")
+         and TASKS[s.task] == "depth"][0]
+    assert (np.diff(latents_image(b)[0, :, 0]) < 0).all()     # b.jpg's falling ramp
+
+
+def test_a_json_list_with_a_byte_order_mark_reads_as_without(tmp_path, dataset_dir):
+    records = [r for r in RECORDS if r is not None]
+    for text in (json.dumps(records, indent=1), json.dumps(records)):
+        (dataset_dir / "train.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert read_records(str(dataset_dir / "train.json")) == records
+
+
+@pytest.mark.parametrize("content", [b'[{"id": "a", "image": "a.png"}, {"id": "b", "ima',
+                                     b'[{"id": "a"}] [', b'["caf\xe9"]', b'\xef\xbb\xbf[1,'],
+                         ids=["truncated", "trailing", "not-utf8", "bom-truncated"])
+def test_a_broken_json_list_is_a_config_error_naming_data(tmp_path, dataset_dir, content):
+    path = dataset_dir / "train.json"
+    path.write_bytes(content)
+    (dataset_dir / "train.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"--data: .*train\.json: not valid JSON"):
+        read_records(str(path))
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    config = small_config(tmp_path, data=str(path), llm=str(llm))
+    with pytest.raises(ConfigError, match="--data"):   # what train() builds before step 1
+        RealSource(config, factory_for(tmp_path))
+
+
+def test_records_of_unexpected_shapes_are_skipped_never_fatal(tmp_path, dataset_dir,
+                                                               monkeypatch):
+    odd = [{"id": "n", "image": "a.png", "conversations": 5},
+           {"id": "t", "image": "a.png", "conversations": True},
+           {"id": "s", "image": "a.png", "conversations": "hello"},
+           {"id": "x", "image": "a.png", "conversations": RECORDS[0]["conversations"]}]
+    (dataset_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in odd))
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
+    assert dict(skips) == {"no_conversation": 3}                # their images still serve
+    tasks = collections.Counter(TASKS[i.task] for i in items if isinstance(i, Sample))
+    assert dict(tasks) == {"und": 1, "pixel": 4, "depth": 4, "seg": 4}
+
+    # an error nobody foresaw ends that record as bad_record; the next record is read
+    def surprise(record):
+        if record["id"] == "t":
+            raise KeyError("surprise")
+        return original(record)
+
+    original = realdata.conversation_turns
+    monkeypatch.setattr(realdata, "conversation_turns", surprise)
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    bad = [i for i in items if isinstance(i, Skipped) and i.reason == "bad_record"]
+    assert [i.source for i in bad] == ["record 1"]
+    assert {i.source.split(":")[1] for i in items if isinstance(i, Sample)} == {"n", "s", "x"}
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_saturated(tmp_path):
+    ramp16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp16).save(path)
+    image = realdata.load_image(str(path))
+    assert image.mode.startswith("I")
+    want = np.rint(ramp16 * (255 / 65535)).astype(np.uint8)
+    for wide in (image, Image.fromarray(ramp16.astype(np.int32))):   # I;16 and I
+        np.testing.assert_array_equal(np.asarray(to_rgb(wide))[..., 0], want)
+    for array in (gen_image(image, SIZE), und_image(image, SIZE)):
+        row = array[SIZE // 2, :, 0].astype(int)
+        assert (np.diff(row) >= 0).all() and row.max() - row.min() > 200, row
+        assert (row < 250).sum() > SIZE // 2, row                    # not white
+    eight = Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1)))
+    for mode in ("I", "F"):          # values already in [0, 255] are kept
+        np.testing.assert_array_equal(np.asarray(to_rgb(eight.convert(mode))),
+                                      np.asarray(eight.convert("RGB")))
+    floats = Image.fromarray(np.linspace(-3.0, 7.0, 64, dtype=np.float32).reshape(8, 8))
+    out = np.asarray(to_rgb(floats))[..., 0]
+    assert (out.min(), out.max()) == (0, 255)                      # other ranges: min-max
+
+
+# ------------------------------------------------------------- folders, style, probing
+def test_images_given_as_dot_finds_the_folders_prepare_makes(dataset_dir, monkeypatch):
+    monkeypatch.chdir(dataset_dir / "tuning_data")
+    paths = resolve(str(dataset_dir / "train.jsonl"), ".", tasks=TASKS)
+    assert os.path.samefile(paths.depth, dataset_dir / "tuning_data_depth")
+    assert os.path.samefile(paths.mask, dataset_dir / "tuning_data_mask")
+
+
+@pytest.mark.parametrize("folder, flag, elsewhere", [
+    ("tuning_data_depth", "--depth-dir", False), ("tuning_data_mask", "--mask-dir", False),
+    ("tuning_data_mask", "--mask-dir", True)])
+def test_missing_folder_message_gives_a_prepare_command_that_runs(tmp_path, dataset_dir,
+                                                                  folder, flag, elsewhere):
+    from trainer import prepare as prep
+
+    (dataset_dir / folder).rename(dataset_dir / "gone")
+    given = {"mask_dir": str(tmp_path / "masks")} if elsewhere else {}
+    with pytest.raises(DataPathError) as info:
+        resolve(str(dataset_dir / "train.jsonl"), tasks=TASKS, seg_colour=True, **given)
+    assert info.value.flag == flag
+    words = shlex.split(str(info.value).split("`")[1])
+    assert words[:3] == ["python", "-m", "trainer.prepare"], words
+    args = prep.build_parser().parse_args(words[3:])
+    model = tmp_path / "model"             # stands in for the checkpoint placeholder
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    task = "depth" if flag == "--depth-dir" else "seg"
+    plan = prep.plan(args.images, depth_out=args.depth_out, seg_out=args.seg_out,
+                     depth_model=model, sam_model=model, tasks=args.tasks, device="cpu",
+                     seg_style=args.seg_style)
+    want = tmp_path / "masks" if elsewhere else dataset_dir / folder
+    assert plan.tasks == (task,) and plan.out_dirs[task] == want   # where the trainer looks
+    assert task == "depth" or args.seg_style == "sgt"              # the run's style
+
+
+def test_a_mask_folder_of_the_other_style_is_refused_naming_seg_style(tmp_path, dataset_dir):
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    data = str(dataset_dir / "train.jsonl")
+    marker = dataset_dir / "tuning_data_mask" / SEG_STYLE_FILE
+    small_config(tmp_path, data=data, llm=str(llm))      # no record of a style: accepted
+    marker.write_text(json.dumps({"seg_style": "sgt"}))
+    with pytest.raises(ConfigError, match="--seg-style") as info:
+        small_config(tmp_path, data=data, llm=str(llm))                 # unimrg: edges
+    assert "--seg-style colour" in str(info.value)
+    small_config(tmp_path, data=data, llm=str(llm), seg_style="colour")
+    small_config(tmp_path, data=data, llm=str(llm), recipe="sgt")       # auto: colour
+    small_config(tmp_path, data=data, llm=str(llm), tasks="und,depth")  # no seg trained
+    marker.write_text(json.dumps({"seg_style": "unimrg"}))
+    with pytest.raises(ConfigError, match="--seg-style"):
+        small_config(tmp_path, data=data, llm=str(llm), recipe="sgt")
+    small_config(tmp_path, data=data, llm=str(llm), seg_style="edges")
+
+
+@pytest.mark.parametrize("folder, flag", [("tuning_data_depth", "--depth-dir"),
+                                          ("tuning_data_mask", "--mask-dir")])
+def test_an_empty_target_folder_stops_before_training(tmp_path, dataset_dir, folder, flag):
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    config = small_config(tmp_path, data=str(dataset_dir / "train.jsonl"), llm=str(llm))
+    RealSource(config, factory_for(tmp_path))                        # targets present: fine
+    for png in (dataset_dir / folder).rglob("*.png"):
+        png.unlink()
+    with pytest.raises(ConfigError, match=flag) as info:
+        RealSource(config, factory_for(tmp_path))
+    assert "python -m trainer.prepare --images" in str(info.value)
+    # with the task left out, nothing is probed there
+    RealSource(small_config(tmp_path, data=str(dataset_dir / "train.jsonl"), llm=str(llm),
+                            tasks="und,pixel"), factory_for(tmp_path))

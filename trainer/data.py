@@ -129,10 +129,12 @@ class SampleFactory:
         return self.gen_from(task, scene.image, self.target_image(task, scene), rng)
 
     def gen_from(self, task: str, image: np.ndarray, target: np.ndarray,
-                 rng: np.random.Generator) -> Sample:
+                 rng: np.random.Generator, prompts: Optional[Dict[str, Sequence[str]]] = None
+                 ) -> Sample:
         """[condition image | bos prompt | target image]; `image` uint8 [S, S, 3], `target`
-        uint8 [S, S, 3] or float32 in [-1, 1] (what the image tokenizer encodes)."""
-        paraphrases = scenes.PROMPTS[task]
+        uint8 [S, S, 3] or float32 in [-1, 1] (what the image tokenizer encodes). `prompts`:
+        the paraphrases by task (real data has its own); default scenes.PROMPTS."""
+        paraphrases = (prompts or scenes.PROMPTS)[task]
         prompt = self._prefix() + self.text.encode(paraphrases[int(rng.integers(len(paraphrases)))])
         n = self.target_tokens
         ids = np.array([self.text.img_id] * self.cond_tokens + prompt

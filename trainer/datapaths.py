@@ -7,15 +7,27 @@ The UniMRG release's layout, which the defaults follow:
     data/tuning_data/coco/0001.jpg   images, at the records' relative "image" paths
     data/tuning_data_depth/coco/0001.png   depth targets (python -m trainer.prepare)
     data/tuning_data_mask/coco/0001.png    segmentation targets (python -m trainer.prepare)
+    data/tuning_data_mask/seg_style.json   {"seg_style": "unimrg" | "sgt"}, written by prepare
+
+A target is looked up as the release's loaders do: at the image's own relative path, then
+with .png, then with .jpg (target_path).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Optional, Sequence
+import shlex
+from typing import List, Optional, Sequence
 
 JSON_SUFFIXES = (".json", ".jsonl")
 RELEASE_IMAGES = "tuning_data"
+TARGET_SUFFIXES = (".png", ".jpg")   # after the image's own name, as the release's loaders
+# prepare's record of a mask folder's style; the trainer compares it with --seg-style
+SEG_STYLE_FILE = "seg_style.json"
+STYLE_NAMES = {"unimrg": "UniMRG boundaries (white on black)",
+               "sgt": "SGT coloured instances"}
+PREPARE_STYLES = {False: "unimrg", True: "sgt"}   # by the trainer's seg_colour
 
 
 class DataPathError(ValueError):
@@ -34,6 +46,22 @@ class DataPaths:
     mask: Optional[str]           # root of the segmentation targets (None: seg not trained)
 
 
+def target_names(rel: str) -> List[str]:
+    """Where the target of the image at relative path `rel` may be, in the order looked."""
+    stem = os.path.splitext(rel)[0]
+    return list(dict.fromkeys([rel] + [stem + suffix for suffix in TARGET_SUFFIXES]))
+
+
+def target_path(root: str, rel: str) -> Optional[str]:
+    """The target of the image at relative path `rel` under `root`: the image's own name
+    first, then .png (what prepare writes), then .jpg; None if there is none."""
+    for name in target_names(rel):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _records_file(data: str) -> str:
     if os.path.isfile(data):
         return data
@@ -49,10 +77,62 @@ def _records_file(data: str) -> str:
     return os.path.join(data, found[0])
 
 
+def prepare_command(images: str, task: str, out: Optional[str] = None,
+                    seg_colour: bool = False) -> str:
+    """The `python -m trainer.prepare` command that makes `task`'s targets for `images` (in
+    `out`, when that is not prepare's default folder), in the style this run trains."""
+    images = os.path.abspath(images)
+    if task == "depth":
+        flags = ["--depth-model", "DEPTH_ANYTHING_V2_DIR"]
+        out_flag, default = "--depth-out", "_depth"
+    else:
+        flags = ["--sam-model", "SAM_DIR", "--seg-style", PREPARE_STYLES[bool(seg_colour)]]
+        out_flag, default = "--seg-out", "_mask"
+    if out is not None and os.path.abspath(out) != images + default:
+        flags += [out_flag, os.path.abspath(out)]
+    words = ["python", "-m", "trainer.prepare", "--images", images, "--tasks", task, *flags]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def read_seg_style(folder: str) -> Optional[str]:
+    """The style prepare recorded in a mask folder (SEG_STYLE_FILE), or None where there is
+    no record (the release's own folders, or targets made by other tools)."""
+    path = os.path.join(folder, SEG_STYLE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            style = json.load(fh).get("seg_style")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataPathError("--mask-dir", f"cannot read {path!r} ({exc}); remove it or make "
+                                          f"the folder again with trainer.prepare") from None
+    if style not in STYLE_NAMES:
+        raise DataPathError("--mask-dir", f"{path!r} names an unknown style {style!r}; "
+                                          f"allowed values: {', '.join(STYLE_NAMES)}")
+    return style
+
+
+def _check_seg_style(images: str, mask: str, seg_colour: bool) -> None:
+    """A mask folder made in the other style would train the wrong target without a word:
+    the seg sample is whatever image is in the folder."""
+    found, wanted = read_seg_style(mask), PREPARE_STYLES[bool(seg_colour)]
+    if found is None or found == wanted:
+        return
+    other = "colour" if found == "sgt" else "edges"
+    command = prepare_command(images, "seg", f"{mask}_{wanted}", seg_colour)
+    raise DataPathError("--seg-style", f"this run trains {STYLE_NAMES[wanted]} but the mask "
+                                       f"folder {mask!r} holds {STYLE_NAMES[found]} (its "
+                                       f"{SEG_STYLE_FILE}); pass --seg-style {other}, or "
+                                       f"--mask-dir a folder made with `{command}`")
+
+
 def resolve(data: str, images: Optional[str] = None, depth_dir: Optional[str] = None,
-            mask_dir: Optional[str] = None, tasks: Sequence[str] = ()) -> DataPaths:
+            mask_dir: Optional[str] = None, tasks: Sequence[str] = (),
+            seg_colour: Optional[bool] = None) -> DataPaths:
     """The data set's paths with the defaults filled in; a missing folder is a
-    DataPathError naming its flag. Target folders are needed only for the tasks trained."""
+    DataPathError naming its flag. Target folders are needed only for the tasks trained.
+    With `seg_colour` (the run's segmentation style) a mask folder that prepare marked with
+    the other style is a DataPathError naming --seg-style."""
     records = _records_file(data)
     if images is None:
         images = os.path.join(os.path.dirname(os.path.abspath(records)), RELEASE_IMAGES)
@@ -62,7 +142,8 @@ def resolve(data: str, images: Optional[str] = None, depth_dir: Optional[str] = 
                                             f"pass --images DIR")
     elif not os.path.isdir(images):
         raise DataPathError("--images", f"no such folder {images!r}")
-    root = os.path.normpath(images)
+    # abspath as prepare.plan takes it, so that `--images .` gives <parent>/<name>_depth
+    root = os.path.abspath(images)
     folders = {}
     for task, flag, given, suffix in (("depth", "--depth-dir", depth_dir, "_depth"),
                                       ("seg", "--mask-dir", mask_dir, "_mask")):
@@ -71,8 +152,11 @@ def resolve(data: str, images: Optional[str] = None, depth_dir: Optional[str] = 
             continue
         path = given if given is not None else root + suffix
         if not os.path.isdir(path):
+            command = prepare_command(images, task, path, bool(seg_colour))
             raise DataPathError(flag, f"no such folder {path!r} for the {task} targets; make "
-                                      f"it with `python -m trainer.prepare {images}` or pass "
-                                      f"{flag} DIR (or leave {task} out with --tasks)")
+                                      f"it with `{command}` or pass {flag} DIR (or leave "
+                                      f"{task} out with --tasks)")
         folders[task] = path
+    if "seg" in tasks and seg_colour is not None:
+        _check_seg_style(images, folders["seg"], seg_colour)
     return DataPaths(records, images, folders["depth"], folders["seg"])

@@ -11,9 +11,16 @@ each mask with its own colour (SGT). Teachers load from local folders only
 
 The run can be stopped and started again: an image whose output exists is skipped, and
 every output is written to a temporary file that then replaces the target, so a stopped
-run never leaves a truncated PNG behind. An image that cannot be decoded is skipped,
-counted and named at the end. Bad arguments, missing folders and models that do not load
-are reported before any work starts (exit code 2).
+run never leaves a truncated PNG behind (the files get the mode a plain save would, 0o666
+less the umask). An image that cannot be decoded is skipped, counted and named at the end;
+so is one that a teacher cannot take (a 1-pixel-wide strip, or an aspect ratio so extreme
+that the processor's resize gives a side of 0): a batch that fails is retried image by
+image, and only the images that fail alone are left out, and tried again by a rerun.
+Symlinked sub-folders are followed (a link back to a folder above is not: a loop).
+The mask folder records its style (datapaths.SEG_STYLE_FILE), which the trainer checks
+against its --seg-style; a run into a folder of the other style is refused. Bad arguments,
+missing folders and models that do not load are reported before any work starts (exit
+code 2).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import argparse
 import collections
 import concurrent.futures as cf
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -44,25 +52,40 @@ class PrepareError(ValueError):
 
 @dataclasses.dataclass
 class Summary:
-    """What a run did. `skipped` maps an image's relative path to why it was not read."""
+    """What a run did. `skipped` maps an image's relative path to why it was not read;
+    `failed[task]` the images that task's teacher could not take (alone) to why."""
 
     images: int
     written: Dict[str, int]
     existing: Dict[str, int]
     skipped: Dict[str, str]
     out_dirs: Dict[str, Path]
+    failed: Dict[str, Dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ files
 def list_images(root: Path, exclude: Sequence[Path] = ()) -> List[Path]:
     """Relative paths of the images under root, sorted. Hidden files and folders (e.g.
     macOS' ._name.jpg resource forks, .ipynb_checkpoints) and the `exclude` folders (output
-    folders placed inside the image folder) are left out."""
+    folders placed inside the image folder) are left out.
+
+    Symlinked folders are followed (LLaVA image folders are often assembled from links,
+    tuning_data/coco -> /datasets/coco, and the trainer reads through them). A folder whose
+    real path is one of its own ancestors' is a loop and is not entered; a real folder
+    reached by two different paths is listed under both, as the records may name either."""
     excluded = {os.path.realpath(p) for p in exclude}
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.realpath(os.path.join(folder, d)) not in excluded)
+    ancestors = {os.path.normpath(root): {os.path.realpath(root)}}  # real paths down to it
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        above = ancestors.pop(os.path.normpath(folder), set())
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, d))
+            if d.startswith(".") or real in excluded or real in above:
+                continue
+            ancestors[os.path.normpath(os.path.join(folder, d))] = above | {real}
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(os.path.relpath(os.path.join(folder, name), root)))
@@ -82,16 +105,33 @@ def is_done(path: Path) -> bool:
         return False
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Writes the PNG to a temporary file next to `path`, then renames it over `path`
-    (os.replace is atomic), so an interrupted run leaves either the whole file or none."""
-    from PIL import Image
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the umask. mkstemp makes its files
+    0o600 (owner only), which os.replace would carry over to every target. The umask is
+    read from /proc where there is one: os.umask can only read it by setting it, which
+    races with the I/O threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    """write(binary file) to a temporary file next to `path`, given the usual mode, then
+    renamed over `path` (os.replace is atomic), so an interrupted run leaves either the
+    whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(array).save(fh, format="PNG")
+            write(fh)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -99,14 +139,34 @@ def write_png(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def load_image(path: Path):
-    """Decodes the whole file now (so a truncated or corrupt one fails here) into RGB. No
-    EXIF rotation: the targets share the pixel grid that Image.open(...).convert("RGB")
-    gives, the way the trainer reads the image."""
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Writes the PNG atomically (_write_atomic)."""
     from PIL import Image
 
+    _write_atomic(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"))
+
+
+def write_seg_style(folder: Path, style: str) -> None:
+    """Records the mask folder's style (datapaths.SEG_STYLE_FILE) for the trainer's
+    --seg-style check."""
+    from trainer.datapaths import SEG_STYLE_FILE
+
+    text = json.dumps({"seg_style": style}) + "\n"
+    _write_atomic(Path(folder) / SEG_STYLE_FILE, lambda fh: fh.write(text.encode()))
+
+
+def load_image(path: Path):
+    """Decodes the whole file now (so a truncated or corrupt one fails here) into RGB,
+    16-bit grey scaled to 8 bits by the trainer's own realdata.to_rgb. No EXIF rotation:
+    the targets share the pixel grid that Image.open(...) gives, the way the trainer reads
+    the image."""
+    from PIL import Image
+
+    from trainer.realdata import to_rgb
+
     with Image.open(path) as image:
-        return image.convert("RGB")
+        image.load()
+        return to_rgb(image)
 
 
 def probe(path: Path) -> Tuple[Optional[tuple], Optional[str]]:
@@ -218,6 +278,8 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
                                == os.path.realpath(out_dirs["seg"])):
         raise PrepareError(f"depth and segmentation outputs need different folders, both are "
                            f"{out_dirs['depth']}")
+    if "seg" in out_dirs:
+        _check_seg_style(out_dirs["seg"], seg_style)
 
     flags = {"depth": ("--depth-model", depth_model, "depth"),
              "seg": ("--sam-model", sam_model, "SAM")}
@@ -245,6 +307,44 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
         raise PrepareError(f"{len(clashes)} output name(s) would be shared by several images "
                            f"(the outputs are .png): {shown}. Rename them first.")
     return _Plan(root, found, tasks, out_dirs, models, device)
+
+
+def _check_seg_style(folder: Path, seg_style: str) -> None:
+    """Resuming into a mask folder of the other style would mix the two in one folder."""
+    from trainer.datapaths import SEG_STYLE_FILE, DataPathError, read_seg_style
+
+    try:
+        found = read_seg_style(str(folder)) if folder.is_dir() else None
+    except DataPathError as exc:
+        raise PrepareError(str(exc).split(": ", 1)[1]) from None
+    if found is not None and found != seg_style:
+        raise PrepareError(f"the segmentation output folder {str(folder)!r} holds "
+                           f"--seg-style {found} targets (its {SEG_STYLE_FILE}); pass "
+                           f"--seg-style {found} to complete it, or another --seg-out")
+
+
+def _why(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _infer_each(infer: Callable, good: List[tuple]) -> Tuple[List[tuple], Dict[str, str]]:
+    """[(rel, image)] -> ([(rel, image, result)], {rel: why}). A batch the teacher fails on
+    is retried image by image: one image it cannot take (a 1-pixel-wide strip, an extreme
+    aspect ratio) then costs only itself, never the run, nor a rerun."""
+    try:
+        results = infer([image for _, image in good])
+        return [(rel, image, r) for (rel, image), r in zip(good, results)], {}
+    except Exception as exc:  # noqa: BLE001 - retried below, one image at a time
+        if len(good) == 1:
+            return [], {good[0][0].as_posix(): _why(exc)}
+    done, failed = [], {}
+    for rel, image in good:
+        try:
+            done.append((rel, image, infer([image])[0]))
+        except Exception as exc:  # noqa: BLE001 - this image is left out, counted, named
+            failed[rel.as_posix()] = _why(exc)
+    return done, failed
 
 
 def _load_teachers(p: _Plan, pending: Dict[str, List[Path]], batch_size: int,
@@ -278,17 +378,23 @@ def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
             for rel, _, error in batch:
                 if error is not None:
                     summary.skipped[rel.as_posix()] = error
-            results = infer([image for _, image in good]) if good else []
+            done, failed = _infer_each(infer, good) if good else ([], {})
+            summary.failed[task].update(failed)
             for future in writes:  # the previous batch's PNGs; raises if one failed
                 future.result()
                 summary.written[task] += 1
             writes = []
-            for (rel, image), result in zip(good, results):
-                array = render(result, (image.height, image.width))
+            for rel, image, result in done:
+                try:
+                    array = render(result, (image.height, image.width))
+                except Exception as exc:  # noqa: BLE001 - as a failed inference
+                    summary.failed[task][rel.as_posix()] = _why(exc)
+                    continue
                 writes.append(pool.submit(write_png, output_path(out_root, rel), array))
             bar.update(len(batch))
-            if summary.skipped:
-                bar.set_postfix(skipped=len(summary.skipped), refresh=False)
+            if summary.skipped or summary.failed[task]:
+                bar.set_postfix(skipped=len(summary.skipped), failed=len(summary.failed[task]),
+                                refresh=False)
         for future in writes:
             future.result()
             summary.written[task] += 1
@@ -314,10 +420,12 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
                  autocast on cuda; SAM in fp32 (its thresholds act on logits)
     limit        only the first `limit` images (sorted relative paths)
 
-    Raises PrepareError (before any output is written) on a bad argument, a missing folder
-    or a teacher that cannot be loaded. Undecodable images are skipped and listed in the
-    returned Summary.
+    Raises PrepareError (before any output is written) on a bad argument, a missing folder,
+    a seg_out folder of the other seg_style or a teacher that cannot be loaded. Undecodable
+    images are skipped and listed in the returned Summary (`skipped`), and so are images a
+    teacher cannot take (`failed`, by task).
     """
+    from trainer.datapaths import SEG_STYLE_FILE
     from trainer.teachers import SEG_RENDERERS, depth_to_png_array
 
     p = plan(images, depth_out=depth_out, seg_out=seg_out, depth_model=depth_model,
@@ -325,7 +433,8 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
              points_per_batch=points_per_batch, device=device, seg_style=seg_style,
              limit=limit)
     summary = Summary(images=len(p.images), written={t: 0 for t in p.tasks},
-                      existing={t: 0 for t in p.tasks}, skipped={}, out_dirs=dict(p.out_dirs))
+                      existing={t: 0 for t in p.tasks}, skipped={}, out_dirs=dict(p.out_dirs),
+                      failed={t: {} for t in p.tasks})
     pending = {}
     for task in p.tasks:
         pending[task] = [rel for rel in p.images
@@ -352,6 +461,9 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
     for task in p.tasks:
         if not pending[task]:
             continue
+        # before the first mask, so that a stopped run has it too (plan refused another one)
+        if task == "seg" and not (p.out_dirs["seg"] / SEG_STYLE_FILE).is_file():
+            write_seg_style(p.out_dirs["seg"], seg_style)
         # One teacher on the device at a time.
         teacher = teachers.pop(task).to(p.device)
         infer = teacher.predict if task == "depth" else teacher.masks
@@ -395,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: cuda if torch sees one, else cpu")
     parser.add_argument("--seg-style", choices=SEG_STYLES, default="unimrg",
                         help="unimrg: white mask boundaries on black; sgt: masks filled with "
-                             "distinct colours (default unimrg)")
+                             "distinct colours (default unimrg). Recorded in the mask folder's "
+                             "seg_style.json, which the trainer checks against its --seg-style")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="only the first N images (sorted paths)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -416,14 +529,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"{summary.images} image(s)")
     for task in summary.written:
+        failed = len(summary.failed.get(task, ()))
         print(f"  {task}: {summary.written[task]} written, {summary.existing[task]} already "
-              f"present -> {summary.out_dirs[task]}")
+              f"present{f', {failed} failed' if failed else ''} -> {summary.out_dirs[task]}")
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} unreadable image(s):")
         for rel, why in sorted(summary.skipped.items())[:20]:
             print(f"  {rel}: {why}")
         if len(summary.skipped) > 20:
             print(f"  ... and {len(summary.skipped) - 20} more")
+    failures = sorted((rel, task, why) for task, by_rel in summary.failed.items()
+                      for rel, why in by_rel.items())
+    if failures:
+        print(f"the teachers could not take {len(failures)} image(s) (left out; a rerun tries "
+              f"them again):")
+        for rel, task, why in failures[:20]:
+            print(f"  {rel} ({task}): {why}")
+        if len(failures) > 20:
+            print(f"  ... and {len(failures) - 20} more")
     return 0
 
 

@@ -14,7 +14,14 @@ Preprocessing (DESIGN.md 6):
     depth    image stretched; target: grey depth stretched (bilinear), min-max to [0, 1]
              per image, then to [-1, 1], repeated to 3 channels
     seg      image stretched; target: the mask stretched nearest-neighbour (no new colours)
-    prompts  trainer.scenes.PROMPTS (a paraphrase drawn per sample)
+    prompts  REAL_PROMPTS: DESIGN.md 6's sentences and paraphrases (one drawn per sample);
+             the synthetic scenes keep their own lower-case word language (scenes.PROMPTS)
+    16-bit   grey images (PIL modes I;16, I, F) are scaled to 8 bits first (to_rgb), in the
+             trainer and in trainer.prepare alike; a plain convert("RGB") saturates them
+
+A target is found as the release's loaders find it (datapaths.target_path): at the image's
+own relative path in the target folder, then with .png (what trainer.prepare writes), then
+with .jpg.
 
 Streaming: RecordDataset is a torch IterableDataset over the records. A JSON Lines file is
 read line by line (each worker parses only its own lines); a JSON list is loaded once.
@@ -24,6 +31,7 @@ about a sample is drawn from a generator seeded by (seed, epoch, record, task, k
 run replays exactly. A record that cannot be used is skipped and counted, never fatal:
 
     bad_json         a JSON Lines line that does not parse, or a record that is not an object
+                     (a JSON list that does not parse as a whole is a ConfigError naming --data)
     no_image         a record without an "image" (text-only records: the model needs one)
     missing_image    the image file does not exist
     bad_image        the image does not decode
@@ -31,9 +39,16 @@ run replays exactly. A record that cannot be used is skipped and counted, never 
     too_long         the und sample does not fit in --pack-tokens even with one turn
     missing_depth / missing_mask   no target for the image (only that task's sample)
     bad_depth / bad_mask           the target does not decode (only that task's sample)
+    bad_record       anything else that fails while one record is turned into samples (a
+                     record of an unexpected shape): the rest of that record is left out
+
+Before training (RealSource), the first records whose image opens are probed: a target
+folder that holds none of their targets (prepare not run yet, or run into another folder)
+is a ConfigError naming --depth-dir / --mask-dir, not a run without that task's samples.
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import json
@@ -46,13 +61,36 @@ import torch
 from trainer import scenes
 from trainer.config import TASKS, Config, ConfigError
 from trainer.data import TASK_ID, Sample, SampleFactory
-from trainer.datapaths import DataPaths, resolve
+from trainer.datapaths import DataPaths, prepare_command, resolve, target_names, target_path
 
 GREY = (127, 127, 127)
 IMAGE_TOKEN = "<image>"
 _REAL_SALT = 0x4EA1
 SKIP_REASONS = ("bad_json", "no_image", "missing_image", "bad_image", "no_conversation",
-                "too_long", "missing_depth", "missing_mask", "bad_depth", "bad_mask")
+                "too_long", "missing_depth", "missing_mask", "bad_depth", "bad_mask",
+                "bad_record")
+# The generation prompts of real data (DESIGN.md 6: the UniMRG release's sentences first,
+# then paraphrases). Synthetic scenes keep scenes.PROMPTS, in their lower-case word language.
+REAL_PROMPTS = {
+    "depth": ["Generate the depth map of this image.",
+              "Predict the depth map of this image.",
+              "Estimate the depth of this image.",
+              "Produce a depth map for this image."],
+    "seg": ["Generate the segmentation mask of this image.",
+            "Predict the segmentation mask of this image.",
+            "Segment the objects in this image.",
+            "Produce a segmentation mask for this image."],
+    "pixel": ["Reconstruct this image.",
+              "Generate a copy of this image.",
+              "Redraw this image.",
+              "Reproduce this image exactly."],
+}
+# The pre-training probe of the target folders: records with a readable image it looks at,
+# and records it reads at most to find them (a data set's first records, cheaply).
+PROBE_RECORDS = 32
+PROBE_SCAN = 1024
+# PIL modes of more than 8 bits per pixel (16-bit grey PNGs open as I;16 or I)
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 # ------------------------------------------------------------------------ preprocessing
@@ -62,11 +100,37 @@ def _pil(image):
     return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
+def to_8bit(image):
+    """A grey image of more than 8 bits (WIDE_MODES) -> mode L. PIL's own conversion clips
+    at 255, so a 16-bit photo turns white: I;16 is scaled by 255 / 65535; I and F are kept
+    if they already lie in [0, 255], else I in [0, 65535] is scaled as 16 bits and anything
+    else is min-max normalised. Other modes are returned as they are."""
+    from PIL import Image
+
+    image = _pil(image)
+    if image.mode not in WIDE_MODES:
+        return image
+    values = np.nan_to_num(np.asarray(image.convert("F"), dtype=np.float64))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= 65535):
+        values = values * (255.0 / 65535.0)
+    elif not (low >= 0 and high <= 255):
+        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L")
+
+
+def to_rgb(image):
+    """Any PIL image (or array) -> RGB, 16-bit grey scaled to 8 bits first (to_8bit). The
+    trainer and trainer.prepare both read images through this, so that prepare's targets
+    and the trainer's inputs share one pixel grid and one brightness."""
+    return to_8bit(image).convert("RGB")
+
+
 def pad_to_square(image, fill=GREY):
     """PIL image -> the smallest square holding it, centred, the rest filled with `fill`."""
     from PIL import Image
 
-    image = _pil(image).convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if w == h:
         return image
@@ -87,8 +151,7 @@ def gen_image(image, size: int) -> np.ndarray:
     """Generation input (and pixel target): stretched to S x S: uint8 [S, S, 3]."""
     from PIL import Image
 
-    return np.array(_pil(image).convert("RGB").resize((size, size), Image.BICUBIC),
-                      dtype=np.uint8)
+    return np.array(to_rgb(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
 def depth_target(depth, size: int) -> np.ndarray:
@@ -129,7 +192,10 @@ def load_image(path: str):
 def conversation_turns(record: dict) -> List[scenes.QA]:
     """Every human -> gpt pair of a LLaVA record, "<image>" removed from the questions."""
     turns, question = [], None
-    for message in record.get("conversations") or ():
+    messages = record.get("conversations")
+    if not isinstance(messages, list):   # absent, null, or a number / string by mistake
+        return turns
+    for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("value"), str):
             continue
         who = message.get("from")
@@ -145,15 +211,23 @@ def conversation_turns(record: dict) -> List[scenes.QA]:
 
 # ------------------------------------------------------------------------------ records
 def read_records(path: str) -> Optional[list]:
-    """A JSON list, loaded once; None for JSON Lines (streamed by iter_records)."""
+    """A JSON list, loaded once; None for JSON Lines (streamed by iter_records). A UTF-8
+    byte-order mark (Windows tools, pandas' utf-8-sig) is allowed. A JSON list that does
+    not parse is a ConfigError naming --data: unlike a bad JSON Lines line, no record of
+    it can be read."""
     with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    if path.lower().endswith(".jsonl") or not head.startswith(b"["):
+        head = fh.read(4096)
+    head = head[len(codecs.BOM_UTF8):] if head.startswith(codecs.BOM_UTF8) else head
+    if path.lower().endswith(".jsonl") or not head.lstrip().startswith(b"["):
         return None
-    with open(path, encoding="utf-8") as fh:
-        records = json.load(fh)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            records = json.load(fh)
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError("--data", f"{path}: not valid JSON ({exc}); a JSON list of "
+                                    f"records must parse as a whole (a truncated copy?)") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: a JSON data set must be a list of records")
+        raise ConfigError("--data", f"{path}: a JSON data set must be a list of records")
     return records
 
 
@@ -222,6 +296,15 @@ class RecordDataset(torch.utils.data.IterableDataset):
             epoch += 1
 
     def record_samples(self, index: int, record, epoch: int = 0) -> Iterator[object]:
+        """The record's samples and Skipped markers. One record never stops the run: an
+        error nobody foresaw (a record of an unexpected shape, an odd image) ends the
+        record with a bad_record skip."""
+        try:
+            yield from self._record_samples(index, record, epoch)
+        except Exception:  # noqa: BLE001 - one record's surprise is counted, not fatal
+            yield Skipped("bad_record", f"record {index}")
+
+    def _record_samples(self, index: int, record, epoch: int) -> Iterator[object]:
         if not isinstance(record, dict):
             yield Skipped("bad_json", f"record {index}")
             return
@@ -254,7 +337,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
                     continue
                 if stretched is None:
                     stretched = gen_image(image, self.size)
-                sample = self.factory.gen_from(task, stretched, target, rng)
+                sample = self.factory.gen_from(task, stretched, target, rng,
+                                               prompts=REAL_PROMPTS)
             if isinstance(sample, Sample):
                 sample.source = source
             yield sample
@@ -274,14 +358,55 @@ class RecordDataset(torch.utils.data.IterableDataset):
         if task == "pixel":
             return gen_image(image, self.size)
         root, name = (self.paths.depth, "depth") if task == "depth" else (self.paths.mask, "mask")
-        path = os.path.join(root, os.path.splitext(rel)[0] + ".png")
-        if not os.path.isfile(path):
+        path = target_path(root, rel)
+        if path is None:
             return Skipped(f"missing_{name}", source)
-        try:
+        try:   # a file that decodes but cannot be converted (an odd mode) is as bad
             raw = load_image(path)
+            return depth_target(raw, self.size) if task == "depth" else seg_target(raw, self.size)
         except Exception:  # noqa: BLE001
             return Skipped(f"bad_{name}", source)
-        return depth_target(raw, self.size) if task == "depth" else seg_target(raw, self.size)
+
+
+def _readable(path: str) -> bool:
+    """The file exists and its header is an image's (cheap: nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size[0] > 0
+    except Exception:  # noqa: BLE001 - missing, not an image: not a probe record
+        return False
+
+
+def probe_targets(paths: DataPaths, loaded: Optional[list], tasks: Sequence[str],
+                  seg_colour: bool = False) -> None:
+    """Before training: a ConfigError naming --depth-dir / --mask-dir when none of the
+    first PROBE_RECORDS records whose image opens has a target in that folder. An empty
+    folder (prepare not run yet, or run into another folder) would otherwise train without
+    that task's samples and say so only in the skip counters."""
+    folders = {"depth": ("--depth-dir", paths.depth), "seg": ("--mask-dir", paths.mask)}
+    wanted = [t for t in tasks if t in folders and folders[t][1] is not None]
+    if not wanted:
+        return
+    rels: List[str] = []
+    for index, record in iter_records(paths.records, loaded, lambda i: True):
+        if index >= PROBE_SCAN or len(rels) >= PROBE_RECORDS:
+            break
+        rel = record.get("image") if isinstance(record, dict) else None
+        if isinstance(rel, str) and rel and _readable(os.path.join(paths.images, rel)):
+            rels.append(rel)
+    if not rels:   # no image at all: RealSource's "no usable sample" error says so
+        return
+    for task in wanted:
+        flag, root = folders[task]
+        if any(target_path(root, rel) is not None for rel in rels):
+            continue
+        raise ConfigError(flag, f"none of the first {len(rels)} records with an image has a "
+                                f"{task} target in {root!r} (for {rels[0]!r} it looked for "
+                                f"{', '.join(target_names(rels[0]))} there); make them with "
+                                f"`{prepare_command(paths.images, task, root, seg_colour)}` "
+                                f"or pass {flag} DIR (or leave {task} out with --tasks)")
 
 
 def _identity(item):
@@ -306,10 +431,12 @@ class RealSource:
 
     def __init__(self, config: Config, factory: SampleFactory, *, epochs: Optional[int] = None):
         d = config.data
-        paths = resolve(d.data, d.images, d.depth_dir, d.mask_dir, d.active_tasks)
+        paths = resolve(d.data, d.images, d.depth_dir, d.mask_dir, d.active_tasks,
+                        seg_colour=d.seg_colour)
         rank, world = distributed_rank()
         self.dataset = RecordDataset(factory, paths, d.task_cycle, seed=d.seed, rank=rank,
                                      world_size=world, pack_tokens=d.pack_tokens, epochs=epochs)
+        probe_targets(paths, self.dataset.loaded, d.active_tasks, d.seg_colour)
         if d.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.loader = torch.utils.data.DataLoader(

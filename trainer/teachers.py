@@ -81,7 +81,9 @@ class DepthTeacher:
     @torch.inference_mode()
     def predict(self, images: Sequence) -> List[np.ndarray]:
         """RGB PIL images -> float32 [H, W] per image, min-max normalised to [0, 1] (a
-        constant prediction gives zeros)."""
+        constant prediction gives zeros). An image the processor cannot resize (an aspect
+        ratio past about 74:1 at Depth Anything V2's 518 gives a side of 0) raises, failing
+        the call: trainer.prepare then retries its batch image by image."""
         from transformers.modeling_outputs import DepthEstimatorOutput
 
         pixels = [self.processor(images=image, return_tensors="pt")["pixel_values"]
@@ -102,8 +104,11 @@ class DepthTeacher:
                 sizes = [(images[i].height, images[i].width) for i in chunk]
                 resized = self.processor.post_process_depth_estimation(
                     DepthEstimatorOutput(predicted_depth=predicted.float()), target_sizes=sizes)
-                for i, result in zip(chunk, resized):
-                    out[i] = normalise_depth(result["predicted_depth"]).cpu().numpy()
+                for (h, w), i, result in zip(sizes, chunk, resized):
+                    # reshape, not the post-processing's squeeze(), which also drops the
+                    # side of a 1-pixel-wide or -high image ((60, 1) -> (60,))
+                    depth = result["predicted_depth"].reshape(h, w)
+                    out[i] = normalise_depth(depth).cpu().numpy()
         return out
 
 
