@@ -1,16 +1,25 @@
 """Resumable checkpoints (trainer/checkpoint.py): a resumed run logs the identical loss
-curve, a save killed midway or out of disk leaves the previous checkpoint whole (and
-`auto` ignores the partial one), the last K are kept, an incompatible configuration and a
-missing path are refused before training starts."""
+curve (a longer one at its own schedule's lr), a save killed midway or out of disk leaves
+the previous checkpoint whole (and `auto` ignores the partial one), a kill while pruning or
+re-saving a step leaves no half-deleted checkpoint that looks complete, the last K are
+kept, resuming an older checkpoint moves the later ones aside, an incompatible
+configuration, a checkpoint outside its run and a missing path are refused before training
+starts, a failure to write checkpoint.pt is a clean error, and a torn metrics line does not
+stop a resume."""
 import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import checkpoint as ckpt
+from trainer import report
 from trainer.__main__ import main
-from trainer.config import ConfigError, build_config
-from trainer.loop import train
+from trainer.config import Config, ConfigError, build_config
+from trainer.loop import build_optimizer, train
 from trainer_helpers import SMALL, small_config, train_rows
 
 
@@ -141,10 +150,14 @@ def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
     run_dir = train(small_config(tmp_path, steps=2, checkpoint_every=2, family="ar"))
     path = str(ckpt.latest(run_dir))
     with pytest.raises(ConfigError) as info:
-        train(small_config(tmp_path, steps=4, family="mar", hidden_size=64, seed=3, resume=path))
+        train(small_config(tmp_path, steps=4, family="mar", hidden_size=64, seed=3, resume=path,
+                           eval_questions=2, eval_scenes=2))
     message = str(info.value)
     assert message.startswith("--resume")
-    for field in ("model.family", "model.hidden_size", "data.seed"):
+    # the held-out sets too: the summary compares the checkpoint's evaluation before
+    # training with the resumed run's after it
+    for field in ("model.family", "model.hidden_size", "data.seed", "data.eval_questions",
+                  "data.eval_scenes"):
         assert field in message, message
     assert "optim.steps" not in message and "run." not in message
     with pytest.raises(ConfigError, match="--steps > 2"):
@@ -155,13 +168,25 @@ def test_longer_schedule_may_continue_a_finished_run(tmp_path):
     run_dir = train(small_config(tmp_path, steps=2, checkpoint_every=2, family="ar"))
     train(small_config(tmp_path, steps=4, checkpoint_every=2, family="ar",
                        resume=str(run_dir)))
-    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+    rows = train_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # from the restored step on, the 4-step schedule's lr (not the finished 2-step
+    # schedule's, which ended at 0): exactly what a straight 4-step run uses
+    optimizer, schedule = build_optimizer(torch.nn.Linear(2, 2), small_config(tmp_path, steps=4),
+                                          torch.device("cpu"))
+    lrs = []
+    for _ in range(4):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [r["lr"] for r in rows] == lrs and lrs[2] > 0, ([r["lr"] for r in rows], lrs)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--resume", "/no/such/checkpoint"], "no such checkpoint"),
     (["--resume", "auto"], "needs --resume-dir"),
     (["--resume", "auto", "--resume-dir", "/no/such/run"], "--resume-dir"),
+    (["--resume-dir", "."], "--resume-dir: only used with --resume auto"),
 ])
 def test_missing_checkpoint_exits_2_before_training(tmp_path, args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -213,3 +238,193 @@ def test_the_tiny_preset_resumes_bit_exact(tmp_path, monkeypatch):
     resumed = train_rows(train(build_config("tiny", {**common, "name": "killed",
                                                      "resume": str(info.value.args[0])})))
     assert _losses(resumed) == _losses(straight)
+
+
+def test_resuming_an_older_checkpoint_moves_the_later_ones_aside(tmp_path, monkeypatch, capsys):
+    """Resuming step 4 while step 6 exists starts a new timeline from step 4: step 6 is
+    moved to checkpoints/abandoned/ (kept, but out of `auto`'s and pruning's way), so a
+    crash before the next save resumes step 4 again, not the abandoned step 6."""
+    common = dict(steps=6, checkpoint_every=2, family="ar")
+    run_dir = train(small_config(tmp_path, **common))
+    straight = train_rows(run_dir)
+    older = run_dir / "checkpoints" / "step-00000004"
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == [older.name, "step-00000006"]
+
+    def killed_before_saving(run_dir, **kw):
+        raise Killed()
+
+    monkeypatch.setattr(ckpt, "save", killed_before_saving)
+    with pytest.raises(Killed):
+        train(small_config(tmp_path, resume=str(older), **common))
+    monkeypatch.undo()
+    assert "moved the later checkpoint step-00000006" in capsys.readouterr().out
+    assert ckpt.resolve("auto", str(run_dir)) == older
+    abandoned = run_dir / "checkpoints" / "abandoned"
+    [moved] = list(abandoned.iterdir())
+    assert moved.name.startswith("step-00000006-") and (moved / "COMPLETE").is_file()
+    resumed = train(small_config(tmp_path, resume="auto", resume_dir=str(run_dir), **common))
+    assert _losses(train_rows(resumed)) == _losses(straight)
+    assert list(abandoned.iterdir()) == [moved]   # pruning leaves it alone
+
+
+def _tiny_saves(tmp_path, run_dir, steps, keep=10):
+    """Checkpoints of an nn.Linear (no training run): enough for save / prune."""
+    config = small_config(tmp_path)
+    model = torch.nn.Linear(4, 4)
+    optimizer, schedule = build_optimizer(model, config, torch.device("cpu"))
+    for step in steps:
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        ckpt.save(run_dir, step=step, model=model, optimizer=optimizer, scheduler=schedule,
+                  config=config, keep=keep)
+
+
+def _killed_rmtree(monkeypatch, doomed):
+    """shutil.rmtree that deletes one file of a directory `doomed(path)` picks, then dies."""
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if doomed(Path(path)):
+            next(Path(path).glob("*.distcp")).unlink()
+            raise Killed(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+
+
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint_that_looks_complete(tmp_path,
+                                                                                monkeypatch):
+    run_dir = tmp_path / "run"
+    _tiny_saves(tmp_path, run_dir, [1, 2, 3])
+    files = sorted(p.name for p in (run_dir / "checkpoints" / "step-00000003").iterdir())
+    _killed_rmtree(monkeypatch, lambda path: "00000001" in path.name)
+    with pytest.raises(Killed):
+        ckpt.prune(run_dir, 1)
+    monkeypatch.undo()
+    found = ckpt.complete_checkpoints(run_dir)
+    assert [p.name for p in found] == ["step-00000002", "step-00000003"]
+    for path in found:
+        assert sorted(p.name for p in path.iterdir()) == files, path
+    ckpt.prune(run_dir, 1)   # the next prune clears what the killed one left
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]
+
+
+def test_saving_a_step_again_never_deletes_the_live_copy_first(tmp_path, monkeypatch):
+    """Re-saving step N renames the old copy aside, renames the new one in, and only then
+    deletes the old one: a kill at any point leaves a whole step-N (or the old one aside)."""
+    run_dir = tmp_path / "run"
+    _tiny_saves(tmp_path, run_dir, [2])
+    _killed_rmtree(monkeypatch, lambda path: path.name == "step-00000002")
+    _tiny_saves(tmp_path, run_dir, [2])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002"]
+    assert ckpt.read_state(ckpt.latest(run_dir))["step"] == 2
+
+
+class _FullFile:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rng-00000.pt"])
+def test_disk_full_while_writing_state_or_rng_is_a_checkpoint_error(tmp_path, monkeypatch,
+                                                                     capsys, name):
+    """torch.save to a path reports a full disk as a RuntimeError of its zip writer, not an
+    OSError: the save must still end as the checkpoint error, the previous one intact."""
+    real_save, real_open = torch.save, open
+
+    def full(target):
+        return ".step-00000004" in str(target) and Path(target).name == name
+
+    def save(obj, target, *args, **kwargs):
+        if isinstance(target, (str, os.PathLike)) and full(target):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 "
+                               "vs 0")
+        return real_save(obj, target, *args, **kwargs)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return _FullFile(fh) if "w" in mode and full(path) else fh
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+    code = main(_flags(tmp_path) + ["--steps", "6", "--checkpoint-every", "2", "--family", "ar"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step 4" in err and "step-00000002" in err, err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("steps", [4, 2], ids=["after-an-intermediate-save", "at-the-end"])
+def test_disk_full_writing_checkpoint_pt_is_a_clean_error(tmp_path, monkeypatch, capsys, steps):
+    real = report.atomic_write
+
+    def atomic_write(path, write):
+        if path.name == report.CHECKPOINT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(report, "atomic_write", atomic_write)
+    flags = _flags(tmp_path) + ["--checkpoint-every", "2", "--family", "ar"]
+    assert main(flags + ["--steps", str(steps)]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "No space left on device" in err, err
+    assert "step-00000002 is intact" in err, err
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-00000002"]
+    if steps == 4:   # the checkpoint just written resumes
+        assert main(flags + ["--steps", "4", "--resume", str(run_dir)]) == 0
+        assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path):
+    run_dir = train(small_config(tmp_path, steps=2, checkpoint_every=2, family="ar"))
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"event": "train", "step": 3, "lo')   # killed
+    train(small_config(tmp_path, steps=4, checkpoint_every=2, family="ar", resume=str(run_dir)))
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_copied_out_of_its_run_is_refused(tmp_path, capsys):
+    run_dir = train(small_config(tmp_path / "runs", steps=2, checkpoint_every=2, family="ar"))
+    copy = tmp_path / "backup" / "step-00000002"
+    shutil.copytree(ckpt.latest(run_dir), copy)
+    with pytest.raises(SystemExit) as info:
+        main(_flags(tmp_path / "never") + ["--steps", "4", "--checkpoint-every", "2",
+                                           "--family", "ar", "--resume", str(copy)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "checkpoints/" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "runs"]
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["step-00000002"]
+
+
+def test_a_stored_config_loads_after_its_paths_are_gone(tmp_path):
+    """checkpoint.pt of a resumed run stores --resume (a checkpoint keep-K may prune since)
+    and the device it ran on: Config.from_dict restores them without checking again."""
+    source = tmp_path / "run"
+    source.mkdir()
+    for run in (dict(resume=str(source)), dict(resume="auto", resume_dir=str(source))):
+        stored = small_config(tmp_path, **run).to_dict()
+        stored["run"]["device"] = "cuda"   # trained on a GPU, loaded where there is none
+        source.rmdir()
+        loaded = Config.from_dict(stored)
+        source.mkdir()
+        assert loaded.to_dict() == stored

@@ -1,6 +1,7 @@
 """The trainer end to end on a small config (tests/trainer_helpers.py): every family and
 recipe learns, the fused and the plain path agree, packs are a function of the seed, a
-non-finite loss stops the run cleanly, and the run directory holds what it promises."""
+step with a non-finite loss or gradient is skipped (weights and AdamW untouched) and too
+many in a row stop the run cleanly, and the run directory holds what it promises."""
 import json
 import math
 
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from trainer import checkpoint as ckpt
+from trainer import distributed, report
 from trainer import model as model_module
 from trainer import scenes
 from trainer.config import TASKS, Config
 from trainer.data import (SampleFactory, TrainData, eval_scene_seed, train_scene_seed)
-from trainer.loop import NonFiniteLoss, train
+from trainer.loop import NonFiniteLoss, optimizer_step, train
 from trainer.model import build_model
 from trainer_helpers import small_config, train_rows
 from unimrg_fast import backends
@@ -156,8 +159,8 @@ def test_non_finite_loss_stops_naming_step_and_task(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_module.UMM, "loss", poisoned)
     config = small_config(tmp_path, steps=8, log_every=3, checkpoint_every=2,
-                          eval_questions=0, eval_scenes=0)
-    with pytest.raises(NonFiniteLoss) as info:
+                          eval_questions=0, eval_scenes=0, max_skipped_steps=0)
+    with pytest.raises(NonFiniteLoss) as info:   # found at the step-6 log step
         train(config)
     assert info.value.step == 5 and info.value.task == "depth"
     assert "step 5" in str(info.value) and "depth" in str(info.value)
@@ -168,6 +171,130 @@ def test_non_finite_loss_stops_naming_step_and_task(tmp_path, monkeypatch):
     assert checkpoint["step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values()
                if v.is_floating_point())
+
+
+def _poison(monkeypatch, steps, what):
+    """Makes the steps in `steps` (one pack per step) non-finite: what='grad': a finite
+    loss whose gradient is NaN (0 * d sqrt(u)/du at u = 0, e.g. a bf16 overflow in the
+    backward); what='loss': depth's loss sum NaN."""
+    real = distributed._LossModule.forward
+    calls = {"n": 0}
+
+    def forward(self, pack, impl):
+        out = real(self, pack, impl)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            if what == "grad":
+                x = next(p for p in self.umm.parameters() if p.requires_grad).reshape(-1)[0]
+                bad = 0.0 * torch.sqrt(x - x.detach())
+            else:
+                bad = torch.zeros_like(out.task_loss_sum)
+                bad[TASKS.index("depth")] = float("nan")
+            out = out._replace(task_loss_sum=out.task_loss_sum + bad)
+        return out
+
+    monkeypatch.setattr(distributed._LossModule, "forward", forward)
+
+
+def _dcp_tensors(path, tmp_path):
+    """Every tensor of a resumable checkpoint (model and AdamW state), by flat name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_a_step_with_non_finite_gradients_is_skipped(tmp_path, monkeypatch, fused):
+    """Step 4's loss is finite but its gradient is NaN: the step is skipped (its weights
+    and AdamW state are step 3's: the checkpoints of steps 3 and 4 are equal), counted in
+    the metrics, and training goes on. fused: the device-side skip of fused AdamW (CUDA's
+    optimizer; torch runs it on a CPU too) through optimizer.found_inf."""
+    if fused:
+        real = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: real(*a, **{**k, "fused": True}))
+    _poison(monkeypatch, {4}, "grad")
+    run_dir = train(small_config(tmp_path, steps=5, checkpoint_every=1, keep_checkpoints=5,
+                                 family="ar", eval_questions=0, eval_scenes=0))
+    monkeypatch.undo()
+    rows = {r["step"]: r for r in train_rows(run_dir)}
+    assert rows[4]["skipped_steps"] == 1 and rows[4]["loss"] is None, rows[4]
+    assert rows[4]["grad_norm"] is None
+    assert [rows[s]["skipped_steps_total"] for s in range(1, 6)] == [0, 0, 0, 1, 1]
+    assert math.isfinite(rows[5]["loss"]) and math.isfinite(rows[5]["grad_norm"])
+    step = {s: _dcp_tensors(run_dir / "checkpoints" / f"step-{s:08d}", tmp_path) for s in (3, 4, 5)}
+    assert step[3].keys() == step[4].keys()
+    assert any(".state." in k for k in step[4]), list(step[4])   # AdamW's state is in it
+    for name in step[3]:
+        assert torch.equal(step[3][name], step[4][name]), name
+    assert any(not torch.equal(step[4][k], step[5][k]) for k in step[4])   # step 5 trained
+    assert all(torch.isfinite(v).all() for v in step[5].values() if v.is_floating_point())
+    skipped = [ckpt.read_state(run_dir / "checkpoints" / f"step-{s:08d}")["skipped_steps"]
+               for s in (4, 5)]
+    assert skipped == [{"skipped_total": 1, "consecutive": 1},
+                       {"skipped_total": 1, "consecutive": 0}]
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("bad, limit, stops_at", [
+    ({3, 4}, 2, None), ({3, 4, 5}, 2, 5), ({2, 4}, 1, None)],
+    ids=["2-in-a-row-of-2", "3-in-a-row-of-2", "2-apart-of-1"])
+def test_more_than_max_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, bad, limit,
+                                                           stops_at):
+    _poison(monkeypatch, bad, "loss")
+    config = small_config(tmp_path, steps=6, log_every=3, max_skipped_steps=limit,
+                          eval_questions=0, eval_scenes=0)
+    if stops_at is not None:
+        with pytest.raises(NonFiniteLoss) as info:
+            train(config)
+        assert info.value.step == stops_at and info.value.task == "depth"
+        assert info.value.consecutive == limit + 1
+        assert f"step {stops_at}" in str(info.value) and "--max-skipped-steps" in str(info.value)
+        return
+    rows = train_rows(train(config))
+    assert [r["step"] for r in rows] == [3, 6]
+    assert [r["skipped_steps"] for r in rows] == [sum(s <= 3 for s in bad), sum(s > 3 for s in bad)]
+    assert rows[-1]["skipped_steps_total"] == len(bad)
+    for row in rows:   # the skipped steps' NaN is left out of the interval's averages
+        assert math.isfinite(row["loss"]) and math.isfinite(row["loss/depth"]), row
+        assert all(row[f"loss/{t}"] is None or math.isfinite(row[f"loss/{t}"]) for t in TASKS)
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["adamw", "fused-adamw"])
+def test_optimizer_step_skips_without_touching_weights_or_adamw_state(fused):
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    optimizer = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=fused)
+    p.grad = torch.randn(3, 3)
+    optimizer_step(optimizer, torch.tensor(True))
+    weights, state = p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}
+    p.grad = torch.full((3, 3), float("nan"))
+    optimizer_step(optimizer, torch.tensor(False))
+    assert torch.equal(p, weights)
+    assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())   # step too
+    p.grad = torch.randn(3, 3)
+    optimizer_step(optimizer, torch.tensor(True))
+    assert not torch.equal(p, weights) and int(optimizer.state[p]["step"]) == 2
+
+
+def test_summary_table_tolerates_evaluations_of_different_shapes(tmp_path):
+    """The evaluation before (e.g. from a checkpoint) may hold what the one after lacks."""
+    before = {"und_accuracy": 0.5, "und_questions": 2, "und_accuracy_by_kind": {"left": 0.5},
+              "loss/depth": 1.0}
+    s = report.summary(small_config(tmp_path), [], before, {"loss/depth": 0.5}, 1.0, "reference")
+    table = report.summary_table(s)
+    assert "50.0% before -> - after" in table and "left 50% -> -" in table, table
 
 
 def test_run_directory_holds_every_output(tmp_path, capsys):

@@ -47,6 +47,7 @@ def test_help_explains_every_flag_recipe_and_family():
     (["--betas", "0.9"], "--betas", "two numbers in [0, 1)"),
     (["--llm", "/no/such/dir"], "--llm", "no such directory"),
     (["--device", "tpu"], "--device", "auto, cpu, cuda"),
+    (["--max-skipped-steps", "-1"], "--max-skipped-steps", "an int >= 0"),
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("--") else None)
 def test_bad_values_exit_2_naming_the_flag_and_the_allowed_values(args, flag, allowed, capsys):
     with pytest.raises(SystemExit) as info:
@@ -62,6 +63,18 @@ def test_bad_value_from_the_command_line_subprocess(tmp_path):
     assert result.returncode == 2
     assert "--family" in result.stderr and "ar, mar, flow" in result.stderr
     assert not list(tmp_path.iterdir()), "a run directory was created for a bad config"
+
+
+def test_out_at_or_under_a_file_exits_2_naming_out(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    for out in (blocker, blocker / "runs"):
+        with pytest.raises(SystemExit) as info:
+            main(["--out", str(out)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and str(blocker) in err and "not a directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_config_file_then_flags_override_the_preset(tmp_path):

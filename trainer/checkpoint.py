@@ -7,14 +7,23 @@ One checkpoint is a directory holding
                             it needs no process group)
     state.pt                the rest: step, LR scheduler, rank 0's RNG states (torch CPU,
                             CUDA when present, numpy, python), the data position, the
-                            number of processes and the config
+                            number of processes, the config, the evaluation before
+                            training and the skipped-step counters
     rng-RRRRR.pt            each rank's own RNG states (torchrun: one file per rank)
     COMPLETE                written last: a directory without it is ignored
 
 It is written into a hidden temporary directory next to its final place, every file
 fsync'd, COMPLETE written, then renamed into place (rename is atomic), so a run killed
-or out of disk during a save leaves the previous checkpoint whole and resumable. The last
---keep-checkpoints are kept. Under torchrun every rank writes its part into the same
+or out of disk during a save leaves the previous checkpoint whole and resumable (files are
+serialised in memory and written with plain writes, so a full disk is an OSError wherever
+it strikes). A step saved again has its old copy renamed aside before the new one is
+renamed in, and deleted only then. The last --keep-checkpoints are kept; an older one is
+renamed to a hidden name before it is deleted, so a kill mid-delete never leaves a
+directory that looks complete. Resuming from a checkpoint that is not the run's latest
+moves the later ones to checkpoints/abandoned/step-N-<UTC time> (their timeline is
+replaced; kept, but out of `auto`'s and pruning's way). A checkpoint resumes only inside
+its run's checkpoints/ folder: the run continues in that run directory.
+Under torchrun every rank writes its part into the same
 directory (a filesystem all ranks share, as DCP assumes); rank 0 seals and renames it
 only after every rank's part is written, and a failure on any rank fails the save on
 every rank, the previous checkpoint intact. A checkpoint resumes with the number of
@@ -24,15 +33,17 @@ same DCP format.
 The data position is the number of optimizer steps taken: the packs are a pure function
 of the config and the sample index (trainer/data.py), so resuming rebuilds TrainData and
 replays `step` calls of TrainData.step() (host work only: scenes and packing, no model).
+The learning rate is the resumed run's schedule at the restored step (--steps may grow).
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,15 +51,19 @@ import torch
 from trainer.config import Config, ConfigError
 
 DIRNAME, COMPLETE, STATE = "checkpoints", "COMPLETE", "state.pt"
-PREFIX = "step-"
+PREFIX, ABANDONED = "step-", "abandoned"
+# Hidden names next to the checkpoints: a save being written, a re-saved step's previous
+# copy, a pruned one being deleted. None counts as a checkpoint; prune clears stale ones.
+TMP, OLD, DELETING = ".tmp", ".old", ".del"
 
 # Fields that may differ between the checkpoint's run and the resumed one: how and where
-# the run executes, what it logs, evaluation sizes, and optim.steps (the schedule is rebuilt
-# for the new length from the restored step on; the new length must exceed that step).
+# the run executes, what it logs, and optim.steps (the schedule is rebuilt for the new
+# length from the restored step on; the new length must exceed that step). The held-out
+# sizes (data.eval_questions, data.eval_scenes) must match: the summary compares the
+# checkpoint's evaluation before training with the resumed run's after it.
 MAY_DIFFER = {
     "preset",                     # only a starting point: the fields themselves are compared
     "model.gradient_checkpointing",
-    "data.eval_questions", "data.eval_scenes",
     "optim.steps",
 }
 MAY_DIFFER_SECTIONS = {"run"}
@@ -101,7 +116,41 @@ def resolve(resume: str, resume_dir: Optional[str]) -> Path:
 
 
 def run_dir_of(checkpoint: Path) -> Path:
-    return Path(checkpoint).resolve().parent.parent
+    """The run directory a checkpoint belongs to: RUN/checkpoints/step-N -> RUN. A
+    checkpoint directory anywhere else (e.g. copied out of its run) is refused: the run
+    would otherwise continue in whatever its grandparent is."""
+    path = Path(checkpoint).resolve()
+    if path.parent.name != DIRNAME:
+        raise ConfigError("--resume", f"{checkpoint} is not inside a run's {DIRNAME}/ folder "
+                                      f"(RUN/{DIRNAME}/{PREFIX}N), so it has no run directory to "
+                                      f"continue in; copy it back to RUN/{DIRNAME}/{path.name} of "
+                                      f"its run (with the run's metrics.jsonl) and resume that")
+    return path.parent.parent
+
+
+def abandon_newer(run_dir: Path, step: int) -> List[Tuple[Path, Path]]:
+    """Resuming from step `step` abandons the run's later complete checkpoints (their
+    timeline is replaced): they are moved to checkpoints/abandoned/step-N-<UTC time>,
+    where neither `auto` nor pruning looks, so no work is lost. Returns (old, new) paths."""
+    import datetime
+
+    newer = [p for p in complete_checkpoints(run_dir) if int(p.name[len(PREFIX):]) > step]
+    if not newer:
+        return []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    root = Path(run_dir) / DIRNAME / ABANDONED
+    root.mkdir(exist_ok=True)
+    moved = []
+    for path in newer:
+        target, n = root / f"{path.name}-{stamp}", 1
+        while target.exists():
+            n += 1
+            target = root / f"{path.name}-{stamp}-{n}"
+        os.rename(path, target)
+        moved.append((path, target))
+    _fsync_dir(root)
+    _fsync_dir(root.parent)
+    return moved
 
 
 # ------------------------------------------------------------------------------- config
@@ -214,6 +263,18 @@ def _rng_file(rank: int) -> str:
     return f"rng-{rank:05d}.pt"
 
 
+def _save_file(obj: Any, path: Path) -> None:
+    """torch.save through memory, then plain file writes: a full disk is then an OSError
+    (ENOSPC) like every other write failure; torch.save to a path raises a RuntimeError
+    from its zip writer instead."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _together(ctx, fn, main_only: bool = False) -> None:
     """Runs one step of a save (on rank 0 alone with main_only); afterwards either every
     rank goes on or every rank raises: a rank that failed alone would otherwise leave the
@@ -246,7 +307,8 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
 
     ctx = ctx or SINGLE
     final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f".{final.name}.tmp"   # one name for every rank
+    tmp = final.parent / f".{final.name}{TMP}"   # one name for every rank
+    old = final.parent / f".{final.name}{OLD}"
 
     def prepare():
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -256,22 +318,28 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
 
     def write_parts():
         _write_tensors(tmp, model, optimizer)   # a collective under torchrun
-        torch.save(rng_state(), tmp / _rng_file(ctx.rank))
+        _save_file(rng_state(), tmp / _rng_file(ctx.rank))
 
     def seal():
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                  "data": {"steps": step}, "world": ctx.world, "config": config.to_dict(),
                  **(extra or {})}
-        torch.save(state, tmp / STATE)
+        _save_file(state, tmp / STATE)
         _fsync_tree(tmp)
         with open(tmp / COMPLETE, "w") as fh:   # last: marks the directory whole
             fh.write(f"{step}\n")
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():                      # the same step saved again
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():   # the same step saved again: the old copy aside, the new one in
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
         _fsync_dir(final.parent)
 
     try:
@@ -309,14 +377,20 @@ def _write_failure(exc: BaseException) -> Optional[str]:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keeps the newest `keep` complete checkpoints; removes older ones and stale temps."""
+    """Keeps the newest `keep` complete checkpoints; removes older ones and stale temps.
+    A checkpoint is first renamed to a hidden name, then deleted: a kill part-way never
+    leaves a directory that still looks complete with some of its files gone."""
     found = complete_checkpoints(run_dir)
     for old in found[:max(0, len(found) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.parent / f".{old.name}{DELETING}"
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     root = Path(run_dir) / DIRNAME
     for p in root.iterdir() if root.is_dir() else ():
-        if p.name.startswith(f".{PREFIX}") and p.name.endswith(".tmp"):   # left by a killed save
-            shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith(f".{PREFIX}") and p.name.endswith((TMP, OLD, DELETING)):
+            shutil.rmtree(p, ignore_errors=True)   # left by a killed save or prune
 
 
 def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str, Any]:
@@ -350,6 +424,14 @@ def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str,
                    optim_state_dict=target["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
+    # The optimizer's lr and the scheduler's last lr come back as saved, from the schedule
+    # of the checkpoint's run; a resumed run may be longer (--steps grew), so its first
+    # step takes the lr of ITS schedule at the restored step (the same value when the
+    # schedule is unchanged: the very expression LambdaLR computes).
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return state
 
 

@@ -250,7 +250,8 @@ class DataConfig:
             from trainer.datapaths import DataPathError, resolve
 
             try:
-                resolve(self.data, self.images, self.depth_dir, self.mask_dir, self.active_tasks)
+                resolve(self.data, self.images, self.depth_dir, self.mask_dir, self.active_tasks,
+                        seg_colour=self.seg_colour)
             except DataPathError as exc:
                 raise ConfigError(exc.flag, str(exc).split(": ", 1)[1]) from None
 
@@ -334,9 +335,15 @@ class RunConfig:
     --resume-dir). The run continues in the checkpoint's run directory with the identical
     loss curve; settings that shape the model, data or optimizer must match."""
     resume_dir: Optional[str] = None
-    """Run directory that --resume auto searches for its latest complete checkpoint."""
+    """Run directory that --resume auto searches for its latest complete checkpoint (only
+    used with --resume auto)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints (checkpoints/step-N) kept in the run directory: the last K."""
+    max_skipped_steps: int = 10
+    """A step whose loss or global gradient norm is not finite is skipped (no weight update,
+    AdamW state unchanged) and counted (skipped_steps in the metrics); the run stops
+    (naming the step) once more than this many CONSECUTIVE steps were skipped, checked at
+    log steps. 0: the first non-finite step stops the run."""
     telemetry_every: int = 0
     """Steps between telemetry in the metrics (GPU memory, utilisation, power, clock,
     temperature, MFU; nothing on a CPU); 0: every log step."""
@@ -356,6 +363,7 @@ class RunConfig:
         _at_least("cpu_threads", self.cpu_threads, 0)
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("telemetry_every", self.telemetry_every, 0)
+        _at_least("max_skipped_steps", self.max_skipped_steps, 0)
         if self.parallel is not None:
             _one_of("parallel", self.parallel, PARALLEL)
         if self.resume is not None and self.resume != "auto" and not os.path.exists(self.resume):
@@ -363,13 +371,37 @@ class RunConfig:
                                           f"checkpoints/step-N directory, a run directory or auto)")
         if self.resume == "auto" and not self.resume_dir:
             raise ConfigError("--resume", "auto needs --resume-dir RUN_DIR")
+        if self.resume_dir is not None and self.resume != "auto":
+            given = (f"not with --resume {self.resume!r}" if self.resume is not None
+                     else "and --resume was not given")
+            raise ConfigError("--resume-dir", f"only used with --resume auto, {given}; pass "
+                                              f"--resume auto, or drop --resume-dir")
         if self.resume_dir is not None and not os.path.isdir(self.resume_dir):
             raise ConfigError("--resume-dir", f"no such directory {self.resume_dir!r}")
+        blocker = _not_a_directory(self.out)
+        if blocker is not None:
+            raise ConfigError("--out", f"must be a directory (or a path where one can be "
+                                       f"created); {blocker!r} exists and is not a directory")
         if self.name is not None and (not self.name or os.sep in self.name or self.name in (".", "..")):
             raise ConfigError("--name", f"must be a plain folder name, got {self.name!r}")
 
 
+def _not_a_directory(path: str) -> Optional[str]:
+    """The existing non-directory at `path` or at the nearest of its parents that exists
+    (where no directory can be made), else None."""
+    here = os.path.abspath(path)
+    while not os.path.lexists(here):
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+    return None if os.path.isdir(here) else here
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+# Run settings that name this machine's paths and devices: a stored config (a checkpoint's)
+# is loaded without checking them again (its --resume checkpoint may have been pruned since).
+ENVIRONMENT = ("resume", "resume_dir", "out", "device")
 
 
 @dataclasses.dataclass
@@ -414,9 +446,17 @@ class Config:
 
     @staticmethod
     def from_dict(values: Dict[str, Any]) -> "Config":
-        """Inverse of to_dict (a checkpoint's config)."""
-        sections = {name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()}
-        return Config(preset=values.get("preset", "tiny"), **sections)
+        """Inverse of to_dict (a checkpoint's config). The run's paths and device
+        (ENVIRONMENT: --resume, --resume-dir, --out, --device) are restored as stored, not
+        checked again: they described the machine and the moment of that run."""
+        run = dict(values.get("run", {}))
+        stored = {key: run.pop(key) for key in ENVIRONMENT if key in run}
+        sections = {name: cls(**(run if name == "run" else values.get(name, {})))
+                    for name, cls in SECTIONS.items()}
+        config = Config(preset=values.get("preset", "tiny"), **sections)
+        for key, value in stored.items():
+            setattr(config.run, key, value)
+        return config
 
 
 # ------------------------------------------------------------------------------- presets

@@ -5,10 +5,20 @@ round-robin: one single-task pack per task), each scored by ONE joint_loss call,
 gradients accumulated, clipped, AdamW, warm-up + cosine schedule. The step's objective is
 the joint loss over all of its rows: per-task means by the step's row counts (over every
 rank under torchrun: trainer/distributed.py), so how the rows fall into packs does not
-change the gradient. The same loop runs one process and DDP / FSDP2. Per-task loss sums stay
-on the device until a log step, the only place the host waits for the device: there the
-losses are checked (a non-finite one stops the run naming its step and task), logged to
-metrics.jsonl and shown on the progress bar.
+change the gradient. The same loop runs one process and DDP / FSDP2.
+
+A long run never dies on one bad sample: a step whose loss sum (any task) or global
+gradient norm is not finite is SKIPPED, with no weight update and the AdamW state
+unchanged. The decision stays on the device: fused AdamW (CUDA) reads it from
+`optimizer.found_inf` (its kernel returns early and the step counter is rolled back, as
+under a GradScaler); on a CPU, where execution is synchronous anyway, the host checks it.
+Per-task loss sums, gradient norms and skip flags stay on the device until a log step, the
+only place the host waits for the device: there skipped steps are counted (skipped_steps,
+skipped_steps_total in metrics.jsonl) and left out of the loss averages, the run stops
+(NonFiniteLoss, naming the step and the task) once more than --max-skipped-steps
+consecutive steps were skipped, and the rest is logged to metrics.jsonl and shown on the
+progress bar. Checkpoints are written at log steps, after that check, from weights no
+skipped step touched.
 """
 from __future__ import annotations
 
@@ -35,10 +45,20 @@ SHORT = {"und": "und", "pixel": "pix", "depth": "dep", "seg": "seg"}
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, task: str, value: float, run_dir: Path):
-        super().__init__(f"non-finite loss {value} at step {step} in task {task}; the run "
-                         f"stopped, earlier outputs are kept in {run_dir}")
+    """More than --max-skipped-steps consecutive steps had a non-finite loss or gradient
+    norm (each was skipped, the weights untouched). `step` is the step that went over the
+    limit; `task` the first task whose loss was not finite there (None: only the gradient
+    norm was), `value` that loss or norm."""
+
+    def __init__(self, step: int, task: Optional[str], value: float, run_dir: Path,
+                 consecutive: int = 1, limit: int = 0):
+        what = f"loss {value} in task {task}" if task is not None else f"gradient norm {value}"
+        steps = f"step {step}" if consecutive == 1 else f"steps {step - consecutive + 1}-{step}"
+        super().__init__(f"non-finite {what} at step {step}: {consecutive} consecutive "
+                         f"skipped step(s) ({steps}), more than --max-skipped-steps {limit}; "
+                         f"the run stopped, earlier outputs are kept in {run_dir}")
         self.step, self.task, self.value, self.run_dir = step, task, value, run_dir
+        self.consecutive, self.limit = consecutive, limit
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -86,39 +106,82 @@ def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device
 
 
 class LossTracker:
-    """Per-step per-task loss sums on the device; read (one sync) at log steps."""
+    """Per step, on the device: the per-task loss and weight sums, the global gradient norm
+    and whether the step was applied (finite) or skipped; read (one sync) at log steps.
+    Counts the skipped steps: in all (skipped_total) and the current run of consecutive
+    ones (consecutive); a checkpoint stores both (state())."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, max_skipped: int = 0, skipped_total: int = 0,
+                 consecutive: int = 0):
+        self.device, self.max_skipped = device, max_skipped
+        self.skipped_total, self.consecutive = skipped_total, consecutive
         self.steps: List[int] = []
-        self.sums: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
         self.tokens = 0
         self.start = time.perf_counter()
 
-    def add(self, step: int, loss_sum: torch.Tensor, weight_sum: torch.Tensor, tokens: int):
+    def add(self, step: int, loss_sum: torch.Tensor, weight_sum: torch.Tensor, tokens: int,
+            grad_norm: torch.Tensor, finite: torch.Tensor):
         self.steps.append(step)
-        self.sums.append(torch.stack([loss_sum.detach(), weight_sum.detach()]))
+        self.values.append(torch.cat([loss_sum.detach().float(), weight_sum.detach().float(),
+                                      grad_norm.detach().float().reshape(1),
+                                      finite.detach().float().reshape(1)]))
         self.tokens += tokens
 
+    def state(self) -> Dict[str, int]:
+        return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}
+
     def flush(self, run_dir: Path) -> Dict[str, float]:
-        sums = torch.stack(self.sums).double().cpu()         # [steps, 2, tasks]: the sync
+        """The log row of the steps since the last flush; raises NonFiniteLoss (before
+        anything is written) once more than max_skipped consecutive steps were skipped."""
+        n = len(TASKS)
+        values = torch.stack(self.values).double().cpu()   # [steps, 2 * tasks + 2]: the sync
         elapsed = time.perf_counter() - self.start
-        loss, weight = sums[:, 0], sums[:, 1]
-        for i, step in enumerate(self.steps):                # name the first bad step / task
-            for t, task in enumerate(TASKS):
-                if weight[i, t] > 0 and not math.isfinite(loss[i, t]):
-                    raise NonFiniteLoss(step, task, float(loss[i, t]), run_dir)
+        loss, weight, norm = values[:, :n], values[:, n:2 * n], values[:, 2 * n]
+        applied = values[:, 2 * n + 1] > 0
+        skipped = 0
+        for i, step in enumerate(self.steps):
+            if applied[i]:
+                self.consecutive = 0
+                continue
+            skipped += 1
+            self.consecutive += 1
+            if self.consecutive > self.max_skipped:   # name the step and its first bad task
+                bad = [t for t in range(n) if not math.isfinite(loss[i, t])]
+                task, value = ((TASKS[bad[0]], float(loss[i, bad[0]])) if bad
+                               else (None, float(norm[i])))
+                raise NonFiniteLoss(step, task, value, run_dir, self.consecutive,
+                                    self.max_skipped)
+        self.skipped_total += skipped
         row: Dict[str, float] = {"tokens": self.tokens, "interval_s": elapsed,
                                  "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
-        per_step_total = torch.zeros(len(self.steps), dtype=torch.float64)
+        loss, weight = loss[applied], weight[applied]          # skipped steps: left out
+        per_step_total = torch.zeros(loss.shape[0], dtype=torch.float64)
         for t, task in enumerate(TASKS):
             w = weight[:, t].sum()
             row[f"loss/{task}"] = float(loss[:, t].sum() / w) if w > 0 else None
             has = weight[:, t] > 0
             per_step_total += torch.where(has, loss[:, t] / weight[:, t].clamp_min(1e-30), 0)
-        row["loss"] = float(per_step_total.mean())
-        self.steps, self.sums, self.tokens, self.start = [], [], 0, time.perf_counter()
+        row["loss"] = float(per_step_total.mean()) if loss.shape[0] else None
+        last_norm = float(norm[-1])                            # the log step's own
+        row["grad_norm"] = last_norm if math.isfinite(last_norm) else None
+        row["skipped_steps"], row["skipped_steps_total"] = skipped, self.skipped_total
+        self.steps, self.values, self.tokens, self.start = [], [], 0, time.perf_counter()
         return row
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """AdamW's step, or none when `finite` (a bool tensor) is false: the weights and the
+    AdamW state stay as they are. Fused AdamW (CUDA) decides on the device, no host sync:
+    its kernel returns early when optimizer.found_inf is 1 and the step counters are
+    rolled back (torch/optim/adam.py, _fused_adam: the GradScaler protocol). Otherwise the
+    host checks (on a CPU, execution is synchronous: the check costs nothing)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).to(torch.float32)
+        optimizer.grad_scale = None
+        optimizer.step()
+    elif bool(finite):
+        optimizer.step()
 
 
 def step_objective(out, step_counts: torch.Tensor, lambdas, world: int) -> torch.Tensor:
@@ -146,8 +209,9 @@ def build_run(config: Config, device: torch.device):
 def train(config: Config) -> Optional[Path]:
     """Post-trains the configured UMM; returns the run directory (metrics, PNG, summary,
     checkpoints) on rank 0, None on the other ranks of a torchrun run. Raises
-    NonFiniteLoss (outputs so far kept) if a loss turns non-finite, CheckpointError (the
-    previous checkpoint intact) if a checkpoint cannot be written.
+    NonFiniteLoss (outputs so far kept) once more than --max-skipped-steps consecutive
+    steps had a non-finite loss or gradient norm (each is skipped), CheckpointError (the
+    previous checkpoint intact) if a checkpoint or another output cannot be written.
 
     One loop for every run: a plain one (one process), and DDP / FSDP2 under torchrun
     (trainer/distributed.py: its docstring gives the loss normalisation, by the global
@@ -155,10 +219,12 @@ def train(config: Config) -> Optional[Path]:
 
     With --resume the run continues in the checkpoint's run directory: model, AdamW,
     schedule, RNG states and the data position are restored, metrics rows past the
-    checkpoint's step are dropped, and the steps that follow log the identical losses."""
+    checkpoint's step are dropped, later checkpoints (an abandoned timeline) are moved to
+    checkpoints/abandoned/, and the steps that follow log the identical losses."""
     resume_from, saved = None, None
     if config.run.resume:   # checked before any work: a bad checkpoint exits at once
         resume_from = ckpt.resolve(config.run.resume, config.run.resume_dir)
+        ckpt.run_dir_of(resume_from)   # a checkpoint outside its run's checkpoints/: refused
         saved = ckpt.read_state(resume_from)
         ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
         ckpt.check_world(saved, distributed.env_world_size(), resume_from)
@@ -198,21 +264,27 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
     model, sync = distributed.wrap(umm, ctx)
     optimizer, schedule = build_optimizer(umm, config, device)
     params = [p for p in umm.parameters() if p.requires_grad]
-    start = 0
+    start, skipped = 0, {}
     if resume_from is not None:
         state = ckpt.load(resume_from, model=umm, optimizer=optimizer, scheduler=schedule,
                           rank=ctx.rank)
         start, before = state["step"], state["eval_before"]
+        skipped = state.get("skipped_steps", {})
         for _ in range(state["data"]["steps"]):   # replay the data stream to its position
             data.step()
         if ctx.main:
             metrics.rows = _rows_until(run_dir / report.METRICS, start)
             print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
+            # the later checkpoints' timeline is abandoned: out of `auto`'s way, kept
+            for old, new in ckpt.abandon_newer(run_dir, start):
+                print(f"moved the later checkpoint {old.name} out of the way to {new} (its "
+                      f"timeline is abandoned: this run continues from step {start})",
+                      flush=True)
         ckpt.set_rng_state(state["rng"])       # last: nothing random may run after it
 
     lambdas = umm.task_weights
     steps, log_every, every = config.optim.steps, config.run.log_every, config.run.checkpoint_every
-    tracker = LossTracker(device)
+    tracker = LossTracker(device, config.run.max_skipped_steps, **skipped)
     bar = _progress(config, steps, start, enabled=ctx.main)
     for step in range(start + 1, steps + 1):
         packs = data.step()
@@ -228,21 +300,23 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
                 step_objective(out, global_weight, lambdas, ctx.world).backward()
             loss_sum = loss_sum + out.task_loss_sum.detach().float()
         distributed.drop_unused_grads(umm, task_counts)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-                     if config.optim.grad_clip > 0 else None)
+        # the global gradient norm, every step (clipping to --grad-clip, or to inf: none)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):   # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        # every rank sees the global sums and norm, so every rank skips the same steps
+        loss_sum = ctx.all_reduce(loss_sum)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss_sum).all()
         lr = schedule.get_last_lr()[0]
-        optimizer.step()
+        optimizer_step(optimizer, finite)   # skipped, on the device, when not finite
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        # every rank tracks the global sums, so a non-finite loss stops every rank at once
-        tracker.add(step, ctx.all_reduce(loss_sum), global_weight, int(counts[distributed.TOKENS]))
+        tracker.add(step, loss_sum, global_weight, int(counts[distributed.TOKENS]), grad_norm,
+                    finite)
         save = bool(every) and (step % every == 0 or step == steps)
         if step % log_every == 0 or step == steps or save or telemetry.due(step):
             row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
-            if hasattr(grad_norm, "full_tensor"):   # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            row.update(event="train", step=step, lr=lr,
-                       grad_norm=float(grad_norm) if grad_norm is not None else None)
+            row.update(event="train", step=step, lr=lr)
             if ctx.world > 1:
                 row["world_size"] = ctx.world
             skipped = ctx.sum_counters(data.skipped) if config.data.data else {}
@@ -254,47 +328,76 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
         if save:
             ckpt.save(run_dir, step=step, model=umm, optimizer=optimizer, scheduler=schedule,
                       config=config, keep=config.run.keep_checkpoints,
-                      extra={"eval_before": before}, ctx=ctx)
+                      extra={"eval_before": before, "skipped_steps": tracker.state()},
+                      ctx=ctx)
             if step < steps:   # the last step's weights are exported below, gathered once
                 _export_weights(run_dir, umm, ctx, config, step, images)
         bar.update()
     bar.close()
 
     weights = distributed.full_trainable_state(umm, ctx)   # every rank joins the gather
+    failure: Optional[OSError] = None
     if ctx.main:
         if ctx.sharded:   # rank 0 cannot run a sharded model alone: evaluate a whole copy
             umm, *_ = build_model(config)
             umm.load_state_dict(weights, strict=False)
             umm.to(device).train()
         after = evaluate(umm, held, factory, text, device, impl, autocast)
-        log({"event": "eval", "when": "after", "step": steps, **after})
-        report.save_checkpoint(run_dir, distributed.Weights(weights), config, steps, images)
-        parallel = f", {ctx.mode} x{ctx.world}" if ctx.world > 1 else ""
-        report.plot_losses(metrics.rows, run_dir / report.CURVES,
-                           f"{config.preset} / {config.model.family} / {config.data.recipe} "
-                           f"({impl}{parallel})")
-        summary = report.summary(config, metrics.rows, before, after,
-                                 time.perf_counter() - wall, impl)
-        print(report.write_summary(run_dir, summary), flush=True)
+        try:   # e.g. the disk is full: a clean error, the resumable checkpoints intact
+            log({"event": "eval", "when": "after", "step": steps, **after})
+            report.save_checkpoint(run_dir, distributed.Weights(weights), config, steps, images)
+            parallel = f", {ctx.mode} x{ctx.world}" if ctx.world > 1 else ""
+            report.plot_losses(metrics.rows, run_dir / report.CURVES,
+                               f"{config.preset} / {config.model.family} / {config.data.recipe} "
+                               f"({impl}{parallel})")
+            summary = report.summary(config, metrics.rows, before, after,
+                                     time.perf_counter() - wall, impl)
+            print(report.write_summary(run_dir, summary), flush=True)
+        except OSError as exc:
+            failure = exc
     telemetry.close()
     ctx.barrier()
+    if failure is not None:
+        raise _output_error(run_dir, "the run's final outputs (checkpoint.pt, metrics, "
+                                     "summary)", failure) from failure
     return run_dir if ctx.main else None
+
+
+def _output_error(run_dir: Path, what: str, exc: OSError) -> ckpt.CheckpointError:
+    latest = ckpt.latest(run_dir)
+    kept = (f"the resumable checkpoint {latest} is intact" if latest
+            else "no resumable checkpoint was written (--checkpoint-every N)")
+    return ckpt.CheckpointError(f"could not write {what} in {run_dir}: {exc}; {kept}")
 
 
 def _export_weights(run_dir: Path, umm, ctx: distributed.Context, config: Config, step: int,
                     images) -> None:
     """checkpoint.pt (the trainable weights alone, for evaluation / export) next to the
-    resumable checkpoints; a collective under FSDP."""
+    resumable checkpoints; a collective under FSDP. A failure to write it (rank 0) stops
+    every rank with a CheckpointError; the resumable checkpoint just written is intact."""
     weights = distributed.full_trainable_state(umm, ctx)
+    failure: Optional[OSError] = None
     if ctx.main:
-        report.save_checkpoint(run_dir, distributed.Weights(weights), config, step, images)
+        try:
+            report.save_checkpoint(run_dir, distributed.Weights(weights), config, step, images)
+        except OSError as exc:
+            failure = exc
+    if ctx.any_failed(failure is not None):   # every rank stops together
+        raise _output_error(run_dir, report.CHECKPOINT,
+                            failure or OSError("rank 0 failed to write it")) from failure
 
 
 def _rows_until(path: Path, step: int) -> List[Dict]:
     """The metrics rows a resumed run keeps (the eval before training and the training rows
     up to the checkpoint's step); the file is rewritten to hold exactly those."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-        if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:   # a line torn by a kill (or a full disk) mid-append is dropped
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     kept = [r for r in rows if (r.get("event") == "eval" and r.get("when") == "before")
             or (r.get("event") == "train" and r.get("step", 0) <= step)]
     text = "".join(json.dumps(r) + "\n" for r in kept)

@@ -5,6 +5,7 @@ temporary file that then replaces the target (os.replace is atomic)."""
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import tempfile
@@ -69,8 +70,10 @@ def save_checkpoint(run_dir: Path, model, config: Config, step: int, image_token
              "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}}
     if hasattr(image_tokenizer, "state_dict"):
         state["image_tokenizer"] = image_tokenizer.state_dict()
+    buffer = io.BytesIO()   # through memory: a full disk is then a plain OSError (ENOSPC)
+    torch.save(state, buffer)
     path = run_dir / name
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
     return path
 
 
@@ -100,7 +103,7 @@ def plot_losses(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         points = [(r["step"], r[f"loss/{task}"]) for r in train if r.get(f"loss/{task}") is not None]
         if points:
             ax.plot(*zip(*points), label=task, marker="." if len(points) < 40 else None)
-    points = [(r["step"], r["loss"]) for r in train]
+    points = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
     if points:
         ax.plot(*zip(*points), label="total", color="black", linewidth=1.0, linestyle="--")
     ax.set_xlabel("step")
@@ -143,21 +146,28 @@ def summary_table(s: Dict[str, Any]) -> str:
              f"{_fmt(s['tokens_per_s'], 0)} tokens/s in training steps", "",
              f"{'task':<8} {'train first':>12} {'train last':>12} {'held-out before':>16} "
              f"{'held-out after':>15}"]
+    b, a = s["eval_before"] or {}, s["eval_after"] or {}
     for t in s["tasks"]:
-        lines.append(f"{t:<8} {_fmt(s['train_loss_first'][t]):>12} {_fmt(s['train_loss_last'][t]):>12} "
-                     f"{_fmt(s['eval_before'].get(f'loss/{t}')):>16} "
-                     f"{_fmt(s['eval_after'].get(f'loss/{t}')):>15}")
-    b, a = s["eval_before"], s["eval_after"]
-    if b.get("und_accuracy") is not None:
-        lines += ["", f"understanding accuracy on {b['und_questions']} held-out questions "
-                      f"(greedy decoding): {b['und_accuracy']:.1%} before -> "
-                      f"{a['und_accuracy']:.1%} after"]
-        kinds = sorted(set(b.get("und_accuracy_by_kind", {})) | set(a.get("und_accuracy_by_kind", {})))
+        lines.append(f"{t:<8} {_fmt(s['train_loss_first'].get(t)):>12} "
+                     f"{_fmt(s['train_loss_last'].get(t)):>12} "
+                     f"{_fmt(b.get(f'loss/{t}')):>16} {_fmt(a.get(f'loss/{t}')):>15}")
+    if b.get("und_accuracy") is not None or a.get("und_accuracy") is not None:
+        questions = b.get("und_questions", a.get("und_questions"))
+        lines += ["", f"understanding accuracy on {questions} held-out questions "
+                      f"(greedy decoding): {_pct(b.get('und_accuracy'))} before -> "
+                      f"{_pct(a.get('und_accuracy'))} after"]
+        before_kinds, after_kinds = (b.get("und_accuracy_by_kind") or {},
+                                     a.get("und_accuracy_by_kind") or {})
+        kinds = sorted(set(before_kinds) | set(after_kinds))
         if kinds:
             lines.append("  by kind: " + ", ".join(
-                f"{k} {b['und_accuracy_by_kind'].get(k, 0):.0%} -> {a['und_accuracy_by_kind'].get(k, 0):.0%}"
+                f"{k} {_pct(before_kinds.get(k), 0)} -> {_pct(after_kinds.get(k), 0)}"
                 for k in kinds))
     return "\n".join(lines)
+
+
+def _pct(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
 
 
 def write_summary(run_dir: Path, s: Dict[str, Any]) -> str:
