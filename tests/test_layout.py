@@ -115,6 +115,32 @@ def test_dense_mask_refuses_a_huge_pack_but_sample_mask_works():
     assert layout.sample_mask(1).all()  # a lone noise span sees itself entirely
 
 
+def test_sample_masks_are_cached_on_the_device_without_host_copies(monkeypatch):
+    samples = [[(3, "full"), (2, "causal"), (4, "noise")], [(1, "causal")], [(5, "full")]]
+    layout = PackedLayout.from_spans(samples)
+    want = rule_mask(samples)
+    # built from the layout's device ids: no host array is turned into a tensor
+    monkeypatch.setattr(torch, "from_numpy", lambda *a: pytest.fail("host->device copy"))
+    masks = layout.sample_masks()
+    assert layout.sample_masks() is masks and len(masks) == 3
+    cu = layout.host("cu_seqlens")
+    for s, mask in enumerate(masks):
+        a, b = int(cu[s]), int(cu[s + 1])
+        assert mask.device == layout.device and mask.dtype == torch.bool
+        assert_mask_equal(mask, want[a:b, a:b], f"sample_masks()[{s}]")
+        fresh = layout.sample_mask(s)
+        assert fresh is not mask and torch.equal(fresh, mask)  # sample_mask: a new tensor
+    monkeypatch.undo()
+    # the cache is no state of the layout: hash, equality and immutability are unchanged
+    other = PackedLayout.from_spans(samples)
+    assert other == layout and hash(other) == hash(layout)
+    with pytest.raises(AttributeError, match="immutable"):
+        layout.num_tokens = 3
+    moved = layout.to("meta")  # another device gets its own masks, built there
+    assert moved.sample_masks()[0].device.type == "meta"
+    assert layout.sample_masks() is masks
+
+
 # --------------------------------------------------------------------------- arrays
 def test_arrays_contents_and_dtypes():
     layout = PackedLayout.from_spans([[(3, "full"), (1, "causal")], [(2, "noise")],

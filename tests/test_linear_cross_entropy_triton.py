@@ -332,6 +332,28 @@ def test_accuracy_count(splitting, seed, monkeypatch):
         assert int(ref_correct) == want
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_accuracy_count_under_softcap_takes_the_first_capped_max(impl, seed):
+    # softcap is monotonic but saturates: every positive logit here is >= 20 = 40 c and
+    # caps to exactly c in fp32, so the argmax is the first positive column, not the
+    # largest raw logit. Logits are exact integers (multiples of 20), so both paths and
+    # the check below see the same values bit for bit.
+    if impl == "reference" and ref_lce is None:
+        pytest.skip(REF_MISSING)
+    n, h, v, cap = 24, 8, 40, 0.5
+    hidden = 10.0 * torch.randint(0, 2, (n, h), device=DEV).float().mul(2).sub(1)
+    weight = torch.randint(0, 2, (v, h), device=DEV).float().mul(2).sub(1)
+    z = hidden @ weight.T
+    target = z.argmax(-1)  # the raw logits' argmax: what an uncapped count would hit
+    target[::5] = -100
+    first_capped = (cap * torch.tanh(z / cap)).argmax(-1)
+    want = int(((first_capped == target) & (target != -100)).sum())
+    assert want < int((target != -100).sum()), "no row where capping changes the argmax"
+    _, num_correct = lce.linear_cross_entropy_with_stats(hidden, weight, target, softcap=cap,
+                                                         impl=impl)
+    assert int(num_correct) == want, f"{impl}: num_correct {int(num_correct)} != {want}"
+
+
 def test_mixed_dtypes_promote_and_grads_keep_dtypes(seed):
     inputs = make_inputs(18, 20, 33, torch.float32, bias=True)
     inputs["hidden"] = inputs["hidden"].half()

@@ -171,6 +171,42 @@ def test_bf16_upcast_in_the_interpreter(seed):
     check_case(layout, 4, 2, 32, torch.bfloat16, "bf16")
 
 
+# ------------------------------------------------------------------ GPU tile configs
+def test_tile_configs_fit_the_device_shared_memory():
+    # fp32 at D = 256 with (64, 32) tiles needs 278,532 B (forward) and 393,220 B (dq)
+    # on sm_90, over an H100's 232,448: the launch would fail with OutOfResources.
+    assert pa._pick_config(torch.float32, 256, False, 32768) == \
+        pa._Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2)
+    for limit in (pa.SMEM_SM90, pa.SMEM_SM80, pa.SMEM_SM86):
+        for (is_fp32, block_d), ladder in pa._LADDERS.items():
+            for bd in [b for b in (16, 32, 64, 128, 256) if max(64, b) == block_d]:
+                dtype = torch.float32 if is_fp32 else torch.bfloat16
+                cfg = pa._pick_config(dtype, bd, False, 32768, limit)
+                rank = [c for c, _ in ladder].index(cfg)
+                # the fastest entry that fits: every faster one is over the limit
+                assert ladder[rank][1] <= limit, (dtype, bd, limit, cfg)
+                assert all(smem > limit for _, smem in ladder[:rank]), (dtype, bd, limit)
+    assert pa._pick_config(torch.float32, 256, False, 32768, pa.SMEM_SM80) != \
+        pa._pick_config(torch.float32, 256, False, 32768), "an A100 needs smaller tiles"
+    with pytest.raises(ValueError, match=r"torch.float32 q/k/v at head dim 200 .*65536 bytes"):
+        pa._pick_config(torch.float32, 256, False, 32768, 65536, head_dim=200)
+
+
+def test_shared_memory_limit_comes_from_the_device(monkeypatch):
+    class Props:
+        shared_memory_per_block_optin = pa.SMEM_SM80
+
+    monkeypatch.setattr(pa, "_smem_limits", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    assert pa._smem_limit(torch.device("cpu")) is None
+    assert pa._smem_limit(torch.device("cuda", 0)) == pa.SMEM_SM80
+    # the forward, the backward and the tile metadata all take their config from here
+    monkeypatch.setattr(pa, "_smem_limit", lambda device: pa.SMEM_SM80)
+    q = torch.empty(5, 1, 200)
+    assert pa._config_for(q, False) == (256, pa._pick_config(torch.float32, 256, False, 5,
+                                                             pa.SMEM_SM80))
+
+
 def test_custom_scale_and_large_scores(seed):
     # Scores of a few hundred: the online softmax must rescale without overflow. A
     # backward from a saved fp32 lse sees p = exp(s - lse) with a relative error of

@@ -243,6 +243,29 @@ def test_runs_on_meta_tensors_so_never_reads_device_values():
     assert lse.device.type == "meta" and lse.shape == (4, layout.num_tokens)
 
 
+def test_masks_are_built_once_per_layout_and_reused_by_every_layer(monkeypatch):
+    # The per-layer loop must not rebuild (or copy to the device) any mask: a layer stack
+    # calls the reference many times on one layout, and the masks depend on it alone.
+    layout, samples = random_layout(5, num_samples=4)
+    built = []
+    builder = PackedLayout._mask
+    monkeypatch.setattr(PackedLayout, "_mask",
+                        lambda self, *a: built.append(a) or builder(self, *a))
+    q, k, v = make_qkv(layout.num_tokens, 4, 2, 16, torch.float32, 5)
+    outs = [packed_attention(q, k, v, layout, return_lse=True) for _ in range(3)]
+    assert len(built) == layout.num_samples, f"{len(built)} masks built for 3 calls"
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    ref, ref_lse = attention64(q, k, v, rule_mask(samples), 0.25)
+    assert_close(outs[-1][0], ref, 1e-5, "out with cached masks")
+    assert_close(outs[-1][1], ref_lse, 1e-5, "lse with cached masks")
+    # an equal layout built anew has its own (empty) cache, and gives the same result
+    again = PackedLayout.from_spans(samples)
+    assert again == layout
+    assert torch.equal(packed_attention(q, k, v, again), outs[0][0])
+    assert len(built) == 2 * layout.num_samples
+
+
 # --------------------------------------------------------------------------- errors
 def _bad_calls():
     layout = PackedLayout.from_spans([[(3, "full"), (2, "causal")], [(4, "noise")]])  # T = 9

@@ -129,6 +129,24 @@ def test_bf16_matches_float64(seed, poison):
     run_and_check(*inputs, reduction="mean", tol=1e-5, grad_tol=1e-2)
 
 
+def test_bf16_gradients_are_rounded_to_nearest(seed, poison):
+    # dh and dt are fp32 sums rounded once to bf16. The interpreter truncates fp32 to bf16
+    # inside a kernel (about half the elements then differ by one bf16 ulp, always
+    # towards zero); a GPU rounds to nearest even. Either way the result must be the
+    # round-to-nearest of the float64 gradient, up to rare double roundings.
+    hidden, weight, _, target, _ = make_inputs(64, 32, 7, dtype=torch.bfloat16)
+    target.requires_grad_()
+    out = rl._triton(hidden, weight, target, reduction="sum")
+    dh, dt = torch.autograd.grad(out, [hidden, target])
+    _, ref = float64_oracle(hidden, weight, target, None, None, "sum", torch.tensor(1.0))
+    for name, got, want in (("dh", dh, ref["hidden"]), ("dt", dt, ref["target"])):
+        assert got.dtype == torch.bfloat16
+        exact = (got == want.to(torch.bfloat16)).float().mean().item()
+        assert exact >= 0.99, f"{name}: only {exact:.1%} equal round-to-nearest bf16"
+        bias = (((got.double() - want) * want.sign()).sum() / want.abs().sum()).item()
+        assert abs(bias) < 5e-4, f"{name}: rounding is biased ({bias:.2e} of |grad|)"
+
+
 def test_autocast_computes_in_the_autocast_dtype(seed):
     hidden, weight, b, target, _ = make_inputs(17, 24, 6, bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -86,7 +86,7 @@ class PackedLayout:
     """
 
     __slots__ = ("spans", "num_tokens", "num_samples", "num_spans", "max_seqlen", "seqlens",
-                 "device", "_host", "_tiles_host", "_tiles", "_hash") + _LAYOUT_FIELDS
+                 "device", "_host", "_tiles_host", "_tiles", "_masks", "_hash") + _LAYOUT_FIELDS
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -163,6 +163,7 @@ class PackedLayout:
         for n, key in enumerate(tile_keys):
             chunk = parts[len(_LAYOUT_FIELDS) + 6 * n: len(_LAYOUT_FIELDS) + 6 * (n + 1)]
             self._tiles[key] = _tile_metadata_from(key, self.num_tokens, chunk)
+        self._masks = None
         object.__setattr__(self, "device", device)
 
     def to(self, device: torch.device | str) -> "PackedLayout":
@@ -178,7 +179,7 @@ class PackedLayout:
         return other
 
     def __setattr__(self, name, value):
-        if hasattr(self, "_hash") and name not in ("_tiles", "_tiles_host"):
+        if hasattr(self, "_hash") and name not in ("_tiles", "_tiles_host", "_masks"):
             raise AttributeError("PackedLayout is immutable; build a new one with from_spans")
         object.__setattr__(self, name, value)
 
@@ -245,11 +246,28 @@ class PackedLayout:
         start, end = (int(x) for x in self._host["cu_seqlens"][sample: sample + 2])
         return self._mask(start, end, device)
 
+    def sample_masks(self) -> Tuple[torch.Tensor, ...]:
+        """Every sample's [L, L] bool mask (sample_mask(s)) on the layout's device, built
+        on first use and cached on the layout: per-sample attention reads them at every
+        layer without building or copying anything. The tensors are the cache: read only."""
+        if self._masks is None:
+            bounds = [int(x) for x in self._host["cu_seqlens"]]
+            self._masks = tuple(self._mask(bounds[s], bounds[s + 1], None)
+                                for s in range(self.num_samples))
+        return self._masks
+
     def _mask(self, start: int, end: int, device) -> torch.Tensor:
-        device = self.device if device is None else torch.device(device)
-        span = torch.from_numpy(self._host["token_span"][start:end].astype(np.int64)).to(device)
-        sample = torch.from_numpy(self._host["token_sample"][start:end].astype(np.int64)).to(device)
-        modes = torch.from_numpy(self._host["span_modes"].astype(np.int64)).to(device)[span]
+        device = self.device if device is None else _canonical_device(device)
+        if device == self.device:
+            # From the ids already on the device: no host->device copy, which from
+            # pageable memory would wait for the GPU.
+            span = self.token_span[start:end].long()
+            sample = self.token_sample[start:end]
+            modes = self.span_modes.long()[span]
+        else:
+            span = torch.from_numpy(self._host["token_span"][start:end].astype(np.int64)).to(device)
+            sample = torch.from_numpy(self._host["token_sample"][start:end]).to(device)
+            modes = torch.from_numpy(self._host["span_modes"].astype(np.int64)).to(device)[span]
         pos = torch.arange(end - start, device=device)
         same_span = span[:, None] == span[None, :]
         visible = sample[:, None] == sample[None, :]

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast._validation import flatten_rows
+from unimrg_fast.ops._common import interpreted_bf16
 # The option checks and the weighted reduction are the reference's own, so the two
 # paths cannot drift apart on validation or on the "mean" / all-ignored rules.
 from unimrg_fast.reference.cross_entropy import check_ce_args, masked_weighted_reduce
@@ -320,9 +321,7 @@ def _pick_config(dtype: torch.dtype, interpreted: bool, num_rows: int) -> _Confi
 
 
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
-    # The interpreter treats bf16 as raw bits, so bf16 tiles are upcast right after
-    # loading there; fp16 keeps its real dtype so the CPU lane runs the GPU's casts.
-    return interpreted and dtype == torch.bfloat16
+    return interpreted_bf16(dtype, interpreted)
 
 
 def _precision(dtype: torch.dtype, interpreted: bool) -> str:
@@ -584,9 +583,10 @@ def linear_cross_entropy_with_stats(hidden: torch.Tensor, weight: torch.Tensor,
     """`linear_cross_entropy` plus token accuracy for logging.
 
     Returns (loss, num_correct): num_correct is an int64 scalar tensor on hidden's
-    device (no host sync) counting non-ignored rows whose first argmax logit equals
-    the target. The Triton path tracks the argmax inside its forward loop; other
-    implementations recompute the logits without gradient, in row chunks.
+    device (no host sync) counting non-ignored rows whose first argmax of the logits
+    (capped when softcap is set) equals the target. The Triton path tracks the argmax
+    inside its forward loop; other implementations recompute the logits without
+    gradient, in row chunks.
     """
     name, fn = backends.resolve("linear_cross_entropy", impl, device=hidden.device
                                 if isinstance(hidden, torch.Tensor) else None)
@@ -604,7 +604,10 @@ def linear_cross_entropy_with_stats(hidden: torch.Tensor, weight: torch.Tensor,
         for start in range(0, h.shape[0], 4096):
             z = torch.nn.functional.linear(h[start:start + 4096].to(dtype), weight.to(dtype),
                                            None if bias is None else bias.to(dtype)).float()
-            # softcap is monotonic: it never changes the argmax
+            if softcap is not None:
+                # monotonic, but it saturates: far-apart logits tie at the cap in fp32,
+                # and the first of them counts, as in the kernel
+                z = softcap * torch.tanh(z / softcap)
             yc = y[start:start + 4096]
             num_correct += ((z.argmax(-1) == yc) & (yc != ignore_index)).sum()
     return loss, num_correct

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
+from unimrg_fast.ops._common import interpreted_bf16, store_dtype as _store_dtype
 # The argument checks are the reference's own, so the two paths cannot drift apart.
 from unimrg_fast.reference.attention import _check_inputs as check_attention_args
 
@@ -358,9 +359,49 @@ class _Config:
 # Packs at least this long run with big tiles in the interpreter (see _pick_config).
 INTERPRETER_BIG_TILES_FROM = 256
 
+# Shared memory per block (the opt-in maximum, `shared_memory_per_block_optin`) of the
+# GPUs the ladders below were sized for. Without a device to ask, the H100's is assumed.
+SMEM_SM90 = 232448  # H100 / H200
+SMEM_SM80 = 166912  # A100
+SMEM_SM86 = 101376  # sm_86 / sm_89: A10, L4, L40, RTX 30xx / 40xx
 
-def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool,
-                 num_tokens: int) -> _Config:
+# Tile configurations per (fp32 inputs?, BLOCK_D rounded up to at least 64), fastest
+# first, each with the most shared memory any of its three kernels needs, in bytes:
+# the larger of the sizes Triton 3.9 compiles them to for sm_80 and sm_90 (sm_86 gives
+# sm_80's). _pick_config takes the first that fits the device, so an H100 runs the first
+# entry, an A100 or an sm_86 / sm_89 card may run a smaller one; tests/
+# test_kernel_resources.py recompiles the H100 choices and checks these numbers.
+# Untimed: the first entries at D <= 128 were checked offline for sm_90a (no register
+# spills except the fp32 backward at D = 128: tf32x3 triples the dots, and fp32 is the
+# correctness path, not the fast one); the others are only sized to fit. In half
+# precision dk / dv takes 128-key tiles and short query tiles, as FlashAttention-2's
+# Triton tutorial does: its accumulators are [BLOCK_N, D] fp32. Field order:
+# fwd_block_m, fwd_block_n, kv_block_m, kv_block_n, then (warps, stages) of the forward,
+# dq and dk / dv.
+_LADDERS = {
+    (True, 64): ((_Config(64, 32, 16, 64, 8, 2, 8, 2, 8, 2), 98308),
+                 (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 49152)),
+    (True, 128): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 196612),
+                  (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 98580),
+                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 49152)),
+    # (64, 32) tiles need 278,532 B (forward) and 393,220 B (dq) at fp32 D = 256
+    (True, 256): ((_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 196884),
+                  (_Config(32, 32, 32, 16, 4, 1, 4, 1, 4, 1), 163840),
+                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 98304)),
+    (False, 64): ((_Config(128, 64, 64, 128, 8, 3, 8, 2, 8, 2), 66068),
+                  (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 20480)),
+    (False, 128): ((_Config(128, 64, 32, 128, 8, 3, 8, 2, 8, 2), 98324),
+                   (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 40960)),
+    (False, 256): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 131604),
+                   (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 82196),
+                   (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 36864)),
+}
+
+
+def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool, num_tokens: int,
+                 smem_limit: Optional[int] = None, head_dim: Optional[int] = None) -> _Config:
+    """Tile sizes for q's dtype and padded head dim; `smem_limit`: the device's shared
+    memory per block (None: an H100's). Raises ValueError when no configuration fits."""
     if interpreted:
         # The interpreter's cost is per tile operation, not per element: 16-wide tiles
         # give the tiny test packs several tiles, partial and full ones, and ragged
@@ -368,24 +409,41 @@ def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool,
         if num_tokens >= INTERPRETER_BIG_TILES_FROM:
             return _Config(128, 128, 128, 128, 4, 1, 4, 1, 4, 1)
         return _Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1)
-    # Untimed choices, checked only by compiling offline for sm_90a (triton 3.9):
-    # none spills registers and all fit in shared memory, except the fp32 backward at
-    # D = 128 (tf32x3 triples the dots; fp32 is the correctness path, not the fast one).
-    # In half precision dk / dv takes 128-key tiles and short query tiles, as
-    # FlashAttention-2's Triton tutorial does: its accumulators are [BLOCK_N, D] fp32.
-    if dtype == torch.float32 and block_d <= 64:
-        return _Config(64, 32, 16, 64, 8, 2, 8, 2, 8, 2)
-    if dtype == torch.float32 or block_d > 128:
-        return _Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2)
-    if block_d <= 64:
-        return _Config(128, 64, 64, 128, 8, 3, 8, 2, 8, 2)
-    return _Config(128, 64, 32, 128, 8, 3, 8, 2, 8, 2)
+    limit = SMEM_SM90 if smem_limit is None else smem_limit
+    ladder = _LADDERS[(dtype == torch.float32, max(64, block_d))]
+    for cfg, smem in ladder:
+        if smem <= limit:
+            return cfg
+    dims = head_dim if head_dim is not None else f"<= {block_d}"
+    raise ValueError(
+        f"packed_attention: no tile configuration of the Triton kernels fits {dtype} q/k/v "
+        f"at head dim {dims} in this GPU's {limit} bytes of shared memory per block (the "
+        f"smallest needs {ladder[-1][1]}); use impl='reference', or a 16-bit dtype")
+
+
+_smem_limits = {}  # device -> shared memory per block; a dict that torch.compile can read
+
+
+def _smem_limit(device: torch.device) -> Optional[int]:
+    """The opt-in shared memory per block of a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    if device not in _smem_limits:
+        props = torch.cuda.get_device_properties(device)
+        _smem_limits[device] = int(getattr(props, "shared_memory_per_block_optin", SMEM_SM90))
+    return _smem_limits[device]
+
+
+def _config_for(q: torch.Tensor, interpreted: bool) -> Tuple[int, _Config]:
+    """(BLOCK_D, config) of a call: the forward, the backward and the tile metadata
+    must agree, so all three take it from here."""
+    block_d = max(16, triton.next_power_of_2(q.shape[2]))
+    return block_d, _pick_config(q.dtype, block_d, interpreted, q.shape[0],
+                                 _smem_limit(q.device), head_dim=q.shape[2])
 
 
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
-    # The interpreter treats bf16 as raw bits, so bf16 tiles are upcast right after
-    # loading there; fp16 keeps its real dtype so the CPU lane runs the GPU's casts.
-    return interpreted and dtype == torch.bfloat16
+    return interpreted_bf16(dtype, interpreted)
 
 
 def _precision(dtype: torch.dtype, interpreted: bool) -> str:
@@ -403,18 +461,12 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
-    # The interpreter cannot round fp32 to bf16 in a kernel: store fp32, cast outside.
-    return torch.float32 if _upcast(dtype, interpreted) else dtype
-
-
 def _forward(q, k, v, token_sample, token_span, span_modes, q_tile_ptr, k_tile_idx,
              k_tile_full, scale: float, block_m: int, block_n: int):
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // k.shape[1]
     interpreted = backends.triton_interpreted()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = _pick_config(q.dtype, block_d, interpreted, q.shape[0])
+    block_d, cfg = _config_for(q, interpreted)
     out = _empty((num_tokens, num_heads, head_dim), _store_dtype(q.dtype, interpreted), q.device)
     lse = _empty((num_heads, num_tokens), torch.float32, q.device)
     num_q_tiles = q_tile_ptr.shape[0] - 1
@@ -438,8 +490,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, token_sample, token_span, s
     group = num_heads // num_kv_heads
     dev = q.device
     interpreted = backends.triton_interpreted()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = _pick_config(q.dtype, block_d, interpreted, q.shape[0])
+    block_d, cfg = _config_for(q, interpreted)
     upcast, precision = _upcast(q.dtype, interpreted), _precision(q.dtype, interpreted)
     store = _store_dtype(q.dtype, interpreted)
     if grad_out.stride(-1) != 1:
@@ -584,8 +635,7 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
     # Any token / head strides are fine; the head dim must be contiguous.
     q, k, v = (x if x.stride(2) == 1 or head_dim == 1 else x.contiguous() for x in (q, k, v))
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = _pick_config(q.dtype, block_d, backends.triton_interpreted(), q.shape[0])
+    _, cfg = _config_for(q, backends.triton_interpreted())
     fwd = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n)
     kv = layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
     out, lse = _fwd_op(q, k, v, layout.token_sample, layout.token_span, layout.span_modes,
@@ -623,7 +673,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     impl="triton" (the block-sparse FlashAttention-2 kernels of this module):
     q, k, v fp32 / fp16 / bf16 of one dtype, head dim D <= 256 (any D; powers of two
     waste no work), any token and head strides (a head dim that is not contiguous is
-    copied). Query head h reads kv head h // (Hq // Hkv). Its backward is always
+    copied). Tile sizes shrink to fit the GPU's shared memory per block; where even
+    the smallest do not fit (fp32 at D > 128 below ~96 KiB) it raises ValueError.
+    Query head h reads kv head h // (Hq // Hkv). Its backward is always
     deterministic (each gradient element is summed by one program in a fixed order),
     whatever `deterministic` says, and lse is differentiable. The tile metadata is
     built once per layout and tile size (`layout.tiles`), then shared by every layer;

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
+from unimrg_fast.ops._common import store_dtype
 from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
 from unimrg_fast.reference.regression import check_regression_args
 
@@ -256,16 +257,17 @@ def _backward(grad_mse: torch.Tensor, residual: torch.Tensor, hidden: torch.Tens
     channels = weight.shape[0]
     dev = hidden.device
     compute_db = compute_db and bias is not None
-    dh = _empty((n, h_dim) if compute_dh else (0,), hidden.dtype, dev)
-    dt = _empty((n, channels) if compute_dt else (0,), target.dtype, dev)
+    interpreted = backends.triton_interpreted()
+    # interpreted bf16 dh / dt are written in fp32 and rounded to nearest outside
+    dh = _empty((n, h_dim) if compute_dh else (0,), store_dtype(hidden.dtype, interpreted), dev)
+    dt = _empty((n, channels) if compute_dt else (0,), store_dtype(target.dtype, interpreted), dev)
     if n == 0 or not (compute_dh or compute_dw or compute_db or compute_dt):
         # no rows: nothing to write into dh / dt, and the sums over rows are zero
         dw = torch.zeros((channels, h_dim) if compute_dw else (0,), dtype=weight.dtype, device=dev)
         db = torch.zeros((channels,) if compute_db else (0,),
                          dtype=bias.dtype if bias is not None else torch.float32, device=dev)
-        return dh, dw, db, dt
+        return dh.to(hidden.dtype), dw, db, dt.to(target.dtype)
 
-    interpreted = backends.triton_interpreted()
     cfg = _pick_config(hidden, weight, channels, interpreted)
     h_blocks = triton.cdiv(h_dim, cfg.bwd_block_h) if (compute_dh or compute_dw) else 1
     c_blocks = triton.cdiv(channels, cfg.block_c) if (compute_dw or compute_db or compute_dt) else 1
@@ -286,7 +288,7 @@ def _backward(grad_mse: torch.Tensor, residual: torch.Tensor, hidden: torch.Tens
         num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
     dw = dwp.sum(0).to(weight.dtype) if compute_dw else dwp
     db = dbp.sum(0).to(bias.dtype) if compute_db else dbp
-    return dh, dw, db, dt
+    return dh.to(hidden.dtype), dw, db, dt.to(target.dtype)
 
 
 # -------------------------------------------------------- custom ops and autograd

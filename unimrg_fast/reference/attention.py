@@ -7,7 +7,9 @@ call `scaled_dot_product_attention`, concatenate. It is the correctness baseline
 the Triton kernel and the "plain" side of its benchmarks.
 
 Sample bounds come from the layout's host copy (`layout.seqlens`), never from its
-device tensors, so the loop itself does not synchronise with the GPU.
+device tensors, so the loop itself does not synchronise with the GPU. The masks are
+built once per layout (`layout.sample_masks()`, cached on the layout's device) and
+shared by every layer, as a training loop that builds its masks per batch would.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     Per sample s of length L (tokens [cu_seqlens[s], cu_seqlens[s+1]))::
 
         q_s [L, Hq, D] -> [1, Hq, L, D]     k_s, v_s [L, Hkv, D] -> [1, Hq, L, D]
-        out_s = SDPA(q_s, k_s, v_s, attn_mask=layout.sample_mask(s))   # [L, L] bool
+        out_s = SDPA(q_s, k_s, v_s, attn_mask=layout.sample_masks()[s])   # [L, L] bool
     """
     _check_inputs(q, k, v, layout, scale)
     head_dim = q.shape[2]
@@ -64,10 +66,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 def _per_sample(q, k, v, layout, scale, group, return_lse):
     outs, lses = [], []
+    masks = layout.sample_masks()                              # built once per layout
     start = 0
     for sample, length in enumerate(layout.seqlens):
         end = start + length
-        mask = layout.sample_mask(sample)                      # [L, L] bool on layout.device
+        mask = masks[sample]                                   # [L, L] bool on layout.device
         qs = q[start:end].transpose(0, 1)                      # [Hq, L, D]
         ks = k[start:end].transpose(0, 1)                      # [Hkv, L, D]
         vs = v[start:end].transpose(0, 1)

@@ -119,6 +119,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                          softcap=softcap, token_weight=token_weight)
 
+    valid = y != ignore_index
+    # An ignored row must contribute nothing whatever its hidden state: a non-finite one
+    # would reach dW as 0 * nan through the matmul. Zeroing it is a mask, not a sync.
+    h = torch.where(valid[:, None], h, 0)
     dtype = _common_dtype(h, weight, bias)
     logits = F.linear(h.to(dtype), weight.to(dtype),
                       None if bias is None else bias.to(dtype)).float()
@@ -127,7 +131,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     # F.cross_entropy already gives 0 (and zero gradient) at ignored rows.
     per_row = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none",
                               label_smoothing=float(label_smoothing))
-    valid = y != ignore_index
     if z_loss:
         lse = torch.logsumexp(logits, dim=-1)
         per_row = per_row + torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
