@@ -202,7 +202,7 @@ def buffer_token_factor(flops, packs, buffer: int) -> float:
 
     if not buffer:
         return 1.0
-    base = grown = 0.0
+    base = extra = 0.0
     for pack in packs:
         real = len(pack.sample_tasks)
         spans = [[(n + buffer if mode != CAUSAL else n, MODES[mode]) for n, mode in sample]
@@ -211,10 +211,10 @@ def buffer_token_factor(flops, packs, buffer: int) -> float:
         targets = sum(1 for t in pack.sample_tasks if t != 0)
         pairs = PackedLayout.from_spans(spans).attended_pairs() - pack.layout.attended_pairs(real)
         base += flops.pack(pack)
-        grown += (flops.pack(pack) + flops.decoder * buffer * images + flops.attn_pair * pairs
+        extra += (flops.decoder * buffer * images + flops.attn_pair * pairs
                   + (flops.projector + flops.vit_token) * buffer * real
                   + flops.gen_input * buffer * targets)
-    return grown / base
+    return (base + extra) / base
 
 
 def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int],
