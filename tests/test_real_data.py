@@ -22,9 +22,10 @@ from trainer.config import TASKS, ConfigError
 from trainer.data import Sample, SampleFactory
 from trainer.datapaths import SEG_STYLE_FILE, DataPathError, resolve, target_path
 from trainer.loop import train
+from trainer.records import RecordStore
 from trainer.realdata import (GREY, REAL_PROMPTS, RealSource, RecordDataset, Skipped,
                               conversation_turns, depth_target, gen_image, pad_to_square,
-                              read_records, seg_target, to_rgb, und_image)
+                              seg_target, to_rgb, und_image)
 from trainer.tokenizers import PatchLatents, image_to_unit
 from trainer_helpers import small_config, train_rows
 
@@ -119,6 +120,7 @@ def factory_for(tmp_path, **overrides):
 
 def dataset_for(tmp_path, root, cycle=("und", "pixel", "depth", "seg"), **kwargs):
     kwargs.setdefault("pack_tokens", 256)
+    kwargs.setdefault("shuffle", False)   # file order: the tests below name records by place
     factory = factory_for(tmp_path)
     paths = resolve(str(root / "train.jsonl"), tasks=cycle)
     return RecordDataset(factory, paths, cycle, **kwargs)
@@ -216,6 +218,16 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, dataset_dir):
     assert dict(tasks) == EXPECTED_SAMPLES
 
 
+def test_a_missing_target_is_counted_once_a_record_with_two_seg_samples(tmp_path, dataset_dir):
+    # sgt's cycle asks two seg samples of each record: c has no mask, counted once
+    items = items_of(dataset_for(tmp_path, dataset_dir, cycle=("seg", "seg", "und")))
+    skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
+    assert skips["missing_mask"] == 1, skips
+    seg = collections.Counter(i.source.split(":")[1] for i in items
+                              if isinstance(i, Sample) and TASKS[i.task] == "seg")
+    assert seg == {"a": 2, "b": 2, "d": 2}
+
+
 def test_a_json_list_gives_the_same_samples_as_json_lines(tmp_path, dataset_dir):
     records = [r for r in RECORDS if r is not None] + ["not a record"]
     (dataset_dir / "train.json").write_text(json.dumps(records, indent=1))
@@ -224,8 +236,8 @@ def test_a_json_list_gives_the_same_samples_as_json_lines(tmp_path, dataset_dir)
     factory = factory_for(tmp_path)
     cycle = ("und", "pixel", "depth", "seg")
     listed = RecordDataset(factory, resolve(str(dataset_dir / "train.json"), tasks=cycle), cycle,
-                           pack_tokens=256, epochs=1)
-    assert listed.loaded is not None and len(listed.loaded) == len(records)
+                           pack_tokens=256, epochs=1, shuffle=False)
+    assert listed.store.is_list and len(listed.store) == len(records)
     assert [_key(i) for i in listed] == [_key(i) for i in lines]
     skips = collections.Counter(i.reason for i in lines if isinstance(i, Skipped))
     assert skips["bad_json"] == 1                       # the string record
@@ -273,6 +285,58 @@ def test_ranks_and_workers_see_disjoint_records_that_cover_the_file(tmp_path, da
     assert seen[0] | seen[1] == set(range(len(RECORDS))), seen
     # 4 shards: record i goes to shard i % 4 = rank * 2 + worker
     assert seen[0] == {i for i in range(len(RECORDS)) if i % 4 < 2}
+
+
+def _many(root: Path, n: int) -> Path:
+    """n records that share a.png: cheap pixel samples, one per record."""
+    path = root / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "image": "a.png"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _record_order(items):
+    return [int(i.source.split(":")[0]) for i in items]
+
+
+def test_every_epoch_visits_the_records_in_a_fresh_seeded_order(tmp_path, dataset_dir):
+    paths = resolve(str(_many(dataset_dir, 24)), tasks=("pixel",))
+
+    def order(seed, epochs, shuffle=True):
+        return _record_order(RecordDataset(factory_for(tmp_path), paths, ("pixel",), seed=seed,
+                                           pack_tokens=256, epochs=epochs, shuffle=shuffle))
+
+    two = order(1, 2)
+    first, second = two[:24], two[24:]
+    assert sorted(first) == sorted(second) == list(range(24))   # each record once an epoch
+    assert first != list(range(24)) and second != first
+    assert order(1, 2) == two and order(2, 1) != first
+    assert order(1, 2, shuffle=False) == list(range(24)) * 2
+
+
+def test_shuffled_shards_of_ranks_and_workers_are_disjoint_and_cover_the_file(tmp_path,
+                                                                              dataset_dir):
+    paths = resolve(str(_many(dataset_dir, 24)), tasks=("pixel",))
+    seen = {}
+    for rank in range(2):
+        dataset = RecordDataset(factory_for(tmp_path), paths, ("pixel",), seed=5, rank=rank,
+                                world_size=2, pack_tokens=256, epochs=1)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                             collate_fn=lambda x: x)
+        order = _record_order(loader)
+        assert len(order) == len(set(order)) == 12, order
+        seen[rank] = set(order)
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(24))
+    assert seen[0] != {i for i in range(24) if i % 4 < 2}   # not the file-order split
+
+
+def test_the_shuffle_setting_reaches_the_data_set(tmp_path, dataset_dir):
+    llm = tmp_path / "fake-llm"
+    llm.mkdir()
+    data = str(dataset_dir / "train.jsonl")
+    for kwargs, want in (({}, True), ({"shuffle": False}, False)):
+        config = small_config(tmp_path, data=data, llm=str(llm), **kwargs)
+        assert RealSource(config, factory_for(tmp_path)).dataset.shuffle is want
 
 
 # ------------------------------------------------------------------ configuration, CLI
@@ -410,11 +474,16 @@ def test_targets_are_looked_up_as_the_release_does(tmp_path, dataset_dir):
     assert (np.diff(latents_image(b)[0, :, 0]) < 0).all()     # b.jpg's falling ramp
 
 
+def all_records(path):
+    store = RecordStore(path)
+    return [store.get(i) for i in range(len(store))]
+
+
 def test_a_json_list_with_a_byte_order_mark_reads_as_without(tmp_path, dataset_dir):
     records = [r for r in RECORDS if r is not None]
     for text in (json.dumps(records, indent=1), json.dumps(records)):
         (dataset_dir / "train.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
-        assert read_records(str(dataset_dir / "train.json")) == records
+        assert all_records(str(dataset_dir / "train.json")) == records
 
 
 @pytest.mark.parametrize("content", [b'[{"id": "a", "image": "a.png"}, {"id": "b", "ima',
@@ -425,7 +494,7 @@ def test_a_broken_json_list_is_a_config_error_naming_data(tmp_path, dataset_dir,
     path.write_bytes(content)
     (dataset_dir / "train.jsonl").unlink()
     with pytest.raises(ConfigError, match=r"--data: .*train\.json: not valid JSON"):
-        read_records(str(path))
+        RecordStore(str(path))
     llm = tmp_path / "fake-llm"
     llm.mkdir()
     config = small_config(tmp_path, data=str(path), llm=str(llm))

@@ -221,6 +221,9 @@ class DataConfig:
     """Segmentation targets, .png at the images' relative paths (default: <images>_mask)."""
     num_workers: int = 0
     """DataLoader worker processes that read and preprocess real data; 0: in the trainer."""
+    shuffle: bool = True
+    """Real data: visit the records in a fresh permutation every epoch, drawn from --seed
+    (--no-shuffle: file order; LLaVA-style files are often grouped by source)."""
 
     def __post_init__(self):
         _one_of("recipe", self.recipe, RECIPES)

@@ -23,12 +23,16 @@ A target is found as the release's loaders find it (datapaths.target_path): at t
 own relative path in the target folder, then with .png (what trainer.prepare writes), then
 with .jpg.
 
-Streaming: RecordDataset is a torch IterableDataset over the records. A JSON Lines file is
-read line by line (each worker parses only its own lines); a JSON list is loaded once.
-Record i belongs to shard (rank * workers + worker) when i % (world * workers) equals it,
-so ranks and workers see disjoint records that together cover the file. Everything random
-about a sample is drawn from a generator seeded by (seed, epoch, record, task, k), so a
-run replays exactly. A record that cannot be used is skipped and counted, never fatal:
+Streaming: RecordDataset is a torch IterableDataset over the records, which a RecordStore
+(trainer/records.py) holds compactly and reads by index (a JSON Lines line when it is
+wanted; a JSON list as one byte buffer). Each epoch visits the records in a permutation
+drawn from (seed, epoch) (--no-shuffle: file order; LLaVA-style files are often grouped
+by source, which one long run in file order would train on one source at a time).
+Position p of that order belongs to shard (rank * workers + worker) when p % (world *
+workers) equals it, so ranks and workers see disjoint records that together cover the
+file every epoch. Everything random about a sample is drawn from a generator seeded by
+(seed, epoch, record, task, k), so a run replays exactly. A record that cannot be used
+is skipped and counted, never fatal:
 
     bad_json         a JSON Lines line that does not parse, or a record that is not an object
                      (a JSON list that does not parse as a whole is a ConfigError naming --data)
@@ -37,8 +41,9 @@ run replays exactly. A record that cannot be used is skipped and counted, never 
     bad_image        the image does not decode
     no_conversation  no human -> gpt turn (only the und sample is skipped)
     too_long         the und sample does not fit in --pack-tokens even with one turn
-    missing_depth / missing_mask   no target for the image (only that task's sample)
-    bad_depth / bad_mask           the target does not decode (only that task's sample)
+    missing_depth / missing_mask   no target for the image (only that task's samples; once
+                                   a record, though sgt's cycle asks two seg samples of it)
+    bad_depth / bad_mask           the target does not decode (likewise)
     bad_record       anything else that fails while one record is turned into samples (a
                      record of an unexpected shape): the rest of that record is left out
 
@@ -48,7 +53,6 @@ is a ConfigError naming --depth-dir / --mask-dir, not a run without that task's 
 """
 from __future__ import annotations
 
-import codecs
 import collections
 import dataclasses
 import json
@@ -62,6 +66,7 @@ from trainer import scenes
 from trainer.config import TASKS, Config, ConfigError
 from trainer.data import TASK_ID, Sample, SampleFactory
 from trainer.datapaths import DataPaths, prepare_command, resolve, target_names, target_path
+from trainer.records import RecordStore, epoch_order
 
 GREY = (127, 127, 127)
 IMAGE_TOKEN = "<image>"
@@ -209,49 +214,6 @@ def conversation_turns(record: dict) -> List[scenes.QA]:
     return turns
 
 
-# ------------------------------------------------------------------------------ records
-def read_records(path: str) -> Optional[list]:
-    """A JSON list, loaded once; None for JSON Lines (streamed by iter_records). A UTF-8
-    byte-order mark (Windows tools, pandas' utf-8-sig) is allowed. A JSON list that does
-    not parse is a ConfigError naming --data: unlike a bad JSON Lines line, no record of
-    it can be read."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    head = head[len(codecs.BOM_UTF8):] if head.startswith(codecs.BOM_UTF8) else head
-    if path.lower().endswith(".jsonl") or not head.lstrip().startswith(b"["):
-        return None
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            records = json.load(fh)
-    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
-        raise ConfigError("--data", f"{path}: not valid JSON ({exc}); a JSON list of "
-                                    f"records must parse as a whole (a truncated copy?)") from None
-    if not isinstance(records, list):
-        raise ConfigError("--data", f"{path}: a JSON data set must be a list of records")
-    return records
-
-
-def iter_records(path: str, loaded: Optional[list], keep) -> Iterator[Tuple[int, object]]:
-    """(index, record or None for a line that does not parse) for the indices `keep`
-    accepts; JSON Lines lines are parsed only when kept (blank lines are not records)."""
-    if loaded is not None:
-        for i, record in enumerate(loaded):
-            if keep(i):
-                yield i, record
-        return
-    index = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            if keep(index):
-                try:
-                    yield index, json.loads(line)
-                except ValueError:
-                    yield index, None
-            index += 1
-
-
 # ------------------------------------------------------------------------------ dataset
 @dataclasses.dataclass(frozen=True)
 class Skipped:
@@ -265,18 +227,20 @@ class RecordDataset(torch.utils.data.IterableDataset):
     """Samples (and Skipped markers) of this rank's shard of the records, split further
     among DataLoader workers; each record gives, in the order of `cycle`, one sample per
     task occurrence (sgt's seg, seg, und: two seg samples with their own prompt, masks and
-    noise). epochs=None: endless, in file order every epoch."""
+    noise). Every epoch visits the records in epoch_order (shuffled by (seed, epoch), or
+    file order); shard s of S takes the positions p of that order with p % S == s.
+    epochs=None: endless."""
 
     def __init__(self, factory: SampleFactory, paths: DataPaths, cycle: Sequence[str], *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack_tokens: int,
-                 epochs: Optional[int] = None):
+                 epochs: Optional[int] = None, shuffle: bool = True):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.factory, self.paths, self.cycle = factory, paths, tuple(cycle)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.pack_tokens, self.epochs = pack_tokens, epochs
-        self.loaded = read_records(paths.records)
+        self.pack_tokens, self.epochs, self.shuffle = pack_tokens, epochs, shuffle
+        self.store = RecordStore(paths.records)
         self.size = factory.image_size
 
     def __iter__(self) -> Iterator[object]:
@@ -286,9 +250,9 @@ class RecordDataset(torch.utils.data.IterableDataset):
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             produced = 0
-            for index, record in iter_records(self.paths.records, self.loaded,
-                                              lambda i: i % shards == shard):
-                for item in self.record_samples(index, record, epoch):
+            order = epoch_order(len(self.store), self.seed, epoch, self.shuffle)
+            for index in order[shard::shards].tolist():
+                for item in self.record_samples(index, self.store.get(index), epoch):
                     produced += isinstance(item, Sample)
                     yield item
             if not produced:
@@ -331,9 +295,11 @@ class RecordDataset(torch.utils.data.IterableDataset):
             else:
                 if task not in targets:
                     targets[task] = self._target(task, image, rel, source)
+                    if isinstance(targets[task], Skipped):
+                        # once a record (sgt asks two seg samples of it), like every reason
+                        yield targets[task]
                 target = targets[task]
                 if isinstance(target, Skipped):
-                    yield target
                     continue
                 if stretched is None:
                     stretched = gen_image(image, self.size)
@@ -379,20 +345,21 @@ def _readable(path: str) -> bool:
         return False
 
 
-def probe_targets(paths: DataPaths, loaded: Optional[list], tasks: Sequence[str],
+def probe_targets(paths: DataPaths, store: RecordStore, tasks: Sequence[str],
                   seg_colour: bool = False) -> None:
     """Before training: a ConfigError naming --depth-dir / --mask-dir when none of the
-    first PROBE_RECORDS records whose image opens has a target in that folder. An empty
-    folder (prepare not run yet, or run into another folder) would otherwise train without
-    that task's samples and say so only in the skip counters."""
+    first PROBE_RECORDS records (in file order) whose image opens has a target in that
+    folder. An empty folder (prepare not run yet, or run into another folder) would
+    otherwise train without that task's samples and say so only in the skip counters."""
     folders = {"depth": ("--depth-dir", paths.depth), "seg": ("--mask-dir", paths.mask)}
     wanted = [t for t in tasks if t in folders and folders[t][1] is not None]
     if not wanted:
         return
     rels: List[str] = []
-    for index, record in iter_records(paths.records, loaded, lambda i: True):
-        if index >= PROBE_SCAN or len(rels) >= PROBE_RECORDS:
+    for index in range(min(len(store), PROBE_SCAN)):
+        if len(rels) >= PROBE_RECORDS:
             break
+        record = store.get(index)
         rel = record.get("image") if isinstance(record, dict) else None
         if isinstance(rel, str) and rel and _readable(os.path.join(paths.images, rel)):
             rels.append(rel)
@@ -435,8 +402,9 @@ class RealSource:
                         seg_colour=d.seg_colour)
         rank, world = distributed_rank()
         self.dataset = RecordDataset(factory, paths, d.task_cycle, seed=d.seed, rank=rank,
-                                     world_size=world, pack_tokens=d.pack_tokens, epochs=epochs)
-        probe_targets(paths, self.dataset.loaded, d.active_tasks, d.seg_colour)
+                                     world_size=world, pack_tokens=d.pack_tokens, epochs=epochs,
+                                     shuffle=d.shuffle)
+        probe_targets(paths, self.dataset.store, d.active_tasks, d.seg_colour)
         if d.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.loader = torch.utils.data.DataLoader(
