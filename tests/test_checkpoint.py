@@ -71,6 +71,37 @@ def test_resume_continues_the_identical_loss_curve(tmp_path, monkeypatch, family
     assert [r["when"] for r in evals] == ["before", "after"]
 
 
+def test_resume_loads_the_data_state_and_an_older_checkpoint_replays(tmp_path, monkeypatch):
+    # The data position is state (data-00000.pt): the resumed run makes only the packs of
+    # the steps after the checkpoint. A checkpoint without it replays the earlier steps.
+    from trainer.data import PackStream
+
+    def config(where, **kw):
+        return small_config(where, family="mar", steps=6, checkpoint_every=3,
+                            packs_per_step=2, **kw)
+
+    straight = train_rows(train(config(tmp_path / "a")))
+    _kill_after_save(monkeypatch, 3)
+    with pytest.raises(Killed) as info:
+        train(config(tmp_path / "b"))
+    monkeypatch.undo()
+    saved = info.value.args[0]
+    assert (saved / "data-00000.pt").is_file()
+    old_run = tmp_path / "c" / saved.parent.parent.name
+    shutil.copytree(saved.parent.parent, old_run)
+    old = old_run / "checkpoints" / saved.name
+    (old / "data-00000.pt").unlink()
+
+    calls = []
+    real_step = PackStream.next_packs   # one call a step (interleaved: one stream)
+    monkeypatch.setattr(PackStream, "next_packs", lambda self: calls.append(1) or real_step(self))
+    for checkpoint, made in ((saved, 3), (old, 6)):
+        calls.clear()
+        resumed = train_rows(train(config(tmp_path / "b", resume=str(checkpoint))))
+        assert _losses(resumed) == _losses(straight), checkpoint
+        assert len(calls) == made, checkpoint
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real = ckpt._write_tensors
 

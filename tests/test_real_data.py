@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer import checkpoint as ckpt
 from trainer import realdata, scenes
 from trainer.__main__ import main
 from trainer.config import TASKS, ConfigError
@@ -426,6 +427,105 @@ def test_training_on_real_data_gives_finite_losses(tmp_path, dataset_dir, family
     assert last["skipped/bad_image"] >= 1 and last["skipped/bad_json"] >= 1, last
     assert set(k for k in last if k.startswith("skipped/")) <= \
         {f"skipped/{r}" for r in EXPECTED_SKIPS} | {"skipped/surplus"}
+
+
+def _source(tmp_path, dataset_dir, workers, schedule="interleaved", state=None):
+    llm = tmp_path / "fake-llm"
+    llm.mkdir(exist_ok=True)
+    config = small_config(tmp_path, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
+                          num_workers=workers, schedule=schedule, seed=3)
+    source = RealSource(config, factory_for(tmp_path))
+    if state is not None:
+        assert source.load_state_dict(state)
+    return source
+
+
+@pytest.mark.parametrize("workers, schedule", [(0, "interleaved"), (2, "interleaved"),
+                                               (2, "round-robin")])
+def test_a_restored_source_continues_the_identical_sample_stream(tmp_path, dataset_dir,
+                                                                 workers, schedule):
+    # shuffled, over epochs, cut mid-record and at every reader's turn
+    tasks = ["und", "pixel", "depth", "seg"] * 20
+    straight = _source(tmp_path, dataset_dir, workers, schedule)
+    want = [_key(straight.next_sample(t)) for t in tasks]
+    for cut in (1, 6, 13, 30):
+        first = _source(tmp_path, dataset_dir, workers, schedule)
+        got = [_key(first.next_sample(t)) for t in tasks[:cut]]
+        state = first.state_dict()
+        assert state["in_turn"]
+        second = _source(tmp_path, dataset_dir, workers, schedule, state=state)
+        got += [_key(second.next_sample(t)) for t in tasks[cut:]]
+        assert got == want, cut
+        assert dict(second.skipped) == dict(straight.skipped), cut
+
+
+def test_a_source_whose_readers_fell_out_of_turn_is_not_restored(tmp_path, dataset_dir):
+    # 3 workers of 8 records: one reader's records all fail, it ends, the turns break
+    source = _source(tmp_path, dataset_dir, 3)
+    for task in ["und", "pixel", "depth", "seg"] * 5:
+        source.next_sample(task)
+    state = source.state_dict()
+    assert not state["in_turn"]
+    assert not _source(tmp_path, dataset_dir, 3).load_state_dict(state)
+    assert not _source(tmp_path, dataset_dir, 2).load_state_dict(dict(state, in_turn=True))
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+class _CountingLoad:
+    """Counts the images decoded (realdata.load_image) from a point on."""
+
+    def __init__(self, monkeypatch):
+        self.count, real = 0, realdata.load_image
+
+        def load(path):
+            self.count += 1
+            return real(path)
+
+        monkeypatch.setattr(realdata, "load_image", load)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_real_data_resumes_the_identical_loss_curve_without_rereading(tmp_path, dataset_dir,
+                                                                      monkeypatch, workers):
+    llm = _tiny_llm(tmp_path)
+
+    def config(name, **kw):
+        kw = {"steps": 6, **kw}
+        return small_config(tmp_path / name, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
+                            family="mar", num_workers=workers, checkpoint_every=3,
+                            pack_tokens=256, eval_questions=0, eval_scenes=0, **kw)
+
+    straight = train_rows(train(config("a")))
+    real_save = ckpt.save
+
+    def save_then_die(run_dir, **kw):   # a kill right after the step-3 checkpoint
+        path = real_save(run_dir, **kw)
+        raise _Killed(path)
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(_Killed) as killed:
+        train(config("b"))
+    monkeypatch.undo()
+    saved = killed.value.args[0]
+    state = torch.load(saved / "data-00000.pt", weights_only=False)
+    assert state["real"]["in_turn"] and state["real"]["taken_at"]
+    if workers == 0:   # in-process readers: the decodes are countable here
+        counting = _CountingLoad(monkeypatch)
+    resumed = train_rows(train(config("b", resume=str(saved))))
+    assert _losses(resumed) == _losses(straight)
+    if workers == 0:   # steps 4-6 alone: nothing before the checkpoint decoded again
+        monkeypatch.undo()
+        fresh = _CountingLoad(monkeypatch)
+        train(config("c", steps=3))
+        assert 0 < counting.count <= fresh.count + 4, (counting.count, fresh.count)
+
+
+def _losses(rows):
+    return [(r["step"], r["loss"], r.get("loss/und"), r.get("loss/pixel"), r.get("loss/depth"),
+             r.get("loss/seg"), r["grad_norm"]) for r in rows]
 
 
 def test_a_data_set_without_one_usable_record_stops_naming_data(tmp_path, dataset_dir):

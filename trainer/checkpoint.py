@@ -10,6 +10,9 @@ One checkpoint is a directory holding
                             number of processes, the config, the evaluation before
                             training and the skipped-step counters
     rng-RRRRR.pt            each rank's own RNG states (torchrun: one file per rank)
+    data-RRRRR.pt           each rank's data position as state (trainer.data.TrainData:
+                            the samples waiting for a pack, where each reader of the
+                            real data stands)
     COMPLETE                written last: a directory without it is ignored
 
 It is written into a hidden temporary directory next to its final place, every file
@@ -30,9 +33,13 @@ every rank, the previous checkpoint intact. A checkpoint resumes with the number
 processes that wrote it (the data split depends on it); DDP and FSDP2 checkpoints are the
 same DCP format.
 
-The data position is the number of optimizer steps taken: the packs are a pure function
-of the config and the sample index (trainer/data.py), so resuming rebuilds TrainData and
-replays `step` calls of TrainData.step() (host work only: scenes and packing, no model).
+The data position is the number of optimizer steps taken, plus each rank's data state
+(data-RRRRR.pt: TrainData.state_dict()). Resuming loads that state, so the next packs
+follow without regenerating a sample before them (with real data that would decode every
+image read so far again). Where there is none (a checkpoint from before it) or it cannot
+be continued exactly (a real-data reader ran dry), the packs being a pure function of the
+config and the sample index (trainer/data.py), the resumed run replays `step` calls of
+TrainData.step() instead (host work only: samples and packing, no model).
 The learning rate is the resumed run's schedule at the restored step (--steps may grow).
 """
 from __future__ import annotations
@@ -263,6 +270,10 @@ def _rng_file(rank: int) -> str:
     return f"rng-{rank:05d}.pt"
 
 
+def _data_file(rank: int) -> str:
+    return f"data-{rank:05d}.pt"
+
+
 def _save_file(obj: Any, path: Path) -> None:
     """torch.save through memory, then plain file writes: a full disk is then an OSError
     (ENOSPC) like every other write failure; torch.save to a path raises a RuntimeError
@@ -296,7 +307,8 @@ class _OtherRankFailed(OSError):
 
 
 def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Config,
-         keep: int = 2, extra: Optional[Dict[str, Any]] = None, ctx=None) -> Path:
+         keep: int = 2, extra: Optional[Dict[str, Any]] = None, ctx=None,
+         data_state: Optional[Dict[str, Any]] = None) -> Path:
     """Writes checkpoint `step` atomically and prunes to the last `keep`. On failure the
     temporary directory is removed and CheckpointError names the intact previous one.
 
@@ -319,6 +331,8 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
     def write_parts():
         _write_tensors(tmp, model, optimizer)   # a collective under torchrun
         _save_file(rng_state(), tmp / _rng_file(ctx.rank))
+        if data_state is not None:
+            _save_file(data_state, tmp / _data_file(ctx.rank))
 
     def seal():
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
@@ -407,6 +421,9 @@ def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str,
     own_rng = path / _rng_file(rank)
     if own_rng.is_file():
         state["rng"] = torch.load(own_rng, weights_only=False)
+    own_data = path / _data_file(rank)   # absent in checkpoints written before it existed
+    state["data_state"] = (torch.load(own_data, weights_only=False) if own_data.is_file()
+                           else None)
     model_state, optim_state = _dcp_state(model, optimizer)
     # AdamW has no state for a parameter that has not had a gradient yet (e.g. the LM head
     # before the first und sample); get_state_dict makes state for every one, so ask only

@@ -311,6 +311,21 @@ class PackStream:
         self.pending[self.next_id] = sample
         self.next_id += 1
 
+    def state_dict(self) -> Dict[str, object]:
+        """What the next packs depend on besides the config: the samples waiting for a pack
+        (host arrays, a step's worth at most), the packer's buffer and the sample counters."""
+        packer = self.packer
+        return {"pending": dict(self.pending), "counts": dict(self.counts),
+                "next_id": self.next_id, "packer": (list(packer._ids), list(packer._lengths),
+                                                    list(packer.rejected))}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.pending, self.counts = dict(state["pending"]), dict(state["counts"])
+        self.next_id = state["next_id"]
+        ids, lengths, rejected = state["packer"]
+        self.packer._ids, self.packer._lengths = list(ids), list(lengths)
+        self.packer.rejected = list(rejected)
+
     def next_packs(self) -> List[Pack]:
         # Buffer enough that every pack can be filled, then pack the buffer.
         longest = max((s.length for s in self.pending.values()), default=0)
@@ -353,6 +368,27 @@ class TrainData:
 
     def step(self) -> List[Pack]:
         return [pack for stream in self.streams for pack in stream.next_packs()]
+
+    def state_dict(self) -> Dict[str, object]:
+        """The data position as state (a checkpoint's per-rank data file): the streams'
+        buffers and counters, and for real data where each reader stands. Loading it
+        continues the identical packs without regenerating the samples before it."""
+        return {"streams": [s.state_dict() for s in self.streams],
+                "real": self.real.state_dict() if self.real is not None else None}
+
+    def load_state_dict(self, state: Optional[Dict[str, object]]) -> bool:
+        """Restores state_dict(); False (nothing changed) when there is none or it cannot
+        be continued exactly (real data whose readers fell out of step), in which case the
+        caller replays step() from the start instead."""
+        if state is None or len(state["streams"]) != len(self.streams):
+            return False
+        if (state["real"] is None) != (self.real is None):
+            return False
+        if self.real is not None and not self.real.load_state_dict(state["real"]):
+            return False
+        for stream, saved in zip(self.streams, state["streams"]):
+            stream.load_state_dict(saved)
+        return True
 
     def __iter__(self) -> Iterator[List[Pack]]:
         while True:

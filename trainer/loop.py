@@ -270,8 +270,9 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
                           rank=ctx.rank)
         start, before = state["step"], state["eval_before"]
         skipped = state.get("skipped_steps", {})
-        for _ in range(state["data"]["steps"]):   # replay the data stream to its position
-            data.step()
+        if not data.inner.load_state_dict(state["data_state"]):
+            for _ in range(state["data"]["steps"]):   # replay the data stream to its position
+                data.step()
         if ctx.main:
             metrics.rows = _rows_until(run_dir / report.METRICS, start)
             print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
@@ -329,7 +330,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             ckpt.save(run_dir, step=step, model=umm, optimizer=optimizer, scheduler=schedule,
                       config=config, keep=config.run.keep_checkpoints,
                       extra={"eval_before": before, "skipped_steps": tracker.state()},
-                      ctx=ctx)
+                      ctx=ctx, data_state=data.inner.state_dict())
             if step < steps:   # the last step's weights are exported below, gathered once
                 _export_weights(run_dir, umm, ctx, config, step, images)
         bar.update()

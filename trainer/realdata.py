@@ -223,6 +223,19 @@ class Skipped:
     source: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+    """An item with where its reader stood: reader `role` (a worker's part of the shard),
+    `epoch`, position `j` in the reader's records of that epoch, `k`-th item of the
+    record. RealSource keeps the last one of each reader: the data position."""
+
+    role: int
+    epoch: int
+    j: int
+    k: int
+    item: object
+
+
 class RecordDataset(torch.utils.data.IterableDataset):
     """Samples (and Skipped markers) of this rank's shard of the records, split further
     among DataLoader workers; each record gives, in the order of `cycle`, one sample per
@@ -243,21 +256,39 @@ class RecordDataset(torch.utils.data.IterableDataset):
         self.store = RecordStore(paths.records)
         self.size = factory.image_size
 
+        # Where each reader resumes (RealSource.load_state_dict): role -> (epoch, j, k,
+        # produced) of the last item taken; the DataLoader's worker w reads as role
+        # (w + phase) % workers, so that its round-robin continues with the reader whose
+        # turn was next.
+        self.resume_at: Dict[int, Tuple[int, int, int, bool]] = {}
+        self.phase = 0
+        self.tagged = False
+
     def __iter__(self) -> Iterator[object]:
+        """Samples and Skipped markers; each wrapped in a Tagged when self.tagged (what
+        RealSource reads, to know the data position)."""
+        items = self.tagged_items()
+        return items if self.tagged else (tagged.item for tagged in items)
+
+    def tagged_items(self) -> Iterator[Tagged]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shards, shard = self.world_size * workers, self.rank * workers + worker
-        epoch = 0
+        role = (worker + self.phase) % workers
+        shards, shard = self.world_size * workers, self.rank * workers + role
+        epoch, start, done, produced = self.resume_at.get(role, (0, 0, -1, False))
         while self.epochs is None or epoch < self.epochs:
-            produced = 0
             order = epoch_order(len(self.store), self.seed, epoch, self.shuffle)
-            for index in order[shard::shards].tolist():
-                for item in self.record_samples(index, self.store.get(index), epoch):
-                    produced += isinstance(item, Sample)
-                    yield item
+            mine = order[shard::shards].tolist()
+            for j in range(start, len(mine)):
+                items = self.record_samples(mine[j], self.store.get(mine[j]), epoch)
+                for k, item in enumerate(items):
+                    if j == start and k <= done:
+                        continue   # taken before the checkpoint
+                    produced = produced or isinstance(item, Sample)
+                    yield Tagged(role, epoch, j, k, item)
             if not produced:
                 return   # an empty or all-bad shard: another epoch would give nothing either
-            epoch += 1
+            epoch, start, done, produced = epoch + 1, 0, -1, False
 
     def record_samples(self, index: int, record, epoch: int = 0) -> Iterator[object]:
         """The record's samples and Skipped markers. One record never stops the run: an
@@ -410,18 +441,58 @@ class RealSource:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
             prefetch_factor=4 if d.num_workers else None)
+        self.dataset.tagged = True
+        self.readers = max(1, d.num_workers)
         self.in_order = d.schedule == "interleaved"
         self.skipped: Dict[str, int] = collections.Counter()
         self.queues: Dict[int, collections.deque] = {
             i: collections.deque() for i in range(len(TASKS))}
         self._it: Optional[Iterator] = None
+        # The data position: the last item taken from each reader, and how many were taken
+        # since the loader started (the DataLoader takes them from its workers in turn).
+        self.taken_at: Dict[int, Tuple[int, int, int, bool]] = {}
+        self.taken = 0
+        self.in_turn = True   # False once a reader was out of turn (one ran dry)
+
+    def state_dict(self) -> Dict[str, object]:
+        """Where every reader stands, the task queues and the skip counters (a
+        checkpoint's per-rank data file). in_turn False: the readers' round-robin broke
+        (a reader whose records all failed ended), which a fresh loader cannot repeat, so
+        load_state_dict refuses and the run replays the stream instead."""
+        return {"readers": self.readers, "in_turn": self.in_turn,
+                "phase": (self.dataset.phase + self.taken) % self.readers,
+                "taken_at": dict(self.taken_at), "skipped": dict(self.skipped),
+                "queues": {task: list(q) for task, q in self.queues.items()}}
+
+    def load_state_dict(self, state: Dict[str, object]) -> bool:
+        if not state["in_turn"] or state["readers"] != self.readers:
+            return False
+        if self._it is not None:
+            raise RuntimeError("RealSource.load_state_dict must come before the first sample")
+        self.dataset.phase, self.dataset.resume_at = state["phase"], dict(state["taken_at"])
+        self.taken_at = dict(state["taken_at"])
+        self.skipped = collections.Counter(state["skipped"])
+        self.queues = {task: collections.deque(q) for task, q in state["queues"].items()}
+        return True
+
+    def _take(self) -> object:
+        """The next item, its reader's position noted."""
+        tagged = next(self._it)
+        self.in_turn = self.in_turn and (
+            tagged.role == (self.dataset.phase + self.taken) % self.readers)
+        self.taken += 1
+        produced = isinstance(tagged.item, Sample) or (
+            self.taken_at.get(tagged.role, (-1,))[0] == tagged.epoch
+            and self.taken_at[tagged.role][3])
+        self.taken_at[tagged.role] = (tagged.epoch, tagged.j, tagged.k, produced)
+        return tagged.item
 
     def _pull(self) -> Sample:
         if self._it is None:
             self._it = iter(self.loader)
         while True:
             try:
-                item = next(self._it)
+                item = self._take()
             except StopIteration:   # every shard ended: a whole epoch gave no sample
                 raise ConfigError("--data", f"{self.dataset.paths.records!r} gave no usable "
                                             f"sample (skipped: {dict(self.skipped)}); check "
