@@ -94,6 +94,51 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, on
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+# --------------------------------------------------------- a tied LM head (Qwen2.5's tying)
+TIED_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tied_runs(tmp_path_factory):
+    """--tie-word-embeddings runs of the same global batch, made once: one process (2 packs
+    a step), and 2-process DDP and FSDP2 (1 pack a step each; FSDP checkpointed at step 2).
+    The shared matrix lives in FSDP's root group as both llm.embed_tokens and lm_head."""
+    out = tmp_path_factory.mktemp("tied")
+    common = dict(steps=TIED_STEPS, tie_word_embeddings=True)
+    _launch(_flags(out, "one", packs_per_step=2, **common), 1)
+    _launch(_flags(out, "ddp", packs_per_step=1, parallel="ddp", **common), 2)
+    _launch(_flags(out, "fsdp", packs_per_step=1, parallel="fsdp", checkpoint_every=2,
+                   **common), 2)
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_tied_two_processes_match_one_process(tied_runs, parallel):
+    losses, weights = _result(tied_runs / parallel)
+    ref_losses, ref_weights = _result(tied_runs / "one")
+    assert len(losses) == len(ref_losses) == TIED_STEPS
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+    assert weights.keys() == ref_weights.keys() and "lm_head.weight" in weights
+    for name, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+    for state in (weights, ref_weights):   # one matrix, trained by both uses
+        assert torch.equal(state["lm_head.weight"], state["llm.embed_tokens.weight"])
+
+
+def test_tied_fsdp_resume_continues_the_identical_run(tmp_path, tied_runs):
+    straight = tied_runs / "fsdp"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    _launch(_flags(tmp_path, "ignored", parallel="fsdp", steps=TIED_STEPS, checkpoint_every=2,
+                   tie_word_embeddings=True,
+                   resume=str(resumed / "checkpoints" / "step-00000002")), 2)
+    (losses, weights), (ref_losses, ref_weights) = _result(resumed), _result(straight)
+    assert len(losses) == TIED_STEPS and losses == ref_losses
+    for name, value in weights.items():
+        assert torch.equal(value, ref_weights[name]), name
+    assert torch.equal(weights["lm_head.weight"], weights["llm.embed_tokens.weight"])
+
+
 def _data(tmp_path, rank: int, world: int, **overrides):
     config = small_config(tmp_path, **overrides)
     model, text, images, cond = build_model(config)

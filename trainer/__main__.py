@@ -45,7 +45,9 @@ CPU: seconds on the plain path, minutes with --fast-kernels (the Triton interpre
 sets --lr 3e-3: UniMRG's 1e-5 is for fine-tuning a pretrained model, and a randomly
 initialised tiny model needs more to show learning in 30 steps. The Qwen2.5 presets are
 those models' shapes with random weights (UniMRG's hyper-parameters, 16k-token packs, for
-GPUs); --llm PATH post-trains a local Qwen2 checkpoint instead (with its tokenizer).
+GPUs; the LM head tied to the input embeddings, as in those models); --llm PATH post-trains
+a local Qwen2 checkpoint instead (with its tokenizer and, unless --[no-]tie-word-embeddings
+says otherwise, its own tying).
 
 Settings apply in order: the preset, then --config FILE (YAML or TOML, flat keys such as
 `lr: 1e-4` or by section `optim: {{lr: 1e-4}}`), then flags.

@@ -74,6 +74,12 @@ MAY_DIFFER = {
     "optim.steps",
 }
 MAY_DIFFER_SECTIONS = {"run"}
+# Fields added after checkpoints were first written, with the value every run before them
+# had: an older checkpoint without the key compares as that value (model.tie_word_embeddings
+# is compared like any other field: a resume that ties or unties the LM head is refused).
+ADDED_FIELDS = {
+    "model.tie_word_embeddings": False,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -174,7 +180,7 @@ def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(saved: Dict[str, Any], config: Config) -> List[str]:
     """'section.field (checkpoint X, now Y)' for every field that must match but differs."""
-    old, new = _flat(saved), _flat(config.to_dict())
+    old, new = {**ADDED_FIELDS, **_flat(saved)}, _flat(config.to_dict())
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key in MAY_DIFFER or key.split(".")[0] in MAY_DIFFER_SECTIONS:

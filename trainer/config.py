@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import textwrap
 from typing import Any, Dict, Optional, Tuple
@@ -130,6 +131,14 @@ class ModelConfig:
     """Residual blocks of mar's per-token MLP diffusion head."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory)."""
+    tie_word_embeddings: Optional[bool] = None
+    """The LM head IS the input embedding matrix (one Parameter, trained by both uses), as
+    in Qwen2.5-0.5B / 1.5B (Harmon's backbone); untied, the head is a separate vocab x
+    hidden matrix with its own AdamW state. Default: tied for the Qwen2.5 presets, untied
+    for tiny. With --llm the checkpoint's own setting wins over the preset's; only this
+    flag (or a --config file) overrides it: untying a tied checkpoint starts the head as a
+    copy of its embeddings, tying an untied one is refused unless its head equals its
+    embeddings. Tied, the shared matrix counts as an embedding: no weight decay."""
 
     def __post_init__(self):
         _one_of("family", self.family, FAMILIES)
@@ -167,6 +176,12 @@ class ModelConfig:
                         else "a codebook .pt file")
                 raise ConfigError("--image-tokenizer", f"for --family {self.family} this must be "
                                                        f"{what}; not found: {self.image_tokenizer!r}")
+        if self.tie_word_embeddings is None:   # not set: the checkpoint's own, else untied
+            self.tie_word_embeddings = (checkpoint_ties(self.llm) if self.llm is not None
+                                        else False)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError("--tie-word-embeddings", f"must be true or false, got "
+                                                       f"{self.tie_word_embeddings!r}")
         if self.vit != "tiny" and not os.path.isdir(self.vit):
             raise ConfigError("--vit", f"must be 'tiny' or the directory of a local SigLIP "
                                        f"checkpoint; no such directory {self.vit!r}")
@@ -174,6 +189,18 @@ class ModelConfig:
     @property
     def target_tokens(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+
+def checkpoint_ties(path: str) -> bool:
+    """tie_word_embeddings of the local checkpoint at `path` (its config.json; a missing
+    key is Qwen2Config's default, untied). An unreadable config gives False here: loading
+    the model reports it, naming --llm."""
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            values = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return bool(values.get("tie_word_embeddings", False)) if isinstance(values, dict) else False
 
 
 @dataclasses.dataclass
@@ -284,7 +311,8 @@ class OptimConfig:
     betas: Tuple[float, float] = (0.9, 0.95)
     """AdamW betas, comma-separated."""
     weight_decay: float = 0.02
-    """AdamW decoupled weight decay (matrices only; norms, biases and embeddings get none)."""
+    """AdamW decoupled weight decay (matrices only; norms, biases and embeddings get none,
+    a tied LM head too: it is the embeddings)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     warmup: float = 0.01
@@ -479,11 +507,12 @@ def _qwen(preset: str, hidden: int, layers: int, heads: int, kv_heads: int, head
           intermediate: int) -> Config:
     # Qwen2.5 shapes with Qwen's vocabulary, 128-px scenes (1,024 tokens per image, the
     # size of Harmon's latents) and a SigLIP-base-sized ViT; 16k-token packs.
+    # Both Qwen2.5 models tie their LM head to the input embeddings.
     model = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads,
                         num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
                         vocab_size=151_936, rope_theta=1_000_000.0, vit_hidden_size=768,
                         vit_layers=12, vit_heads=12, vit_patch=4, image_size=128, patch=4,
-                        num_codes=8192, diffusion_layers=3)
+                        num_codes=8192, diffusion_layers=3, tie_word_embeddings=True)
     return Config(preset=preset, model=model,
                   data=DataConfig(pack_tokens=16_384, eval_questions=64, eval_scenes=16),
                   optim=OptimConfig(), run=RunConfig())
@@ -521,13 +550,18 @@ def build_config(preset: str = "tiny", overrides: Optional[Dict[str, Any]] = Non
     """The preset's config with `overrides` applied and everything validated.
 
     `overrides` maps field names (flat, e.g. {"lr": 1e-3}) or sections ({"optim": {...}})
-    to values; an unknown key is a ConfigError naming the allowed keys.
+    to values; an unknown key is a ConfigError naming the allowed keys. With --llm, the
+    tying of the LM head is the checkpoint's unless `overrides` names tie_word_embeddings.
     """
     _one_of("preset", preset, tuple(PRESETS))
     base = PRESETS[preset]()
     values = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
-    for key, value in flatten_overrides(overrides or {}).items():
+    flat = flatten_overrides(overrides or {})
+    for key, value in flat.items():
         values[section_of(key)][key] = value
+    if values["model"]["llm"] is not None and "tie_word_embeddings" not in flat:
+        # the preset's tying describes its own random-init shape; a checkpoint has its own
+        values["model"]["tie_word_embeddings"] = None
     try:
         sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
     except TypeError as exc:  # a value of the wrong type deep in a comparison

@@ -212,6 +212,7 @@ class _LossModule(nn.Module):
     def __init__(self, umm: nn.Module, touch: bool):
         super().__init__()
         self.umm = umm
+        # named_parameters() yields a tied LM head's weight once (as the input embeddings)
         layers = {id(p) for p in umm.llm.layers.parameters()}
         self._touch = [name for name, p in umm.named_parameters()
                        if touch and p.requires_grad and id(p) not in layers]
@@ -277,11 +278,18 @@ def drop_unused_grads(umm: nn.Module, counts: torch.Tensor) -> None:
     """No gradient (not a zero one) for a head no pack of the global step used: AdamW then
     leaves it alone (a zero gradient would still move it through its momentum and weight
     decay). The LM head scores und rows only; the generation side is used exactly when a
-    target image is in the step."""
+    target image is in the step. A parameter an unused head shares with a used module
+    keeps its gradient: a tied LM head's weight is the input embeddings every pack reads."""
     unused = []
     if counts[UND] == 0:
-        unused += list(umm.lm_head.parameters())
+        unused.append(umm.lm_head)
     if counts.sum() == counts[UND]:
-        unused += list(umm.gen.parameters())
-    for p in unused:
-        p.grad = None
+        unused.append(umm.gen)
+    if not unused:
+        return
+    used = {id(p) for child in umm.children() if child not in unused
+            for p in child.parameters()}
+    for module in unused:
+        for p in module.parameters():
+            if id(p) not in used:
+                p.grad = None

@@ -5,7 +5,9 @@ steps on this machine's device, for the fast (fused Triton) and the plain path.
     python -m trainer --estimate --preset tiny          # a CPU: seconds, for the tests
 
 The model is built at the recipe's preset with random weights (weights do not change the
-time of a step). One micro-batch per GPU is timed: the recipe's samples per GPU (16 for
+time of a step); the Qwen2.5 presets tie the LM head to the input embeddings as the real
+models do, so the trained parameters, their AdamW state and the all-reduce count that
+vocab x hidden matrix once. One micro-batch per GPU is timed: the recipe's samples per GPU (16 for
 Harmon, four of each task, task-interleaved), with text of the lengths DESIGN.md section 5
 gives for real data (answers 32-512 tokens, prompts 8-48, drawn with a fixed seed; the
 synthetic scenes' own text is a few tokens), packed into --pack-tokens packs. The timed
@@ -249,8 +251,10 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
            "tokens": tokens, "packs": len(packs), "pack_tokens": config.data.pack_tokens,
            "image_tokens": config.model.target_tokens,
            "answer_rows": sum(p.text_rows.shape[0] for p in host_packs),
+           # parameters() yields a tied LM head's weight once (it is the embeddings')
            "params": sum(p.numel() for p in model.parameters()),
-           "trainable": sum(p.numel() for p in params), "buffer_tokens": buffer,
+           "trainable": sum(p.numel() for p in params), "tied": model.tied,
+           "buffer_tokens": buffer,
            "buffer_factor": buffer_token_factor(FlopModel.from_model(model), host_packs, buffer),
            "paths": {}}
     # a host copy, so the timed paths' peak memory is a training run's
@@ -320,7 +324,8 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
         f"  micro-batch per GPU: {samples} samples = {r['tokens']:,} real tokens in "
         f"{r['packs']} pack(s) of {r['pack_tokens']:,}; {r['image_tokens']:,} tokens per "
         f"image; {r['answer_rows']:,} answer tokens (real-data text lengths); "
-        f"{_count(r['params'])} parameters, {_count(r['trainable'])} trained (random weights)",
+        f"{_count(r['params'])} parameters, {_count(r['trainable'])} trained (random weights"
+        f"{'; LM head tied to the input embeddings' if r.get('tied') else ''})",
     ]
     if r["buffer_tokens"]:
         lines.append(f"  Harmon has {r['image_tokens'] + r['buffer_tokens']:,} tokens per image "

@@ -200,7 +200,10 @@ class FlowSide(nn.Module):
 
 # ------------------------------------------------------------------------------ UMM
 class UMM(nn.Module):
-    """Decoder + frozen ViT + projector + LM head + one generation side."""
+    """Decoder + frozen ViT + projector + LM head + one generation side. With
+    --tie-word-embeddings the LM head's weight is the decoder's input embedding Parameter
+    (Qwen2.5's tie_word_embeddings): both keys stay in state_dict(), named_parameters()
+    and parameters() yield it once (as llm.embed_tokens.weight)."""
 
     def __init__(self, llm: nn.Module, vit: nn.Module, vocab_size: int, family: str,
                  config: Config, image_size: int):
@@ -214,7 +217,11 @@ class UMM(nn.Module):
                                        nn.Linear(hidden, hidden))
         # The heads only hold weights here: every loss goes through the one joint_loss call
         # of UMM.loss, whose impl the run chooses.
-        self.lm_head = LMHead(hidden, vocab_size)
+        if m.tie_word_embeddings:   # no vocab x hidden matrix of its own: meta, then shared
+            self.lm_head = tie_lm_head(LMHead(hidden, vocab_size, device="meta"),
+                                       llm.get_input_embeddings())
+        else:
+            self.lm_head = LMHead(hidden, vocab_size)
         if family == "ar":
             self.gen = ARSide(hidden, m.num_codes)
         elif family == "mar":
@@ -224,6 +231,11 @@ class UMM(nn.Module):
         self.register_buffer("task_weights", torch.ones(len(TASKS)), persistent=False)
         self.vit.requires_grad_(False)
         self.vit.eval()
+
+    @property
+    def tied(self) -> bool:
+        """The LM head's weight is the input embeddings' Parameter (--tie-word-embeddings)."""
+        return self.lm_head.weight is self.llm.get_input_embeddings().weight
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -263,6 +275,21 @@ class UMM(nn.Module):
             specs += gen_specs
         return uf.joint_loss(hidden, specs, num_tasks=len(TASKS),
                              task_weights=self.task_weights, impl=impl)
+
+
+def tie_lm_head(head: LMHead, embedding: nn.Embedding) -> LMHead:
+    """`head` with the embedding's Parameter as its weight (Qwen2.5's tie_word_embeddings):
+    one matrix, so Module.parameters() (the optimizer, clipping, counts) yields it once and
+    autograd sums the gradients of its two uses. A bias has no embedding counterpart."""
+    if head.bias is not None:
+        raise ConfigError("--tie-word-embeddings", "a tied LM head cannot have a bias (the "
+                                                   "input embeddings have none)")
+    if tuple(head.weight.shape) != tuple(embedding.weight.shape):
+        raise ConfigError("--tie-word-embeddings", f"the LM head is {tuple(head.weight.shape)} "
+                                                   f"but the input embeddings are "
+                                                   f"{tuple(embedding.weight.shape)}")
+    head.weight = embedding.weight
+    return head
 
 
 # ---------------------------------------------------------------------------- build
@@ -320,12 +347,16 @@ def _build_llm(config: Config, vocab_size: int):
                       intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
                       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                       head_dim=m.head_dim, max_position_embeddings=32_768,
-                      rope_theta=m.rope_theta, tie_word_embeddings=False, use_cache=False)
+                      rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+                      use_cache=False)
     cfg._attn_implementation = ATTENTION_NAME
     return Qwen2Model(cfg)
 
 
-def _load_llm(path: str):
+def _load_llm(path: str, tie: bool):
+    """(the checkpoint's decoder, the LM head weight to start from: None when the run ties
+    it to the decoder's input embeddings, else a copy of the checkpoint's output
+    embeddings, which untying a tied checkpoint duplicates)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -337,7 +368,23 @@ def _load_llm(path: str):
     causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                   attn_implementation=ATTENTION_NAME,
                                                   dtype=torch.float32)
-    return causal.model, causal.get_output_embeddings().weight.detach().clone()
+    llm, head = causal.model, causal.get_output_embeddings().weight.detach()
+    if tie and not cfg.tie_word_embeddings:
+        _check_tieable(path, head, llm.get_input_embeddings().weight.detach())
+    llm.config.tie_word_embeddings = tie
+    return llm, None if tie else head.clone()
+
+
+def _check_tieable(path: str, head: torch.Tensor, embeddings: torch.Tensor) -> None:
+    """Tying an untied checkpoint keeps its input embeddings as the head: refused when its
+    own head differs (its trained weights would be dropped without a word)."""
+    if head.shape != embeddings.shape or not torch.equal(head, embeddings):
+        raise ConfigError("--tie-word-embeddings", f"the checkpoint {path!r} has an untied LM "
+                                                   f"head that differs from its input "
+                                                   f"embeddings; tying would discard the head. "
+                                                   f"Drop the flag (or pass "
+                                                   f"--no-tie-word-embeddings) to train it "
+                                                   f"untied, as saved")
 
 
 def build_model(config: Config):
@@ -352,8 +399,8 @@ def build_model(config: Config):
     torch.manual_seed(config.data.seed)
     if m.llm is not None:
         text = HFTextTokenizer(m.llm)
-        llm, lm_weight = _load_llm(m.llm)
-        vocab = lm_weight.shape[0]
+        llm, lm_weight = _load_llm(m.llm, m.tie_word_embeddings)
+        vocab = llm.get_input_embeddings().weight.shape[0]
     else:
         text = WordTokenizer()
         vocab = max(m.vocab_size, text.vocab_size)

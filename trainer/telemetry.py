@@ -16,7 +16,9 @@ weights and forward only (x1) for the frozen ViT, 2 FLOPs per multiply-add:
     attention       12 * layers * q_heads * head_dim            per attended (query, key)
                                                                 pair (DESIGN.md 3.4's rule,
                                                                 exact from the spans)
-    LM head          6 * vocab * hidden                         per answer row
+    LM head          6 * vocab * hidden                         per answer row (tied to
+                                                                the input embeddings or
+                                                                not: the lookup is free)
     projector        6 * (its matmul weights)                   per condition token
     ViT (frozen)     2 * (its matmul weights)                   per ViT token
                      4 * vit_layers * vit_hidden * tokens/image per ViT token
@@ -55,7 +57,8 @@ def peak_flops(device_name: Optional[str]) -> Optional[float]:
 
 def matmul_weights(module: torch.nn.Module) -> int:
     """Weights a token's vector is multiplied by in `module`: every nn.Linear / nn.Conv2d
-    (a patch embedding is a linear map per patch) and unimrg_fast's heads."""
+    (a patch embedding is a linear map per patch) and unimrg_fast's heads. A FLOP count,
+    not a parameter count: a matrix used twice (a tied LM head) counts at each use."""
     from unimrg_fast.heads import LMHead, RegressionHead
 
     kinds = (torch.nn.Linear, torch.nn.Conv2d, LMHead, RegressionHead)
