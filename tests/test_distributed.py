@@ -241,8 +241,9 @@ def test_two_process_resume_continues_the_identical_run(tmp_path, straight_runs,
     sharded (to float32 rounding: the reductions differ)."""
     straight = straight_runs(written)
     saved = straight / "checkpoints" / "step-00000002"
-    assert sorted(p.name for p in saved.iterdir() if p.name.startswith("rng-")) == \
-        ["rng-00000.pt", "rng-00001.pt"]
+    for part in ("rng", "data"):   # each rank's RNG state and data position
+        assert sorted(p.name for p in saved.iterdir() if p.name.startswith(f"{part}-")) == \
+            [f"{part}-00000.pt", f"{part}-00001.pt"]
     assert torch.load(saved / "state.pt", weights_only=False)["world"] == 2
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
@@ -332,7 +333,8 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank_and_keeps_the_previous(t
 
 def test_real_data_under_torchrun_reads_a_shard_per_rank_and_sums_the_skips(tmp_path):
     """--data under 2 processes: rank 0 holds the corrupt image's record, rank 1 the
-    missing image's (record i -> rank i % 2), and rank 0's metrics count both."""
+    missing image's (--no-shuffle: record i -> rank i % 2), and rank 0's metrics count
+    both."""
     from test_real_data import RECORDS, _tiny_llm, make_dataset
 
     root = make_dataset(tmp_path)
@@ -340,7 +342,7 @@ def test_real_data_under_torchrun_reads_a_shard_per_rank_and_sums_the_skips(tmp_
     assert ids.index("corrupt") % 2 == 0 and ids.index("missing") % 2 == 1
     llm = _tiny_llm(tmp_path)
     _launch(_flags(tmp_path, "real", parallel="ddp", llm=str(llm), num_workers=0,
-                   data=str(root / "train.jsonl")), 2)
+                   data=str(root / "train.jsonl"), shuffle=False), 2)
     rows = [json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["event"] == "train"][-1]
     assert last["world_size"] == 2
