@@ -232,6 +232,20 @@ def test_auto_takes_xformers_when_flash_is_missing_and_flash_when_both(fake_flas
     assert name == "xformers" and fn is peers.xformers
 
 
+def test_auto_skips_flash_for_head_dims_above_256(fake_flash, monkeypatch):
+    """flash-attn 2 refuses D > 256 in the call; "auto" must pass it by for the next
+    implementation (xformers here) instead of choosing it and failing."""
+    FakeXformers(monkeypatch)
+    layout = _layout(CAUSAL_ONLY)
+    call = dict(device=CUDA, layout=layout, dtype=torch.bfloat16)
+    assert peers.flash_accepts(head_dim=256, **call) is None
+    assert "D <= 256, got q's D = 264" in peers.flash_accepts(head_dim=264, **call)
+    assert backends.resolve("packed_attention", "auto", head_dim=256, **call)[0] == "flash"
+    assert backends.resolve("packed_attention", "auto", head_dim=264, **call)[0] == "xformers"
+    with pytest.raises(ValueError, match=r"impl='flash'.*D <= 256, got q's D = 264"):
+        backends.resolve("packed_attention", "flash", head_dim=264, **call)
+
+
 def test_explicit_flash_on_a_layout_it_cannot_express_raises_the_reason(fake_flash):
     layout = _layout(NOT_EXPRESSIBLE["generation_sample"][0])
     with pytest.raises(ValueError, match=r"impl='flash'.*sample 1 has 3 spans"):

@@ -12,6 +12,7 @@ test_layout.py) and computes softmax(Q K^T * scale + mask) V explicitly.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 
@@ -24,6 +25,7 @@ from unimrg_fast import backends
 from unimrg_fast.layout import PackedLayout
 from unimrg_fast.reference.attention import packed_attention as ref_attention
 from numerics import assert_rel, rel_err
+from stand_ins import absent
 
 pa = importlib.import_module("unimrg_fast.ops.packed_attention")
 
@@ -205,6 +207,64 @@ def test_shared_memory_limit_comes_from_the_device(monkeypatch):
     q = torch.empty(5, 1, 200)
     assert pa._config_for(q, False) == (256, pa._pick_config(torch.float32, 256, False, 5,
                                                              pa.SMEM_SM80))
+
+
+def _native_triton_on_a_gpu(monkeypatch, smem_limit):
+    """Makes backends see native Triton and a CUDA device whose blocks get `smem_limit`
+    bytes of shared memory, with no flash-attn / xformers: "auto" then tries triton,
+    then the reference. Only dispatch runs; no kernel is launched."""
+    absent(monkeypatch, "flash_attn")
+    absent(monkeypatch, "xformers.ops")
+    # fresh probe results (restored afterwards): the peers are probed again, as absent
+    native = backends.Probe(True, backends.triton().version, "native (simulated)")
+    monkeypatch.setattr(backends, "_probe_results", {"triton": native})
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(pa, "_smem_limit", lambda device: smem_limit)
+
+
+def test_auto_skips_triton_where_no_tile_config_fits_the_gpu(monkeypatch, seed):
+    # 64 KiB per block (sm_75): fp32 at D = 200 needs BLOCK_D = 256, whose smallest tiles
+    # take 98,304 B; fp32 at D <= 128 and 16-bit at D = 200 still fit.
+    _native_triton_on_a_gpu(monkeypatch, 65536)
+    gpu = torch.device("cuda", 0)
+    layout = PackedLayout.from_spans(UMM, device="cpu")
+
+    def auto(dtype, head_dim):
+        return backends.resolve("packed_attention", "auto", device=gpu, layout=layout,
+                                dtype=dtype, head_dim=head_dim)
+
+    assert auto(torch.float32, 128)[0] == "triton"
+    assert auto(torch.bfloat16, 200)[0] == "triton"
+    name, fn = auto(torch.float32, 200)
+    assert name == "reference", f"auto chose {name!r}, whose tiles do not fit 64 KiB"
+    # asked for by name it still refuses, naming q's dtype and head dim and the limit
+    with pytest.raises(ValueError, match=r"impl='triton'.*torch.float32 q/k/v at head dim 200 "
+                                         r".*65536 bytes"):
+        backends.resolve("packed_attention", "triton", device=gpu, layout=layout,
+                         dtype=torch.float32, head_dim=200)
+    # what "auto" chose computes the call (on CPU tensors here: there is no GPU)
+    q, k, v = make_qkv(layout.num_tokens, 2, 1, 200, torch.float32, device="cpu")
+    assert_rel(fn(q, k, v, layout), attention64(q, k, v, layout, 200 ** -0.5)[0], 1e-5,
+               "auto's fallback out")
+
+
+def test_auto_skips_triton_for_a_head_dim_it_lacks(monkeypatch, seed):
+    """End to end through the public op. On the CPU "auto" never takes the interpreted
+    kernels; here it may (as it would on a GPU), and must still not take them at
+    D > MAX_HEAD_DIM, which the interpreter refuses too."""
+    monkeypatch.setattr(backends, "_TABLE", [
+        dataclasses.replace(i, prefer=None) if (i.op, i.name) == ("packed_attention", "triton")
+        else i for i in backends._TABLE])
+    layout = PackedLayout.from_spans(UMM, device=DEV)
+    call = dict(device=DEV, layout=layout, dtype=torch.float32)
+    assert backends.resolve("packed_attention", "auto", head_dim=16, **call)[0] == "triton"
+    assert backends.resolve("packed_attention", "auto", head_dim=264, **call)[0] == "reference"
+    d = pa.MAX_HEAD_DIM + 8
+    q, k, v = make_qkv(layout.num_tokens, 2, 1, d, torch.float32)
+    out = uf.packed_attention(q, k, v, layout)
+    assert_rel(out, attention64(q, k, v, layout, d ** -0.5)[0], 1e-5, f"auto out at D = {d}")
+    with pytest.raises(ValueError, match=rf"q's head dim D = {d} is not supported"):
+        uf.packed_attention(q, k, v, layout, impl="triton")
 
 
 def test_custom_scale_and_large_scores(seed):

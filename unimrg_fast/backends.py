@@ -9,7 +9,8 @@ Choosing an implementation:
 - an explicit `impl="name"` is honoured or fails with an error that says how to get it;
 - `impl="auto"` takes the first implementation, in the table's priority order, that is
   built, available here and accepts the call (for example FlashAttention only for
-  layouts it can express); it falls back quietly and logs its choice once;
+  layouts it can express, the Triton attention only for head dims and dtypes whose tiles
+  fit the GPU); it falls back quietly and logs its choice once;
 - the environment variable `UNIMRG_FAST_IMPL` overrides "auto": either one name for
   every op that has it (`UNIMRG_FAST_IMPL=reference`) or per op
   (`UNIMRG_FAST_IMPL=packed_attention=flex,linear_cross_entropy=reference`).
@@ -167,7 +168,9 @@ class Implementation:
     `target` is "module:function", imported only when first used. `requires` names
     probes that must be available. `accepts(device=..., **call)` returns None when this
     implementation can compute the call, else the reason it cannot (e.g. a mask
-    FlashAttention cannot express): "auto" skips it then, an explicit request fails.
+    FlashAttention cannot express, a head dim or dtype whose tiles do not fit the GPU):
+    "auto" skips it then, an explicit request fails. It must stay cheap (no compilation,
+    no device sync), and answer None for what the call does not say (see `resolve`).
     `prefer(device=..., **call)` is consulted by "auto" only: a reason not to choose
     it by default although it could run (the Triton interpreter is exact but slow).
     `planned` marks an implementation that a later issue delivers.
@@ -183,12 +186,7 @@ class Implementation:
     planned: Optional[str] = None
 
     def load(self) -> Callable:
-        # Cached so that, once an op has run eagerly, torch.compile traces the dispatch as
-        # a dict lookup instead of graph-breaking on importlib.
-        if self.target not in _loaded:
-            module, _, attr = self.target.partition(":")
-            _loaded[self.target] = getattr(importlib.import_module(module), attr)
-        return _loaded[self.target]
+        return _load(self.target)
 
     def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
         if self.planned:
@@ -205,6 +203,16 @@ class Implementation:
         return None
 
 
+def _load(target: str) -> Callable:
+    """The function named "module:function". Cached so that, once an op has run eagerly,
+    torch.compile traces the dispatch as a dict lookup instead of graph-breaking on
+    importlib."""
+    if target not in _loaded:
+        module, _, attr = target.partition(":")
+        _loaded[target] = getattr(importlib.import_module(module), attr)
+    return _loaded[target]
+
+
 def _not_interpreted_on_cpu(device: Optional[torch.device] = None, **_) -> Optional[str]:
     # The interpreter is exact but orders of magnitude slower than the reference on a
     # CPU, so "auto" never picks it; ask for impl="triton" explicitly to use it.
@@ -213,19 +221,19 @@ def _not_interpreted_on_cpu(device: Optional[torch.device] = None, **_) -> Optio
     return None
 
 
-def _attention_peer_predicate(name: str) -> Callable[..., Optional[str]]:
-    # The predicates live with the peers (unimrg_fast.ops.attention_peers); import them on
-    # first use, because the ops package imports this module.
+def _predicate(target: str) -> Callable[..., Optional[str]]:
+    """An `accepts` predicate that lives with its implementation ("module:function"): it
+    knows the kernel's limits. Imported on first use, because the ops package imports
+    this module."""
     def predicate(**call) -> Optional[str]:
-        from unimrg_fast.ops import attention_peers
+        return _load(target)(**call)
 
-        return getattr(attention_peers, name)(**call)
-
-    predicate.__name__ = name
+    predicate.__name__ = target.partition(":")[2]
     return predicate
 
 
 _PEERS = "unimrg_fast.ops.attention_peers"
+_ATTN = "unimrg_fast.ops.packed_attention"
 
 _REF = "unimrg_fast.reference"
 _TABLE: List[Implementation] = [
@@ -242,13 +250,15 @@ _TABLE: List[Implementation] = [
     # FlashAttention / xFormers come first where their one-flag-per-pack masks suffice;
     # flex is a benchmark peer and an explicit fallback, never picked by "auto".
     Implementation("packed_attention", "flash", f"{_PEERS}:flash", ("flash_attn",),
-                   accepts=_attention_peer_predicate("flash_accepts")),
+                   accepts=_predicate(f"{_PEERS}:flash_accepts")),
     Implementation("packed_attention", "xformers", f"{_PEERS}:xformers", ("xformers",),
-                   accepts=_attention_peer_predicate("xformers_accepts")),
+                   accepts=_predicate(f"{_PEERS}:xformers_accepts")),
     Implementation("packed_attention", "flex", f"{_PEERS}:flex", ("flex_attention",),
-                   accepts=_attention_peer_predicate("flex_accepts"), auto=False),
-    Implementation("packed_attention", "triton", "unimrg_fast.ops.packed_attention:_triton",
-                   ("triton",), prefer=_not_interpreted_on_cpu),
+                   accepts=_predicate(f"{_PEERS}:flex_accepts"), auto=False),
+    # Triton refuses a head dim it lacks, or one whose smallest tiles overflow the GPU's
+    # shared memory (fp32 at D > 128 on small GPUs): "auto" then takes the reference.
+    Implementation("packed_attention", "triton", f"{_ATTN}:_triton", ("triton",),
+                   accepts=_predicate(f"{_ATTN}:triton_accepts"), prefer=_not_interpreted_on_cpu),
     Implementation("packed_attention", "reference", f"{_REF}:packed_attention"),
 ]
 
@@ -301,7 +311,11 @@ def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = Non
             **call) -> Tuple[str, Callable]:
     """Returns (name, function) of the implementation to run for this call.
 
-    `device` and `call` describe the call (e.g. layout=...) for `accepts` predicates.
+    `device` and `call` describe the call for the `accepts` predicates, which read what
+    concerns them and ignore the rest. The public ops pass what they know before any
+    work: packed_attention `layout`, `dtype` (q's), `head_dim` (q's D) and
+    `deterministic`. A key left out (or None) means "unknown": a predicate then accepts,
+    and the implementation's own argument checks decide when it runs.
     """
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a string, got {type(impl).__name__}")

@@ -35,6 +35,7 @@ __all__ = ["flash", "xformers", "flex", "flash_accepts", "xformers_accepts", "fl
            "flex_with_block_mask", "clear_layout_cache"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256   # flash-attn 2 refuses larger heads ("... at most 256")
 
 
 # ------------------------------------------------------------------ what varlen kernels express
@@ -100,13 +101,22 @@ def _flash_dtype(dtype) -> Optional[str]:
     return None
 
 
+def _flash_head_dim(head_dim) -> Optional[str]:
+    if head_dim is not None and head_dim > FLASH_MAX_HEAD_DIM:
+        return f"flash-attn takes head dims D <= {FLASH_MAX_HEAD_DIM}, got q's D = {head_dim}"
+    return None
+
+
 def flash_accepts(device: Optional[torch.device] = None, layout: Optional[PackedLayout] = None,
-                  dtype: Optional[torch.dtype] = None, **_) -> Optional[str]:
+                  dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None,
+                  **_) -> Optional[str]:
     """None when flash_attn_varlen_func computes this call exactly, else why not.
 
-    `dtype` is optional: when the caller passes it, float32 is refused here (so "auto"
-    falls back) instead of failing inside the call."""
-    return _varlen_accepts("flash-attn", device, layout, dtype, _flash_dtype)
+    `dtype` and `head_dim` are optional: when the caller passes them, float32 and head
+    dims above 256 are refused here (so "auto" falls back) instead of failing inside
+    the call."""
+    return _varlen_accepts("flash-attn", device, layout, dtype,
+                           lambda dtype: _flash_dtype(dtype) or _flash_head_dim(head_dim))
 
 
 def xformers_accepts(device: Optional[torch.device] = None,

@@ -615,6 +615,37 @@ torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_co
 
 
 # ------------------------------------------------------------------ entry points
+def _unsupported_head_dim(head_dim: int) -> Optional[str]:
+    if head_dim > MAX_HEAD_DIM:
+        return (f"q's head dim D = {head_dim} is not supported by the Triton kernel "
+                f"(D <= {MAX_HEAD_DIM}); use impl='reference'")
+    return None
+
+
+def triton_accepts(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                   head_dim: Optional[int] = None, **_) -> Optional[str]:
+    """None when the Triton kernels can run a call with q of `dtype` and head dim
+    `head_dim` on `device`, else why not (what `_triton` would raise): a head dim above
+    MAX_HEAD_DIM, or one whose smallest tiles do not fit the GPU's shared memory per
+    block. backends.resolve asks before choosing, so "auto" falls back instead of
+    failing. Cheap: a table lookup and the device's cached properties, no compilation,
+    no sync. What the call leaves out (None) is not held against it."""
+    if head_dim is None:
+        return None
+    why = _unsupported_head_dim(head_dim)
+    if why is not None or dtype is None or device is None or backends.triton_interpreted():
+        return why   # the interpreter takes any tile size (see _pick_config)
+    device = torch.device(device)
+    if torch.is_autocast_enabled(device.type):   # _triton casts to it before picking tiles
+        dtype = torch.get_autocast_dtype(device.type)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    try:
+        _pick_config(dtype, block_d, False, 0, _smem_limit(device), head_dim=head_dim)
+    except ValueError as exc:   # resolve() prefixes the op and impl itself
+        return str(exc).removeprefix("packed_attention: ")
+    return None
+
+
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *,
             scale: Optional[float] = None, return_lse: bool = False,
             deterministic: bool = False):
@@ -625,9 +656,9 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
     """
     check_attention_args(q, k, v, layout, scale)
     head_dim = q.shape[2]
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim D = {head_dim} is not supported by the Triton kernel "
-                         f"(D <= {MAX_HEAD_DIM}); use impl='reference'")
+    why = _unsupported_head_dim(head_dim)
+    if why is not None:
+        raise ValueError(why)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if torch.is_autocast_enabled(q.device.type):  # what SDPA does in the reference
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -674,17 +705,20 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     q, k, v fp32 / fp16 / bf16 of one dtype, head dim D <= 256 (any D; powers of two
     waste no work), any token and head strides (a head dim that is not contiguous is
     copied). Tile sizes shrink to fit the GPU's shared memory per block; where even
-    the smallest do not fit (fp32 at D > 128 below ~96 KiB) it raises ValueError.
+    the smallest do not fit (fp32 at D > 128 below ~96 KiB) it raises ValueError, and
+    impl="auto" takes the next implementation instead (see `triton_accepts`).
     Query head h reads kv head h // (Hq // Hkv). Its backward is always
     deterministic (each gradient element is summed by one program in a fixed order),
     whatever `deterministic` says, and lse is differentiable. The tile metadata is
     built once per layout and tile size (`layout.tiles`), then shared by every layer;
     a new pack does not recompile the kernels.
     """
-    # dtype and deterministic let "auto" skip peers that cannot honour them (flash-attn
-    # has no fp32, xformers no deterministic backward) instead of failing in the call.
+    # dtype, head dim and deterministic let "auto" skip implementations that cannot
+    # honour them (flash-attn has no fp32, xformers no deterministic backward, Triton's
+    # tiles may not fit the GPU's shared memory) instead of failing in the call.
     is_tensor = isinstance(q, torch.Tensor)
     _, fn = backends.resolve("packed_attention", impl, device=q.device if is_tensor else None,
                              layout=layout, dtype=q.dtype if is_tensor else None,
+                             head_dim=q.shape[-1] if is_tensor and q.dim() == 3 else None,
                              deterministic=deterministic)
     return fn(q, k, v, layout, scale=scale, return_lse=return_lse, deterministic=deterministic)
