@@ -354,6 +354,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             summary = report.summary(config, metrics.rows, before, after,
                                      time.perf_counter() - wall, impl)
             print(report.write_summary(run_dir, summary), flush=True)
+            metrics.finish()   # rows a full disk held back earlier: written now, or an error
         except OSError as exc:
             failure = exc
     telemetry.close()

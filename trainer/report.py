@@ -1,14 +1,17 @@
 """What a run leaves in its directory: metrics.jsonl, loss_curves.png, summary.{txt,json},
 checkpoint.pt, config.yaml. Every file is written so that a crash never leaves a corrupt
-one: the metrics file is appended and flushed line by line, the others are written to a
-temporary file that then replaces the target (os.replace is atomic)."""
+one: the metrics file is appended and flushed line by line (a failed append is retried,
+see MetricsLog), the others are written to a temporary file that then replaces the
+target (os.replace is atomic)."""
 from __future__ import annotations
 
 import datetime
+import errno
 import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -34,18 +37,32 @@ def make_run_dir(config: Config) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Calls write(file object) on a temporary file next to `path`, then replaces it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Calls write(file object) on a temporary file next to `path`, then replaces it.
+    An OSError names `path` (a write to the open file, e.g. ENOSPC, names no file)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _naming(exc, path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` with `path` as its file name where it has none: str() then reads
+    "[Errno 28] No space left on device: '.../summary.json'"."""
+    if exc.filename is None:
+        exc.filename = str(path)
+    return exc
 
 
 def write_config(run_dir: Path, config: Config) -> None:
@@ -78,17 +95,81 @@ def save_checkpoint(run_dir: Path, model, config: Config, step: int, image_token
 
 
 class MetricsLog:
-    """JSON lines, one per log step or event, flushed as written."""
+    """JSON lines, one per log step or event, flushed as written.
+
+    A failed append (a full disk, EIO, the run directory removed) does not stop the run:
+    the model is fine and checkpoints handle their own failures. The row stays in
+    `rows` and in a backlog; a warning names the file and the error (once per outage);
+    every later write appends the whole backlog first, in order, so the file is complete
+    again once the disk has room. `finish()` at the end of a run makes a last attempt.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: List[Dict[str, Any]] = []
+        self._backlog: List[str] = []   # lines not in the file yet, oldest first
+        self._failing = False           # an outage was warned about and not yet over
+
+    @property
+    def unwritten(self) -> int:
+        """How many rows have not reached the file yet."""
+        return len(self._backlog)
 
     def write(self, row: Dict[str, Any]) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
+        self._backlog.append(json.dumps(row) + "\n")
+        self._drain()
+
+    def finish(self) -> None:
+        """Appends what is still missing; raises OSError (naming the file and how many
+        rows it lacks) if that fails again. The rows stay in `rows` either way."""
+        exc = self._drain() if self._backlog else None
+        if exc is not None:
+            raise OSError(exc.errno, f"{self.unwritten} metrics row(s) could not be appended "
+                                     f"({exc.strerror or exc})", str(self.path)) from exc
+
+    def _drain(self) -> Optional[OSError]:
+        try:
+            append_lines(self.path, "".join(self._backlog))
+        except OSError as exc:
+            if not self._failing:
+                warnings.warn(f"could not append to {self.path}: {exc}; training goes on, and "
+                              f"the missing rows are appended at the next write that "
+                              f"succeeds", RuntimeWarning, stacklevel=3)
+            self._failing = True
+            return exc
+        self._backlog.clear()
+        self._failing = False
+        return None
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Appends `text` (whole lines) to `path` so that a failure leaves no torn line for
+    readers to glue the next line onto: the file is cut back to its size before the
+    append, and where even that failed earlier (the torn line is still there), the text
+    starts on a fresh line, so readers that skip a broken line lose only that one."""
+    data = text.encode()
+    # unbuffered: a failed write leaves no bytes behind in a buffer that close() flushes
+    # after the truncate
+    with open(path, "a+b", buffering=0) as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:   # a raw write may be short (the disk filled up mid-way)
+                written = fh.write(view)
+                if not written:
+                    raise OSError(errno.EIO, "nothing written", str(path))
+                view = view[written:]
+        except OSError:
+            try:
+                fh.truncate(size)
+            except OSError:
+                pass      # the next append starts on a fresh line instead
+            raise
 
 
 def plot_losses(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
