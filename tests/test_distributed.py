@@ -349,3 +349,30 @@ def test_real_data_under_torchrun_reads_a_shard_per_rank_and_sums_the_skips(tmp_
     assert last["skipped/bad_image"] >= 1 and last["skipped/missing_image"] >= 1, last
     for task in TASKS:
         assert last[f"loss/{task}"] is not None and math.isfinite(last[f"loss/{task}"]), last
+
+
+def test_real_data_under_torchrun_resumes_each_ranks_data_position(tmp_path):
+    """--data, 2 processes, 2 DataLoader workers each: the checkpoint holds each rank's
+    own reader positions (different shards), and the resumed run logs the losses of the
+    uninterrupted one bit for bit."""
+    from test_real_data import _tiny_llm, make_dataset
+
+    root = make_dataset(tmp_path)
+    llm = _tiny_llm(tmp_path)
+    flags = dict(parallel="ddp", llm=str(llm), num_workers=2, data=str(root / "train.jsonl"),
+                 steps=4, checkpoint_every=2, keep_checkpoints=2)
+    _launch(_flags(tmp_path, "straight", **flags), 2)
+    straight = tmp_path / "straight"
+    saved = straight / "checkpoints" / "step-00000002"
+    states = [torch.load(saved / f"data-0000{r}.pt", weights_only=False)["real"]
+              for r in range(2)]
+    assert all(s["in_turn"] and s["taken_at"] for s in states)
+    assert states[0]["taken_at"] != states[1]["taken_at"]   # each rank its own shard
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    _launch(_flags(tmp_path, "ignored", **flags,
+                   resume=str(resumed / "checkpoints" / "step-00000002")), 2)
+    (losses, weights), (ref_losses, ref_weights) = _result(resumed), _result(straight)
+    assert losses == ref_losses and len(losses) == 4
+    for name, value in weights.items():
+        assert torch.equal(value, ref_weights[name]), name

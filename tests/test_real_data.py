@@ -331,6 +331,22 @@ def test_shuffled_shards_of_ranks_and_workers_are_disjoint_and_cover_the_file(tm
     assert seen[0] != {i for i in range(24) if i % 4 < 2}   # not the file-order split
 
 
+def test_a_shuffled_reader_whose_share_gave_nothing_reads_on(tmp_path, dataset_dir):
+    # 4 ranks of 2 records: a rank whose first share is two bad records gets good ones in
+    # a later epoch (before, it ended after the first, as a reader in file order does)
+    good = {"a", "b", "c", "d"}
+
+    def epochs_of(rank, shuffle, epochs=12):
+        dataset = dataset_for(tmp_path, dataset_dir, rank=rank, world_size=4, epochs=epochs,
+                              shuffle=shuffle, seed=0)
+        return {i.source.split(":")[1] for i in dataset if isinstance(i, Sample)}
+
+    barren_first = [r for r in range(4) if not epochs_of(r, True, epochs=1)]
+    assert barren_first, "no rank's first share is all bad at this seed: pick another"
+    for rank in barren_first:
+        assert epochs_of(rank, True) & good
+
+
 def test_the_shuffle_setting_reaches_the_data_set(tmp_path, dataset_dir):
     llm = tmp_path / "fake-llm"
     llm.mkdir()
@@ -429,11 +445,11 @@ def test_training_on_real_data_gives_finite_losses(tmp_path, dataset_dir, family
         {f"skipped/{r}" for r in EXPECTED_SKIPS} | {"skipped/surplus"}
 
 
-def _source(tmp_path, dataset_dir, workers, schedule="interleaved", state=None):
+def _source(tmp_path, dataset_dir, workers, schedule="interleaved", state=None, shuffle=True):
     llm = tmp_path / "fake-llm"
     llm.mkdir(exist_ok=True)
     config = small_config(tmp_path, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
-                          num_workers=workers, schedule=schedule, seed=3)
+                          num_workers=workers, schedule=schedule, seed=3, shuffle=shuffle)
     source = RealSource(config, factory_for(tmp_path))
     if state is not None:
         assert source.load_state_dict(state)
@@ -460,13 +476,14 @@ def test_a_restored_source_continues_the_identical_sample_stream(tmp_path, datas
 
 
 def test_a_source_whose_readers_fell_out_of_turn_is_not_restored(tmp_path, dataset_dir):
-    # 3 workers of 8 records: one reader's records all fail, it ends, the turns break
-    source = _source(tmp_path, dataset_dir, 3)
+    # 3 workers of 8 records in file order: the third reader's (corrupt, text-only) all
+    # fail, it ends after its first epoch, the turns break
+    source = _source(tmp_path, dataset_dir, 3, shuffle=False)
     for task in ["und", "pixel", "depth", "seg"] * 5:
         source.next_sample(task)
     state = source.state_dict()
     assert not state["in_turn"]
-    assert not _source(tmp_path, dataset_dir, 3).load_state_dict(state)
+    assert not _source(tmp_path, dataset_dir, 3, shuffle=False).load_state_dict(state)
     assert not _source(tmp_path, dataset_dir, 2).load_state_dict(dict(state, in_turn=True))
 
 

@@ -242,7 +242,10 @@ class RecordDataset(torch.utils.data.IterableDataset):
     task occurrence (sgt's seg, seg, und: two seg samples with their own prompt, masks and
     noise). Every epoch visits the records in epoch_order (shuffled by (seed, epoch), or
     file order); shard s of S takes the positions p of that order with p % S == s.
-    epochs=None: endless."""
+    epochs=None: endless. A reader ends early only when it has no record at all, or, in
+    file order, after an epoch whose share gave no sample (the next would be the same);
+    shuffled, its next share differs, and RealSource stops a data set that gives no
+    sample in a whole data set's worth of records in a row."""
 
     def __init__(self, factory: SampleFactory, paths: DataPaths, cycle: Sequence[str], *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, pack_tokens: int,
@@ -276,6 +279,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
         role = (worker + self.phase) % workers
         shards, shard = self.world_size * workers, self.rank * workers + role
         epoch, start, done, produced = self.resume_at.get(role, (0, 0, -1, False))
+        if shard >= len(self.store):
+            return   # fewer records than readers: this one has none, in any epoch
         while self.epochs is None or epoch < self.epochs:
             order = epoch_order(len(self.store), self.seed, epoch, self.shuffle)
             mine = order[shard::shards].tolist()
@@ -286,8 +291,9 @@ class RecordDataset(torch.utils.data.IterableDataset):
                         continue   # taken before the checkpoint
                     produced = produced or isinstance(item, Sample)
                     yield Tagged(role, epoch, j, k, item)
-            if not produced:
-                return   # an empty or all-bad shard: another epoch would give nothing either
+            if not produced and not self.shuffle:
+                return   # in file order an all-bad shard stays all bad: nothing more to give
+            # shuffled, the next epoch's share differs: RealSource judges a barren data set
             epoch, start, done, produced = epoch + 1, 0, -1, False
 
     def record_samples(self, index: int, record, epoch: int = 0) -> Iterator[object]:
@@ -453,6 +459,11 @@ class RealSource:
         self.taken_at: Dict[int, Tuple[int, int, int, bool]] = {}
         self.taken = 0
         self.in_turn = True   # False once a reader was out of turn (one ran dry)
+        # Records in a row that gave no sample: past a whole data set's worth (every
+        # rank's share, a rank sees 1/world of each epoch) no record is usable, as far as
+        # anyone can tell; shuffled readers never run dry on their own.
+        self.barren = 0
+        self.barren_limit = max(1, len(self.dataset.store))
 
     def state_dict(self) -> Dict[str, object]:
         """Where every reader stands, the task queues and the skip counters (a
@@ -462,6 +473,7 @@ class RealSource:
         return {"readers": self.readers, "in_turn": self.in_turn,
                 "phase": (self.dataset.phase + self.taken) % self.readers,
                 "taken_at": dict(self.taken_at), "skipped": dict(self.skipped),
+                "barren": self.barren,
                 "queues": {task: list(q) for task, q in self.queues.items()}}
 
     def load_state_dict(self, state: Dict[str, object]) -> bool:
@@ -472,12 +484,18 @@ class RealSource:
         self.dataset.phase, self.dataset.resume_at = state["phase"], dict(state["taken_at"])
         self.taken_at = dict(state["taken_at"])
         self.skipped = collections.Counter(state["skipped"])
+        self.barren = state["barren"]
         self.queues = {task: collections.deque(q) for task, q in state["queues"].items()}
         return True
 
     def _take(self) -> object:
-        """The next item, its reader's position noted."""
+        """The next item, its reader's position noted (and whether its record, so far,
+        is one more that gave no sample)."""
         tagged = next(self._it)
+        if isinstance(tagged.item, Sample):
+            self.barren = 0
+        elif tagged.k == 0:   # a record's first item: its first word on being usable
+            self.barren += 1
         self.in_turn = self.in_turn and (
             tagged.role == (self.dataset.phase + self.taken) % self.readers)
         self.taken += 1
@@ -493,10 +511,12 @@ class RealSource:
         while True:
             try:
                 item = self._take()
-            except StopIteration:   # every shard ended: a whole epoch gave no sample
+            except StopIteration:   # every reader ended (file order: a barren epoch)
+                item = None
+            if item is None or self.barren > self.barren_limit:
                 raise ConfigError("--data", f"{self.dataset.paths.records!r} gave no usable "
                                             f"sample (skipped: {dict(self.skipped)}); check "
-                                            f"--images and the records") from None
+                                            f"--images and the records")
             if isinstance(item, Skipped):
                 self.skipped[item.reason] += 1
                 continue
