@@ -71,7 +71,8 @@ def test_resume_continues_the_identical_loss_curve(tmp_path, monkeypatch, family
     assert [r["when"] for r in evals] == ["before", "after"]
 
 
-def test_resume_loads_the_data_state_and_an_older_checkpoint_replays(tmp_path, monkeypatch):
+def test_resume_loads_the_data_state_and_an_older_checkpoint_replays(tmp_path, monkeypatch,
+                                                                      capsys):
     # The data position is state (data-00000.pt): the resumed run makes only the packs of
     # the steps after the checkpoint. A checkpoint without it replays the earlier steps.
     from trainer.data import PackStream
@@ -97,9 +98,11 @@ def test_resume_loads_the_data_state_and_an_older_checkpoint_replays(tmp_path, m
     monkeypatch.setattr(PackStream, "next_packs", lambda self: calls.append(1) or real_step(self))
     for checkpoint, made in ((saved, 3), (old, 6)):
         calls.clear()
+        capsys.readouterr()
         resumed = train_rows(train(config(tmp_path / "b", resume=str(checkpoint))))
         assert _losses(resumed) == _losses(straight), checkpoint
         assert len(calls) == made, checkpoint
+        assert ("replaying the data stream to step 3" in capsys.readouterr().out) == (made == 6)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -271,6 +271,9 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
         start, before = state["step"], state["eval_before"]
         skipped = state.get("skipped_steps", {})
         if not data.inner.load_state_dict(state["data_state"]):
+            if ctx.main:   # slower with real data: every image read so far is read again
+                print(f"replaying the data stream to step {state['data']['steps']} (the "
+                      f"checkpoint holds no data position this run can continue)", flush=True)
             for _ in range(state["data"]["steps"]):   # replay the data stream to its position
                 data.step()
         if ctx.main:
