@@ -180,6 +180,27 @@ def test_streaming_packer_loses_nothing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_streaming_packer_state_round_trip_pops_the_same_packs(impl):
+    rng = np.random.default_rng(7)
+    straight = packing.StreamingPacker(max_tokens=64, max_packs=2, impl=impl)
+    straight.add(range(30), rng.integers(1, 70, 30))
+    first = straight.pop_packs()
+    state = straight.state_dict()
+    assert state["ids"] and state["rejected"]   # something buffered, something too long
+    restored = packing.StreamingPacker(max_tokens=64, max_packs=2, impl=impl)
+    restored.load_state_dict(state)
+    more = rng.integers(1, 64, 10)
+    for packer in (straight, restored):
+        packer.add(range(30, 40), more)
+    while straight.pending:
+        assert restored.pop_packs() == straight.pop_packs()
+    assert restored.pending == 0 and restored.rejected == straight.rejected
+    assert first   # the first pop did pack
+    with pytest.raises(ValueError, match="same length"):
+        restored.load_state_dict({"ids": [1], "lengths": [], "rejected": []})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_streaming_packer_overflow_goes_first(impl):
     packer = packing.StreamingPacker(max_tokens=10, max_packs=1, impl=impl)
     packer.add(["a", "b", "big"], [6, 6, 11])

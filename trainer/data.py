@@ -314,17 +314,13 @@ class PackStream:
     def state_dict(self) -> Dict[str, object]:
         """What the next packs depend on besides the config: the samples waiting for a pack
         (host arrays, a step's worth at most), the packer's buffer and the sample counters."""
-        packer = self.packer
         return {"pending": dict(self.pending), "counts": dict(self.counts),
-                "next_id": self.next_id, "packer": (list(packer._ids), list(packer._lengths),
-                                                    list(packer.rejected))}
+                "next_id": self.next_id, "packer": self.packer.state_dict()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.pending, self.counts = dict(state["pending"]), dict(state["counts"])
         self.next_id = state["next_id"]
-        ids, lengths, rejected = state["packer"]
-        self.packer._ids, self.packer._lengths = list(ids), list(lengths)
-        self.packer.rejected = list(rejected)
+        self.packer.load_state_dict(state["packer"])
 
     def next_packs(self) -> List[Pack]:
         # Buffer enough that every pack can be filled, then pack the buffer.

@@ -121,6 +121,19 @@ class StreamingPacker:
         """Samples buffered for the next pop_packs()."""
         return len(self._ids)
 
+    def state_dict(self) -> dict:
+        """The buffer and the rejected ids (a resumable trainer checkpoints them): a packer
+        given it by load_state_dict pops exactly what this one would."""
+        return {"ids": list(self._ids), "lengths": list(self._lengths),
+                "rejected": list(self.rejected)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["ids"]) != len(state["lengths"]):
+            raise ValueError(f"state's ids and lengths must have the same length, got "
+                             f"{len(state['ids'])} and {len(state['lengths'])}")
+        self._ids, self._lengths = list(state["ids"]), list(state["lengths"])
+        self.rejected = list(state["rejected"])
+
     def add(self, sample_ids: Sequence[Hashable], lengths: Sequence[int] | np.ndarray) -> None:
         """Buffers samples (ids of any kind, lengths >= 1); all or none of them on error."""
         ids = list(sample_ids)
