@@ -77,6 +77,36 @@ def test_triton_mode_follows_the_interpreter_flag(monkeypatch):
     assert not probe.available and "TRITON_INTERPRET=1" in probe.detail
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, conflict", [
+    ("3.6.0", "2.4.6", True),      # the pair that fails inside the interpreter
+    ("3.5.1+git9f2a", "2.4.0", True),
+    ("3.6.0", "2.3.5", False),     # older numpy: int() of a 1-element array still works
+    ("3.7.1", "2.4.6", False),     # 3.7's interpreter squeezes the array first
+    ("3.9.0", "3.0.0", False),
+    (None, "2.4.6", False),        # no triton version known: nothing to say
+])
+def test_interpreter_numpy_conflict(triton_version, numpy_version, conflict):
+    reason = backends.interpreter_numpy_conflict(triton_version, numpy_version)
+    assert (reason is not None) == conflict
+    if conflict:
+        assert "numpy<2.4" in reason and triton_version in reason
+
+
+def test_old_triton_interpreter_under_new_numpy_is_unavailable_with_the_fix(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CPU lane check: with CUDA Triton runs natively")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake_module(monkeypatch, "triton", __version__="3.6.0")
+    monkeypatch.setattr(backends, "_numpy_version", lambda: "2.4.6")
+    backends.refresh()
+    probe = backends.triton()
+    assert not probe.available and "numpy<2.4" in probe.detail
+    with pytest.raises(RuntimeError, match=r"numpy<2\.4"):
+        backends.resolve("linear_cross_entropy", "triton", device=torch.device("cpu"))
+    # "auto" never picks the interpreter on CPU anyway; it still resolves.
+    assert backends.resolve("linear_cross_entropy", "auto", device=torch.device("cpu"))[0] == "reference"
+
+
 def test_cuda_probe_matches_torch():
     assert backends.cuda().available == torch.cuda.is_available()
     assert (backends.cuda_capability() is None) == (not torch.cuda.is_available())

@@ -24,6 +24,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -90,12 +91,48 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _release(version: Optional[str]) -> Tuple[int, ...]:
+    """The leading numbers of a version string: "3.6.0+git1a2b" -> (3, 6, 0); None -> ()."""
+    match = re.match(r"\d+(?:\.\d+)*", version or "")
+    return tuple(int(n) for n in match.group(0).split(".")) if match else ()
+
+
+def _numpy_version() -> Optional[str]:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.__version__
+
+
+def interpreter_numpy_conflict(triton_version: Optional[str],
+                               numpy_version: Optional[str]) -> Optional[str]:
+    """Why this Triton interpreter cannot run our kernels under this numpy, or None.
+
+    Triton's interpreter before 3.7 turns a scalar tensor into a loop bound with
+    int() of a one-element array, which numpy 2.4 made an error: every kernel whose
+    loop bound is computed (tl.minimum, a loaded count) fails inside the interpreter
+    with "only 0-dimensional arrays can be converted to Python scalars". Say so here,
+    naming the fix, instead of failing in the first kernel. Compiled Triton (GPU) is
+    unaffected."""
+    old_triton = (0,) < _release(triton_version) < (3, 7)
+    new_numpy = _release(numpy_version) >= (2, 4)
+    if old_triton and new_numpy:
+        return (f"Triton {triton_version}'s interpreter cannot run under numpy {numpy_version} "
+                "(its loop bounds fail on numpy >= 2.4); pip install 'numpy<2.4', or "
+                "triton >= 3.7")
+    return None
+
+
 @_memo
 def triton() -> Probe:
     found = _import_probe("triton", "pip install triton (Linux)")
     if not found.available:
         return found
     if triton_interpreted():
+        conflict = interpreter_numpy_conflict(found.version, _numpy_version())
+        if conflict:
+            return Probe(False, found.version, conflict)
         return Probe(True, found.version, "interpreter")
     if cuda().available:
         return Probe(True, found.version, "native")
