@@ -3,11 +3,11 @@
 A kernel whose tiles need more shared memory than a block may have compiles fine and
 fails only at launch (OutOfResources), so neither the CPU lane (the interpreter) nor a
 review of the code catches it. Triton compiles for a GPU target offline with its own
-bundled ptxas: these tests compile the packed-attention kernels for sm_90 at the tile
-configurations `_pick_config` gives an H100 / H200 and read the shared memory off the
-compiled kernels. Only the configurations closest to the limit are compiled (a few
-seconds each), in a subprocess, since the CPU lane's TRITON_INTERPRET replaces every
-kernel with its interpreted twin.
+bundled ptxas: these tests compile the kernels at the tile configurations `_pick_config`
+gives an H100 / H200 (sm_90) and a T4 (sm_75, 64 KiB per block, the smallest) and read
+the shared memory off the compiled kernels. Only the configurations closest to the limit
+are compiled (a few seconds each), in a subprocess, since the CPU lane's TRITON_INTERPRET
+replaces every kernel with its interpreted twin.
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (dtype, head dim): the H100 choices that need the most shared memory (fp32 carries
-# tf32x3 dots; D = 256 the widest tiles).
-CASES = [("float32", 256), ("float32", 128), ("bfloat16", 256)]
+# (dtype, head dim, compute capability, shared memory per block): the H100 choices that
+# need the most shared memory (fp32 carries tf32x3 dots; D = 256 the widest tiles), and
+# a T4's choice in half precision (sm_75 stages tiles without cp.async and needs more).
+CASES = [("float32", 256, 90, None), ("float32", 128, 90, None), ("bfloat16", 256, 90, None),
+         ("float16", 128, 75, 65536)]
 
 _SCRIPT = r"""
 import importlib, json, sys, warnings
@@ -36,13 +38,15 @@ except ImportError as exc:
     print(json.dumps({"skip": f"this Triton has no offline compile API: {exc}"}))
     sys.exit(0)
 A = importlib.import_module("unimrg_fast.ops.packed_attention")
+C = importlib.import_module("unimrg_fast.ops._common")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 out = []
-for dtype_name, head_dim in json.loads(sys.argv[1]):
+for dtype_name, head_dim, cap, smem_limit in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype_name)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cfg = A._pick_config(dtype, block_d, False, 32768)
-    budget = dict(A._LADDERS[(dtype == torch.float32, max(64, block_d))])[cfg]
+    cfg = A._pick_config(dtype, block_d, False, 32768, smem_limit)
+    entry = [e for e in A._LADDERS[(dtype == torch.float32, max(64, block_d))] if e[0] == cfg][0]
+    budget = C.smem_needed(entry, smem_limit)
     for name, kern, bm, bn, warps, stages in (
             ("fwd", A._attn_fwd_kernel, cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_warps,
              cfg.fwd_stages),
@@ -67,30 +71,108 @@ for dtype_name, head_dim in json.loads(sys.argv[1]):
             else:
                 sig[arg] = "i32"
         compiled = triton.compile(ASTSource(kern, sig, constexprs),
-                                  target=GPUTarget("cuda", 90, 32),
+                                  target=GPUTarget("cuda", cap, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
-        out.append(dict(case=f"{dtype_name} D={head_dim} {name} {cfg}",
-                        shared=compiled.metadata.shared, budget=budget))
+        out.append(dict(case=f"sm_{cap} {dtype_name} D={head_dim} {name} {cfg}",
+                        shared=compiled.metadata.shared, budget=budget,
+                        limit=smem_limit or C.SMEM_SM90))
 print(json.dumps({"kernels": out}))
 """
 
 
-def test_packed_attention_fits_h100_shared_memory():
-    pa = pytest.importorskip("unimrg_fast.ops.packed_attention")
+def _compile_offline(script: str, arg) -> list:
+    """The kernels `script` compiled, as dicts with case, shared, budget and limit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    run = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"offline compile failed:\n{run.stderr[-4000:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if "skip" in result:
         pytest.skip(result["skip"])
-    assert len(result["kernels"]) == 3 * len(CASES)
-    for kernel in result["kernels"]:
-        assert kernel["shared"] <= pa.SMEM_SM90, (
-            f"{kernel['case']}: {kernel['shared']} B of shared memory > an H100's "
-            f"{pa.SMEM_SM90} B per block: it cannot launch")
+    return result["kernels"]
+
+
+def _assert_fits(kernels, table: str) -> None:
+    for kernel in kernels:
+        assert kernel["shared"] <= kernel["limit"], (
+            f"{kernel['case']}: {kernel['shared']} B of shared memory > the GPU's "
+            f"{kernel['limit']} B per block: it cannot launch")
         # _pick_config trusts the recorded budget to choose for smaller GPUs
         assert kernel["shared"] <= kernel["budget"], (
             f"{kernel['case']}: {kernel['shared']} B > its recorded {kernel['budget']} B "
-            f"in _LADDERS: update the table")
+            f"in {table}: update the table")
+
+
+def test_packed_attention_fits_h100_and_t4_shared_memory():
+    pytest.importorskip("unimrg_fast.ops.packed_attention")
+    kernels = _compile_offline(_SCRIPT, CASES)
+    assert len(kernels) == 3 * len(CASES)
+    _assert_fits(kernels, "packed_attention._LADDERS")
+
+
+# The linear cross-entropy: the forward and both backward dtypes at an H100's choice, and
+# every rung of the 16-bit backward ladder at sm_75, where it needs the most.
+_LCE_SCRIPT = _SCRIPT[:_SCRIPT.index("A = importlib")] + r"""
+L = importlib.import_module("unimrg_fast.ops.linear_cross_entropy")
+C = importlib.import_module("unimrg_fast.ops._common")
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+POINTER = {"order_ptr": "*i32", "count_ptr": "*i32", "idx_ptr": "*i32", "y_ptr": "*i64"}
+FWD_MAX = 32768  # what the module promises for the forward and the fp32 backward
+out = []
+for kind, dtype_name, cap, tiles in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    cfg = L._pick_config(dtype, False, 16384)
+    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, UPCAST=False,
+                 PRECISION=L._precision(dtype, False))
+    if kind == "fwd":
+        kern, budget = L._lce_fwd_kernel, FWD_MAX
+        bm, bv, bh, warps, stages = (cfg.block_m, cfg.block_v, cfg.block_h, cfg.num_warps,
+                                     cfg.num_stages)
+        flags.update(HAS_SMOOTHING=True, TRACK_ARGMAX=True)
+    else:
+        kern = L._lce_bwd_kernel
+        if tiles is None:
+            tiles = [cfg.bwd_block_m, cfg.bwd_block_v, cfg.bwd_block_h, cfg.bwd_num_warps,
+                     cfg.bwd_num_stages]
+        bm, bv, bh, warps, stages = tiles
+        limit = C.SMEM_SM90 if cap == 90 else C.SMEM_SM75
+        budget = (C.smem_needed([e for e in L._BWD_LADDER_16BIT if list(e[0]) == tiles][0],
+                                limit) if dtype != torch.float32 else FWD_MAX)
+        flags.update(GROUP_M=cfg.group_m, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
+    constexprs = dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, **flags)
+    sig = {}
+    for arg in kern.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in POINTER:
+            sig[arg] = POINTER[arg]
+        elif arg in ("h_ptr", "w_ptr", "b_ptr"):
+            sig[arg] = "*" + TYPES[dtype]
+        elif arg.endswith("_ptr"):
+            sig[arg] = "*fp32"
+        elif arg in ("softcap", "label_smoothing", "z_loss"):
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i32"
+    compiled = triton.compile(ASTSource(kern, sig, constexprs),
+                              target=GPUTarget("cuda", cap, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    out.append(dict(case=f"sm_{cap} {dtype_name} {kind} {[bm, bv, bh, warps, stages]}",
+                    shared=compiled.metadata.shared, budget=budget,
+                    limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
+print(json.dumps({"kernels": out}))
+"""
+
+
+def test_linear_cross_entropy_fits_h100_and_t4_shared_memory():
+    lce = pytest.importorskip("unimrg_fast.ops.linear_cross_entropy")
+    cases = [("fwd", "bfloat16", 90, None), ("fwd", "float32", 90, None),
+             ("bwd", "bfloat16", 90, None), ("bwd", "float32", 90, None)]
+    # the sm_75 rungs: the first is over a T4's limit by design (its budget says so)
+    cases += [("bwd", "float16", 75, list(tiles)) for tiles, _, on_sm75 in lce._BWD_LADDER_16BIT
+              if on_sm75 <= 65536]
+    cases += [("fwd", "float16", 75, None)]
+    kernels = _compile_offline(_LCE_SCRIPT, cases)
+    assert len(kernels) == len(cases)
+    _assert_fits(kernels, "linear_cross_entropy._BWD_LADDER_16BIT")

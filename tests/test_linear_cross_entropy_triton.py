@@ -458,6 +458,49 @@ def test_dispatch(seed):
         assert backends.resolve("linear_cross_entropy", "auto", device=DEV)[0] == "reference"
 
 
+# ------------------------------------------------------------------ GPU tile configs
+_common = importlib.import_module("unimrg_fast.ops._common")
+
+
+def test_backward_tiles_fit_the_device_shared_memory():
+    # The 16-bit backward's fastest tiles need 80 KiB on sm_75 (compiled offline): a
+    # T4's 64 KiB per block would fail at launch with OutOfResources.
+    ladder = lce._BWD_LADDER_16BIT
+    for dtype in (torch.bfloat16, torch.float16):
+        for limit in (None, _common.SMEM_SM90, _common.SMEM_SM80, _common.SMEM_SM86,
+                      _common.SMEM_SM75):
+            cfg = lce._pick_config(dtype, False, 16384, limit)
+            bwd = (cfg.bwd_block_m, cfg.bwd_block_v, cfg.bwd_block_h, cfg.bwd_num_warps,
+                   cfg.bwd_num_stages)
+            rank = [entry[0] for entry in ladder].index(bwd)
+            budget = _common.SMEM_SM90 if limit is None else limit
+            needed = [_common.smem_needed(entry, limit) for entry in ladder]
+            assert needed[rank] <= budget, (dtype, limit, bwd)
+            assert all(n > budget for n in needed[:rank]), (dtype, limit)
+        assert lce._pick_config(dtype, False, 16384, _common.SMEM_SM75) != \
+            lce._pick_config(dtype, False, 16384), "a T4 needs smaller backward tiles"
+        with pytest.raises(ValueError, match=r"16384 bytes of shared memory.*impl='reference'"):
+            lce._pick_config(dtype, False, 16384, 16384)
+    # fp32 and the interpreter need at most 32 KiB (or no limit): the limit changes nothing
+    assert lce._pick_config(torch.float32, False, 64, 16384 * 3) == \
+        lce._pick_config(torch.float32, False, 64)
+
+
+def test_forward_and_backward_take_their_tiles_for_the_device(seed, monkeypatch):
+    limits, pick = [], lce._pick_config
+
+    def spy(dtype, interpreted, num_rows, smem_limit=None):
+        limits.append(smem_limit)
+        return pick(dtype, interpreted, num_rows, smem_limit)
+
+    monkeypatch.setattr(lce, "smem_per_block", lambda device: 54321)
+    monkeypatch.setattr(lce, "_pick_config", spy)
+    inputs = make_inputs(9, 16, 20, torch.float32)
+    h, w = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_()
+    fused(h, w, inputs["target"]).backward()
+    assert limits == [54321, 54321], limits
+
+
 # ---------------------------------------------------------------------- GPU lane
 def _fa_rule(dtype, n, h, v, options, ignore_frac=0.1):
     torch.manual_seed(0)

@@ -1,8 +1,13 @@
 """Helpers shared by the Triton ops: how a kernel's dtypes change when it runs in the
-Triton interpreter (TRITON_INTERPRET=1, the CPU lane; DESIGN.md section 4)."""
+Triton interpreter (TRITON_INTERPRET=1, the CPU lane; DESIGN.md section 4), and how
+much shared memory a GPU gives one block (tile sizes must fit it)."""
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 
 def interpreted_bf16(dtype: torch.dtype, interpreted: bool) -> bool:
@@ -20,3 +25,50 @@ def store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
     (with torch's rounding) outside the kernel.
     """
     return torch.float32 if interpreted_bf16(dtype, interpreted) else dtype
+
+
+# Shared memory per block (the opt-in maximum, `shared_memory_per_block_optin`) of the
+# GPUs the kernels' tile ladders were sized for. Without a device to ask, an H100's.
+SMEM_SM90 = 232448  # H100 / H200
+SMEM_SM80 = 166912  # A100
+SMEM_SM86 = 101376  # sm_86 / sm_89: A10, L4, L40, RTX 30xx / 40xx
+SMEM_SM75 = 65536   # T4, RTX 20xx
+
+_smem_limits = {}  # device -> shared memory per block; a dict that torch.compile can read
+
+
+def smem_per_block(device: torch.device) -> Optional[int]:
+    """The opt-in shared memory per block of a CUDA device; None elsewhere (the
+    interpreter has no limit). A kernel whose tiles need more compiles fine and fails
+    only at launch (OutOfResources), so tile choices are checked against this first."""
+    if device.type != "cuda":
+        return None
+    if device not in _smem_limits:
+        props = torch.cuda.get_device_properties(device)
+        _smem_limits[device] = int(getattr(props, "shared_memory_per_block_optin", SMEM_SM90))
+    return _smem_limits[device]
+
+
+def _limit(smem_limit: Optional[int]) -> int:
+    return SMEM_SM90 if smem_limit is None else smem_limit
+
+
+def smem_needed(entry: Tuple[T, int, int], smem_limit: Optional[int]) -> int:
+    """The shared memory a ladder entry (tile config, bytes on sm_80 / sm_90, bytes on
+    sm_75) needs on a GPU whose blocks get `smem_limit` bytes (None: an H100's).
+
+    Triton compiles the same tiles to different sizes per architecture: sm_75 stages
+    them without cp.async and needs up to 1.7x more. A limit of at most 64 KiB marks a
+    pre-Ampere GPU (T4, RTX 20xx), so the limit picks the column. Both columns are
+    measured by compiling offline (tests/test_kernel_resources.py checks them)."""
+    return entry[2] if _limit(smem_limit) <= SMEM_SM75 else entry[1]
+
+
+def first_that_fits(ladder: Sequence[Tuple[T, int, int]], smem_limit: Optional[int]
+                    ) -> Optional[T]:
+    """The tile config of the first (fastest) ladder entry that fits `smem_limit`; None
+    when even the last does not."""
+    for entry in ladder:
+        if smem_needed(entry, smem_limit) <= _limit(smem_limit):
+            return entry[0]
+    return None

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast._validation import flatten_rows
-from unimrg_fast.ops._common import interpreted_bf16
+from unimrg_fast.ops._common import (first_that_fits, interpreted_bf16, smem_needed,
+                                     smem_per_block)
 # The option checks and the weighted reduction are the reference's own, so the two
 # paths cannot drift apart on validation or on the "mean" / all-ignored rules.
 from unimrg_fast.reference.cross_entropy import check_ce_args, masked_weighted_reduce
@@ -300,7 +301,21 @@ class _Config:
 INTERPRETER_BIG_TILES_FROM = 256
 
 
-def _pick_config(dtype: torch.dtype, interpreted: bool, num_rows: int) -> _Config:
+# The 16-bit backward's tiles (bwd_block_m, bwd_block_v, bwd_block_h, warps, stages),
+# fastest first, each with the shared memory it needs in bytes on sm_80 / sm_90 and on
+# sm_75 (_common.smem_needed), compiled offline by Triton 3.9. sm_75 needs the most: 80
+# KiB for the first, over a T4's 64 KiB per block. tests/test_kernel_resources.py
+# recompiles them and checks these numbers. The forward and the fp32 backward need at
+# most 32 KiB on all three: they fit every GPU.
+_BWD_LADDER_16BIT = (((128, 128, 32, 8, 2), 49152, 81920),
+                     ((128, 64, 32, 8, 2), 32768, 49152),
+                     ((64, 64, 32, 4, 2), 16384, 24576))
+
+
+def _pick_config(dtype: torch.dtype, interpreted: bool, num_rows: int,
+                 smem_limit: Optional[int] = None) -> _Config:
+    """Tile sizes of a call; `smem_limit`: the GPU's shared memory per block (None: an
+    H100's). Raises ValueError when no backward tiles fit it."""
     if interpreted:
         # The interpreter's cost is per tile operation, not per element: tests use tiny
         # odd shapes, where 16-wide tiles exercise several blocks and every ragged edge;
@@ -317,7 +332,15 @@ def _pick_config(dtype: torch.dtype, interpreted: bool, num_rows: int) -> _Confi
         return _Config(64, 64, 32, 64, 64, 32)
     # Untimed first choice: compiled offline for sm_90 (triton 3.9) these pipeline with
     # cp.async and use wgmma without register spills; tune on the GPU.
-    return _Config(128, 128, 64, 128, 128, 32)
+    bwd = first_that_fits(_BWD_LADDER_16BIT, smem_limit)
+    if bwd is None:
+        raise ValueError(
+            f"linear_cross_entropy: no backward tiles of the Triton kernel fit {dtype} in this "
+            f"GPU's {smem_limit} bytes of shared memory per block (the smallest need "
+            f"{smem_needed(_BWD_LADDER_16BIT[-1], smem_limit)}); use impl='reference'")
+    bwd_m, bwd_v, bwd_h, bwd_warps, bwd_stages = bwd
+    return _Config(128, 128, 64, bwd_m, bwd_v, bwd_h, bwd_num_warps=bwd_warps,
+                   bwd_num_stages=bwd_stages)
 
 
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
@@ -357,7 +380,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return loss, lse, correct, order, count
 
     interpreted = backends.triton_interpreted()
-    cfg = _pick_config(hidden.dtype, interpreted, n)
+    cfg = _pick_config(hidden.dtype, interpreted, n, smem_per_block(dev))
     row_blocks = triton.cdiv(n, cfg.block_m)
     tiles = triton.cdiv(vocab, cfg.block_v)
     # Split the vocabulary so that the grid fills the GPU even for few rows, and into
@@ -404,7 +427,7 @@ def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     db = torch.zeros((vocab,) if compute_db else (0,), dtype=torch.float32, device=dev)
     if n > 0 and (compute_dh or compute_dw or compute_db):
         interpreted = backends.triton_interpreted()
-        cfg = _pick_config(hidden.dtype, interpreted, n)
+        cfg = _pick_config(hidden.dtype, interpreted, n, smem_per_block(dev))
         grid = (triton.cdiv(n, cfg.bwd_block_m) * triton.cdiv(vocab, cfg.bwd_block_v),)
         has_bias = bias is not None
         g = grad_loss.float().contiguous()

@@ -39,7 +39,9 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
-from unimrg_fast.ops._common import interpreted_bf16, store_dtype as _store_dtype
+from unimrg_fast.ops._common import (SMEM_SM90, first_that_fits, interpreted_bf16,
+                                     smem_needed, smem_per_block as _smem_limit,
+                                     store_dtype as _store_dtype)
 # The argument checks are the reference's own, so the two paths cannot drift apart.
 from unimrg_fast.reference.attention import _check_inputs as check_attention_args
 
@@ -359,18 +361,13 @@ class _Config:
 # Packs at least this long run with big tiles in the interpreter (see _pick_config).
 INTERPRETER_BIG_TILES_FROM = 256
 
-# Shared memory per block (the opt-in maximum, `shared_memory_per_block_optin`) of the
-# GPUs the ladders below were sized for. Without a device to ask, the H100's is assumed.
-SMEM_SM90 = 232448  # H100 / H200
-SMEM_SM80 = 166912  # A100
-SMEM_SM86 = 101376  # sm_86 / sm_89: A10, L4, L40, RTX 30xx / 40xx
-
 # Tile configurations per (fp32 inputs?, BLOCK_D rounded up to at least 64), fastest
-# first, each with the most shared memory any of its three kernels needs, in bytes:
-# the larger of the sizes Triton 3.9 compiles them to for sm_80 and sm_90 (sm_86 gives
-# sm_80's). _pick_config takes the first that fits the device, so an H100 runs the first
-# entry, an A100 or an sm_86 / sm_89 card may run a smaller one; tests/
-# test_kernel_resources.py recompiles the H100 choices and checks these numbers.
+# first, each with the most shared memory any of its three kernels needs, in bytes, in
+# two columns: the larger of the sizes Triton 3.9 compiles them to for sm_80 and sm_90
+# (sm_86 gives sm_80's), then the size for sm_75 (see _common.smem_needed).
+# _pick_config takes the first that fits the device, so an H100 runs the first entry, an
+# A100, an sm_86 / sm_89 card or a T4 may run a smaller one; tests/
+# test_kernel_resources.py recompiles the H100 and T4 choices and checks these numbers.
 # Untimed: the first entries at D <= 128 were checked offline for sm_90a (no register
 # spills except the fp32 backward at D = 128: tf32x3 triples the dots, and fp32 is the
 # correctness path, not the fast one); the others are only sized to fit. In half
@@ -379,22 +376,22 @@ SMEM_SM86 = 101376  # sm_86 / sm_89: A10, L4, L40, RTX 30xx / 40xx
 # fwd_block_m, fwd_block_n, kv_block_m, kv_block_n, then (warps, stages) of the forward,
 # dq and dk / dv.
 _LADDERS = {
-    (True, 64): ((_Config(64, 32, 16, 64, 8, 2, 8, 2, 8, 2), 98308),
-                 (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 49152)),
-    (True, 128): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 196612),
-                  (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 98580),
-                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 49152)),
+    (True, 64): ((_Config(64, 32, 16, 64, 8, 2, 8, 2, 8, 2), 98308, 49152),
+                 (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 49152, 36864)),
+    (True, 128): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 196612, 106496),
+                  (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 98580, 69632),
+                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 49152, 33792)),
     # (64, 32) tiles need 278,532 B (forward) and 393,220 B (dq) at fp32 D = 256
-    (True, 256): ((_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 196884),
-                  (_Config(32, 32, 32, 16, 4, 1, 4, 1, 4, 1), 163840),
-                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 98304)),
-    (False, 64): ((_Config(128, 64, 64, 128, 8, 3, 8, 2, 8, 2), 66068),
-                  (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 20480)),
-    (False, 128): ((_Config(128, 64, 32, 128, 8, 3, 8, 2, 8, 2), 98324),
-                   (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 40960)),
-    (False, 256): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 131604),
-                   (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 82196),
-                   (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 36864)),
+    (True, 256): ((_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 196884, 135168),
+                  (_Config(32, 32, 32, 16, 4, 1, 4, 1, 4, 1), 163840, 131072),
+                  (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 98304, 66560)),
+    (False, 64): ((_Config(128, 64, 64, 128, 8, 3, 8, 2, 8, 2), 66068, 98304),
+                  (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 20480, 24576)),
+    (False, 128): ((_Config(128, 64, 32, 128, 8, 3, 8, 2, 8, 2), 98324, 163840),
+                   (_Config(32, 32, 32, 32, 4, 1, 4, 1, 4, 1), 40960, 49152)),
+    (False, 256): ((_Config(64, 32, 64, 32, 8, 2, 8, 2, 8, 2), 131604, 163840),
+                   (_Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2), 82196, 98304),
+                   (_Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1), 36864, 49152)),
 }
 
 
@@ -409,29 +406,17 @@ def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool, num_tokens
         if num_tokens >= INTERPRETER_BIG_TILES_FROM:
             return _Config(128, 128, 128, 128, 4, 1, 4, 1, 4, 1)
         return _Config(16, 16, 16, 16, 4, 1, 4, 1, 4, 1)
-    limit = SMEM_SM90 if smem_limit is None else smem_limit
     ladder = _LADDERS[(dtype == torch.float32, max(64, block_d))]
-    for cfg, smem in ladder:
-        if smem <= limit:
-            return cfg
+    cfg = first_that_fits(ladder, smem_limit)
+    if cfg is not None:
+        return cfg
+    limit = SMEM_SM90 if smem_limit is None else smem_limit
     dims = head_dim if head_dim is not None else f"<= {block_d}"
     raise ValueError(
         f"packed_attention: no tile configuration of the Triton kernels fits {dtype} q/k/v "
         f"at head dim {dims} in this GPU's {limit} bytes of shared memory per block (the "
-        f"smallest needs {ladder[-1][1]}); use impl='reference', or a 16-bit dtype")
-
-
-_smem_limits = {}  # device -> shared memory per block; a dict that torch.compile can read
-
-
-def _smem_limit(device: torch.device) -> Optional[int]:
-    """The opt-in shared memory per block of a CUDA device; None elsewhere."""
-    if device.type != "cuda":
-        return None
-    if device not in _smem_limits:
-        props = torch.cuda.get_device_properties(device)
-        _smem_limits[device] = int(getattr(props, "shared_memory_per_block_optin", SMEM_SM90))
-    return _smem_limits[device]
+        f"smallest needs {smem_needed(ladder[-1], limit)}); use impl='reference', or a "
+        f"16-bit dtype")
 
 
 def _config_for(q: torch.Tensor, interpreted: bool) -> Tuple[int, _Config]:
