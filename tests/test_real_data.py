@@ -5,6 +5,7 @@ short training run with a tiny local Qwen2 and its tokenizer."""
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from trainer import checkpoint as ckpt
 from trainer import realdata, scenes
 from trainer.__main__ import main
 from trainer.config import TASKS, ConfigError
-from trainer.data import Sample, SampleFactory
+from trainer.data import TASK_ID, Sample, SampleFactory
 from trainer.datapaths import SEG_STYLE_FILE, DataPathError, resolve, target_path
 from trainer.loop import train
 from trainer.records import RecordStore
@@ -485,6 +486,50 @@ def test_a_source_whose_readers_fell_out_of_turn_is_not_restored(tmp_path, datas
     assert not state["in_turn"]
     assert not _source(tmp_path, dataset_dir, 3, shuffle=False).load_state_dict(state)
     assert not _source(tmp_path, dataset_dir, 2).load_state_dict(dict(state, in_turn=True))
+
+
+def test_a_round_robin_checkpoint_keeps_queued_samples_as_origins(tmp_path, dataset_dir):
+    # Asking only for depth and seg piles und / pixel samples up in their queues (c.png
+    # has neither target): the state holds their origins, not their images, and a
+    # restored source makes them again, identical.
+    asked, then = ["depth", "seg"] * 8, ["und", "pixel", "depth", "seg"] * 6
+    straight = _source(tmp_path, dataset_dir, 0, "round-robin")
+    want = [_key(straight.next_sample(t)) for t in asked + then]
+    first = _source(tmp_path, dataset_dir, 0, "round-robin")
+    for task in asked:
+        first.next_sample(task)
+    state = first.state_dict()
+    queued = [entry for q in state["queues"].values() for entry in q]
+    assert len(queued) >= 8, "the und / pixel queues should have run ahead"
+    assert all(isinstance(e, tuple) and len(e) == 3 for e in queued), queued[:3]
+    held = sum(s.cond_image.nbytes for q in first.queues.values() for s in q)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert buffer.tell() < held / 4, (buffer.tell(), held)
+
+    restored = _source(tmp_path, dataset_dir, 0, "round-robin", state=state)
+    assert [_key(restored.next_sample(t)) for t in then] == want[len(asked):]
+    assert dict(restored.skipped) == dict(straight.skipped)
+    # a checkpoint written before origins held the samples themselves: still loads
+    older = dict(state, queues={task: list(q) for task, q in first.queues.items()})
+    from_older = _source(tmp_path, dataset_dir, 0, "round-robin", state=older)
+    assert [_key(from_older.next_sample(t)) for t in then] == want[len(asked):]
+
+
+def test_a_queued_sample_whose_image_vanished_is_skipped_on_restore(tmp_path, dataset_dir):
+    first = _source(tmp_path, dataset_dir, 0, "round-robin", shuffle=False)
+    for task in ["depth", "seg"] * 4:
+        first.next_sample(task)
+    state = first.state_dict()
+    und = state["queues"][TASK_ID["und"]]
+    index = und[0][0]
+    gone = json.loads((dataset_dir / "train.jsonl").read_text().splitlines()[index])["image"]
+    (dataset_dir / "tuning_data" / gone).unlink()
+    restored = _source(tmp_path, dataset_dir, 0, "round-robin", shuffle=False, state=state)
+    vanished = sum(1 for entry in und if entry[0] == index)
+    assert len(restored.queues[TASK_ID["und"]]) == len(und) - vanished
+    assert restored.skipped["missing_image"] == first.skipped["missing_image"] + vanished
+    assert all(s.origin[0] != index for s in restored.queues[TASK_ID["und"]])
 
 
 class _Killed(BaseException):

@@ -67,6 +67,10 @@ class Sample:
     timestep: Optional[np.ndarray] = None  # [Lt] int64 DDPM step (mar) / float32 s (flow)
     qa: Optional[scenes.QA] = None
     source: Optional[str] = None           # real data: "record index:id" it was made from
+    # real data: (record index, epoch, item k of the record) - enough to make it again
+    # (RecordDataset.record_samples is a function of them), which is what a checkpoint
+    # keeps of a queued sample instead of its arrays
+    origin: Optional[Tuple[int, int, int]] = None
 
     @property
     def length(self) -> int:

@@ -289,7 +289,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
                 for k, item in enumerate(items):
                     if j == start and k <= done:
                         continue   # taken before the checkpoint
-                    produced = produced or isinstance(item, Sample)
+                    if isinstance(item, Sample):
+                        produced, item.origin = True, (mine[j], epoch, k)
                     yield Tagged(role, epoch, j, k, item)
             if not produced and not self.shuffle:
                 return   # in file order an all-bad shard stays all bad: nothing more to give
@@ -469,12 +470,16 @@ class RealSource:
         """Where every reader stands, the task queues and the skip counters (a
         checkpoint's per-rank data file). in_turn False: the readers' round-robin broke
         (a reader whose records all failed ended), which a fresh loader cannot repeat, so
-        load_state_dict refuses and the run replays the stream instead."""
+        load_state_dict refuses and the run replays the stream instead. A queued sample
+        is kept as its origin, not its arrays: round-robin queues of a data set with
+        missing targets fill up to MAX_QUEUED samples of the other tasks, ~1 GB of images
+        per rank to write at every checkpoint."""
         return {"readers": self.readers, "in_turn": self.in_turn,
                 "phase": (self.dataset.phase + self.taken) % self.readers,
                 "taken_at": dict(self.taken_at), "skipped": dict(self.skipped),
                 "barren": self.barren,
-                "queues": {task: list(q) for task, q in self.queues.items()}}
+                "queues": {task: [s.origin if s.origin is not None else s for s in q]
+                           for task, q in self.queues.items()}}
 
     def load_state_dict(self, state: Dict[str, object]) -> bool:
         if not state["in_turn"] or state["readers"] != self.readers:
@@ -485,8 +490,30 @@ class RealSource:
         self.taken_at = dict(state["taken_at"])
         self.skipped = collections.Counter(state["skipped"])
         self.barren = state["barren"]
-        self.queues = {task: collections.deque(q) for task, q in state["queues"].items()}
+        self.queues = {task: collections.deque(self._remake(q))
+                       for task, q in state["queues"].items()}
         return True
+
+    def _remake(self, queued: List[object]) -> Iterator[Sample]:
+        """The queued samples of a checkpoint, made again from their origins (older
+        checkpoints hold the samples themselves). A record that no longer gives the same
+        sample (its files changed since the save) is counted as skipped, not fatal."""
+        made: Dict[Tuple[int, int], List[object]] = {}
+        for entry in queued:
+            if isinstance(entry, Sample):
+                yield entry
+                continue
+            index, epoch, k = entry
+            if (index, epoch) not in made:
+                made[(index, epoch)] = list(self.dataset.record_samples(
+                    index, self.dataset.store.get(index), epoch))
+            items = made[(index, epoch)]
+            item = items[k] if k < len(items) else Skipped("bad_record", f"record {index}")
+            if isinstance(item, Sample):
+                item.origin = (index, epoch, k)
+                yield item
+            else:
+                self.skipped[item.reason] += 1
 
     def _take(self) -> object:
         """The next item, its reader's position noted (and whether its record, so far,
