@@ -116,3 +116,34 @@ def test_pack_tokens_below_a_sample_exits_2_naming_it():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "--pack-tokens" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_estimate_the_host_memory_cannot_hold_is_refused_before_it_starts(factory):
+    # The real recipe on a 24 GB CPU machine was killed by the OOM killer, printing nothing.
+    import torch
+
+    config = factory[0]
+    model = build_model(config)[0]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert 0 < trained <= weights
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # a CPU run holds a host copy of the weights, the gradients and two AdamW moments
+    estimate.check_host_memory(model, cpu, "tiny", available=weights + 3 * trained)
+    with pytest.raises(ValueError, match=r"--preset: .*preset tiny needs at least .*GiB of "
+                                         r"host memory.*--preset tiny"):
+        estimate.check_host_memory(model, cpu, "tiny", available=weights + 3 * trained - 1)
+    # a GPU run holds only the host copy on the host
+    estimate.check_host_memory(model, gpu, "tiny", available=weights)
+    with pytest.raises(ValueError, match="the weights' host copy \\(beyond"):
+        estimate.check_host_memory(model, gpu, "tiny", available=weights - 1)
+
+
+def test_the_memory_check_exits_2_before_timing(monkeypatch, capsys):
+    monkeypatch.setattr(estimate, "host_memory_available", lambda: 1024)
+    timed = []
+    monkeypatch.setattr(estimate, "_sync", lambda device: timed.append(device))
+    with pytest.raises(SystemExit) as info:
+        estimate.main(["--estimate", "--preset", "tiny", "--paths", "plain"])
+    assert info.value.code == 2 and not timed
+    assert "GiB of host memory" in capsys.readouterr().err

@@ -239,6 +239,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     if device.type == "cpu" and config.run.cpu_threads:
         torch.set_num_threads(config.run.cpu_threads)
     model, text, images, cond = build_model(config)
+    check_host_memory(model, device, preset)
     model.to(device).train()
     factory = SampleFactory(config, text, images, cond)
     host_packs = _packs(config, factory, text.pad_id, samples)
@@ -299,6 +300,44 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def host_memory_available() -> Optional[int]:
+    """Bytes of host memory the kernel says can be had without swapping (MemAvailable),
+    or None where /proc/meminfo is not there to ask."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(model, device, preset: str, available: Optional[int] = None) -> None:
+    """Refuses, before anything is timed, an estimate whose host memory cannot hold what
+    it allocates beyond the model: a copy of the weights on the host (to restart every
+    path from them), and on a CPU also the gradients and AdamW's two moments. Without
+    this a CPU run of the real recipe (Qwen2.5-1.5B: ~30 GB) is killed by the kernel's
+    OOM killer, printing nothing. Activations come on top: this is a lower bound."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    needed = weights + (3 * trained if device.type == "cpu" else 0)
+    available = host_memory_available() if available is None else available
+    if available is None or needed <= available:
+        return
+    from trainer.config import ConfigError
+
+    gib = 2 ** 30
+    where = ("the weights' host copy, gradients and AdamW moments" if device.type == "cpu"
+             else "the weights' host copy")
+    raise ConfigError("--preset", f"the estimate at preset {preset} needs at least "
+                                  f"{needed / gib:.1f} GiB of host memory for {where} "
+                                  f"(beyond the model's {weights / gib:.1f} GiB), and "
+                                  f"{available / gib:.1f} GiB are available; run it on a GPU "
+                                  f"machine with more memory, or check the tool with "
+                                  f"--preset tiny")
 
 
 def _sync(device) -> None:
