@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [("float32", 256, 90, None), ("float32", 128, 90, None), ("bfloat16", 256, 90, None),
          ("float16", 128, 75, 65536)]
 
-_SCRIPT = r"""
+# What both scripts start with: the offline compiler, and shared_memory(), the bytes a
+# kernel compiles to for one GPU target.
+_PRELUDE = r"""
 import importlib, json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, triton
@@ -37,9 +39,21 @@ try:
 except ImportError as exc:
     print(json.dumps({"skip": f"this Triton has no offline compile API: {exc}"}))
     sys.exit(0)
-A = importlib.import_module("unimrg_fast.ops.packed_attention")
 C = importlib.import_module("unimrg_fast.ops._common")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def shared_memory(kern, constexprs, arg_type, cap, warps, stages):
+    # arg_type(name): the Triton type of each runtime argument
+    sig = {a: "constexpr" if a in constexprs else arg_type(a) for a in kern.arg_names}
+    compiled = triton.compile(ASTSource(kern, sig, constexprs),
+                              target=GPUTarget("cuda", cap, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    return compiled.metadata.shared
+"""
+
+_SCRIPT = _PRELUDE + r"""
+A = importlib.import_module("unimrg_fast.ops.packed_attention")
 out = []
 for dtype_name, head_dim, cap, smem_limit in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype_name)
@@ -47,6 +61,16 @@ for dtype_name, head_dim, cap, smem_limit in json.loads(sys.argv[1]):
     cfg = A._pick_config(dtype, block_d, False, 32768, smem_limit)
     entry = [e for e in A._LADDERS[(dtype == torch.float32, max(64, block_d))] if e[0] == cfg][0]
     budget = C.smem_needed(entry, smem_limit)
+
+    def arg_type(arg):
+        if arg in A._LAYOUT_ARGS and arg != "T":
+            return "*i32"
+        if arg in ("lse_ptr", "delta_ptr", "dlse_ptr"):
+            return "*fp32"
+        if arg.endswith("_ptr"):
+            return "*" + TYPES[dtype]
+        return "fp32" if arg in ("qk_scale", "sm_scale") else "i32"
+
     for name, kern, bm, bn, warps, stages in (
             ("fwd", A._attn_fwd_kernel, cfg.fwd_block_m, cfg.fwd_block_n, cfg.fwd_warps,
              cfg.fwd_stages),
@@ -56,26 +80,9 @@ for dtype_name, head_dim, cap, smem_limit in json.loads(sys.argv[1]):
              cfg.kv_stages)):
         constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HEAD_DIM=head_dim,
                           UPCAST=False, PRECISION=A._precision(dtype, False))
-        sig = {}
-        for arg in kern.arg_names:
-            if arg in constexprs:
-                sig[arg] = "constexpr"
-            elif arg in A._LAYOUT_ARGS and arg != "T":
-                sig[arg] = "*i32"
-            elif arg in ("lse_ptr", "delta_ptr", "dlse_ptr"):
-                sig[arg] = "*fp32"
-            elif arg.endswith("_ptr"):
-                sig[arg] = "*" + TYPES[dtype]
-            elif arg in ("qk_scale", "sm_scale"):
-                sig[arg] = "fp32"
-            else:
-                sig[arg] = "i32"
-        compiled = triton.compile(ASTSource(kern, sig, constexprs),
-                                  target=GPUTarget("cuda", cap, 32),
-                                  options=dict(num_warps=warps, num_stages=stages))
         out.append(dict(case=f"sm_{cap} {dtype_name} D={head_dim} {name} {cfg}",
-                        shared=compiled.metadata.shared, budget=budget,
-                        limit=smem_limit or C.SMEM_SM90))
+                        shared=shared_memory(kern, constexprs, arg_type, cap, warps, stages),
+                        budget=budget, limit=smem_limit or C.SMEM_SM90))
 print(json.dumps({"kernels": out}))
 """
 
@@ -113,10 +120,8 @@ def test_packed_attention_fits_h100_and_t4_shared_memory():
 
 # The linear cross-entropy: the forward and both backward dtypes at an H100's choice, and
 # every rung of the 16-bit backward ladder at sm_75, where it needs the most.
-_LCE_SCRIPT = _SCRIPT[:_SCRIPT.index("A = importlib")] + r"""
+_LCE_SCRIPT = _PRELUDE + r"""
 L = importlib.import_module("unimrg_fast.ops.linear_cross_entropy")
-C = importlib.import_module("unimrg_fast.ops._common")
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 POINTER = {"order_ptr": "*i32", "count_ptr": "*i32", "idx_ptr": "*i32", "y_ptr": "*i64"}
 FWD_MAX = 32768  # what the module promises for the forward and the fp32 backward
 out = []
@@ -140,27 +145,20 @@ for kind, dtype_name, cap, tiles in json.loads(sys.argv[1]):
         budget = (C.smem_needed([e for e in L._BWD_LADDER_16BIT if list(e[0]) == tiles][0],
                                 limit) if dtype != torch.float32 else FWD_MAX)
         flags.update(GROUP_M=cfg.group_m, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
+
+    def arg_type(arg):
+        if arg in POINTER:
+            return POINTER[arg]
+        if arg in ("h_ptr", "w_ptr", "b_ptr"):
+            return "*" + TYPES[dtype]
+        if arg.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if arg in ("softcap", "label_smoothing", "z_loss") else "i32"
+
     constexprs = dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, **flags)
-    sig = {}
-    for arg in kern.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg in POINTER:
-            sig[arg] = POINTER[arg]
-        elif arg in ("h_ptr", "w_ptr", "b_ptr"):
-            sig[arg] = "*" + TYPES[dtype]
-        elif arg.endswith("_ptr"):
-            sig[arg] = "*fp32"
-        elif arg in ("softcap", "label_smoothing", "z_loss"):
-            sig[arg] = "fp32"
-        else:
-            sig[arg] = "i32"
-    compiled = triton.compile(ASTSource(kern, sig, constexprs),
-                              target=GPUTarget("cuda", cap, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
     out.append(dict(case=f"sm_{cap} {dtype_name} {kind} {[bm, bv, bh, warps, stages]}",
-                    shared=compiled.metadata.shared, budget=budget,
-                    limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
+                    shared=shared_memory(kern, constexprs, arg_type, cap, warps, stages),
+                    budget=budget, limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
 print(json.dumps({"kernels": out}))
 """
 
