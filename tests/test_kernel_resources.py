@@ -174,3 +174,46 @@ def test_linear_cross_entropy_fits_h100_and_t4_shared_memory():
     kernels = _compile_offline(_LCE_SCRIPT, cases)
     assert len(kernels) == len(cases)
     _assert_fits(kernels, "linear_cross_entropy._BWD_LADDER_16BIT")
+
+
+# The regression head: both kernels at the configs a Harmon-sized head (C = 16 latent
+# channels, H = 1536) gets, 16-bit and fp32, on an H100 and a T4. The module keeps them
+# within 48 KiB, what every CUDA GPU gives a block without opting in.
+_REGRESSION_SCRIPT = _PRELUDE + r"""
+R = importlib.import_module("unimrg_fast.ops.regression_loss")
+OWN_DTYPE = {"h_ptr", "w_ptr", "b_ptr", "t_ptr", "dh_ptr", "dt_ptr"}
+out = []
+for kind, dtype_name, cap in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    hidden, weight = torch.empty(1, 1536, dtype=dtype), torch.empty(16, 1536, dtype=dtype)
+    cfg = R._pick_config(hidden, weight, 16, False)
+    fwd_precision, bwd_precision = R._precision(hidden, weight)
+    if kind == "fwd":
+        kern, warps, stages = R._regression_fwd_kernel, cfg.num_warps, cfg.num_stages
+        constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_H=cfg.block_h,
+                          HAS_BIAS=True, UPCAST=False, PRECISION=fwd_precision)
+    else:
+        kern, warps, stages = R._regression_bwd_kernel, cfg.bwd_num_warps, cfg.bwd_num_stages
+        constexprs = dict(BLOCK_N=cfg.bwd_block_n, BLOCK_C=cfg.block_c,
+                          BLOCK_H=cfg.bwd_block_h, COMPUTE_DH=True, COMPUTE_DW=True,
+                          COMPUTE_DB=True, COMPUTE_DT=True, PRECISION=bwd_precision)
+
+    def arg_type(arg):
+        if arg in OWN_DTYPE:
+            return "*" + TYPES[dtype]
+        return "*fp32" if arg.endswith("_ptr") else "i32"
+
+    out.append(dict(case=f"sm_{cap} {dtype_name} {kind} {cfg}",
+                    shared=shared_memory(kern, constexprs, arg_type, cap, warps, stages),
+                    budget=49152, limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
+print(json.dumps({"kernels": out}))
+"""
+
+
+def test_regression_head_fits_48_kib_on_h100_and_t4():
+    pytest.importorskip("unimrg_fast.ops.regression_loss")
+    cases = [(kind, dtype, cap) for kind in ("fwd", "bwd") for dtype in ("bfloat16", "float32")
+             for cap in (90, 75)]
+    kernels = _compile_offline(_REGRESSION_SCRIPT, cases)
+    assert len(kernels) == len(cases)
+    _assert_fits(kernels, "the 48 KiB promise of regression_loss._pick_config")
