@@ -318,6 +318,35 @@ def test_depth_batches_by_shape_and_keeps_order(models, seed):
         assert depth.min() == 0.0 and depth.max() == 1.0
 
 
+class _NeedsTorchvision:
+    """transformers 5.17's AutoImageProcessor without torchvision: a dummy whose every
+    attribute raises ImportError (torchvision has no CPU build on PyPI)."""
+
+    def __getattr__(self, name):
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+
+def test_depth_loads_without_auto_image_processor(models, monkeypatch, seed):
+    import transformers
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 30, 3), np.uint8))
+    want = DepthTeacher.load(models["depth"]).predict([image])[0]
+    monkeypatch.setattr(transformers, "AutoImageProcessor", _NeedsTorchvision())
+    teacher = DepthTeacher.load(models["depth"])
+    assert "DPTImageProcessor" in type(teacher.processor).__name__
+    np.testing.assert_array_equal(teacher.predict([image])[0], want)
+    # a checkpoint that names no processor class: the loader's own error, as a TeacherError
+    config = models["depth"] / "preprocessor_config.json"
+    named = json.loads(config.read_text())
+    try:
+        config.write_text(json.dumps({k: v for k, v in named.items()
+                                      if k != "image_processor_type"}))
+        with pytest.raises(teachers.TeacherError, match="cannot load the depth model.*Torchvision"):
+            DepthTeacher.load(models["depth"])
+    finally:
+        config.write_text(json.dumps(named))
+
+
 # ------------------------------------------------------------------------- rendering
 def boundary_by_loops(mask):
     """Pixels of the mask with a 4-neighbour inside the image that is not in the mask."""

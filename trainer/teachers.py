@@ -1,8 +1,8 @@
 """The teachers that make UniMRG / SGT targets from real images, and how their outputs are
 drawn (DESIGN.md 6). Used by `python -m trainer.prepare`.
 
-- Depth: Depth Anything V2 through transformers (AutoImageProcessor +
-  AutoModelForDepthEstimation). The prediction (relative inverse depth: near is bright),
+- Depth: Depth Anything V2 through transformers (AutoImageProcessor, or the processor class
+  the checkpoint names, + AutoModelForDepthEstimation). The prediction (relative inverse depth: near is bright),
   resized to the image, min-max normalised per image to [0, 1].
 - Segmentation: SAM automatic masks through transformers (SamModel + SamProcessor) with the
   UniMRG settings: a 32 x 32 point grid, predicted-IoU > 0.88, stability score > 0.95, box
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -51,6 +52,23 @@ def _load(what: str, path: Path, loader, *args, **kwargs):
                            f"{type(exc).__name__}: {exc}") from exc
 
 
+def _image_processor_from_pretrained(path: str, **kwargs):
+    """AutoImageProcessor.from_pretrained, or, where this transformers cannot give
+    AutoImageProcessor (some 5.x releases make it require torchvision, which has no CPU
+    build on PyPI and is not a dependency here), the class the checkpoint's
+    preprocessor_config.json names, which those releases fall back to its PIL twin."""
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, **kwargs)
+    except ImportError:
+        config = json.loads((Path(path) / "preprocessor_config.json").read_text())
+        name = config.get("image_processor_type")
+        if not isinstance(name, str) or not hasattr(transformers, name):
+            raise
+        return getattr(transformers, name).from_pretrained(path, **kwargs)
+
+
 # -------------------------------------------------------------------------------- depth
 class DepthTeacher:
     """Depth Anything (V2) through transformers. `predict` takes any number of images of any
@@ -66,10 +84,10 @@ class DepthTeacher:
 
     @classmethod
     def load(cls, path, device="cpu", batch_size: int = 8) -> "DepthTeacher":
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        from transformers import AutoModelForDepthEstimation
 
         path = _check_model_dir(path, "depth")
-        processor = _load("depth", path, AutoImageProcessor.from_pretrained)
+        processor = _load("depth", path, _image_processor_from_pretrained)
         model = _load("depth", path, AutoModelForDepthEstimation.from_pretrained)
         return cls(model, processor, device, batch_size)
 
