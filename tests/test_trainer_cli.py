@@ -124,6 +124,22 @@ def test_a_run_prints_the_run_directory_last(tmp_path, capsys):
     assert sum("Triton interpreter" in line for line in lines) <= 1
 
 
+def test_fast_kernels_where_triton_cannot_run_exit_2_with_the_reason(tmp_path, monkeypatch,
+                                                                    capsys):
+    from unimrg_fast import backends
+
+    # e.g. Triton 3.6's interpreter under numpy 2.4: every kernel would fail inside it
+    broken = backends.Probe(False, "3.6.0", "Triton 3.6.0's interpreter cannot run under "
+                                            "numpy 2.4.6; pip install 'numpy<2.4'")
+    monkeypatch.setattr(backends, "triton", lambda: broken)
+    with pytest.raises(SystemExit) as info:
+        main(["--preset", "tiny", "--steps", "1", "--out", str(tmp_path), "--fast-kernels"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fast-kernels: the Triton kernels cannot run here" in err and "numpy<2.4" in err
+    assert not list(tmp_path.iterdir()), "refused before any run directory was made"
+
+
 def test_estimate_on_the_tiny_preset_prints_both_projections():
     result = _run("--estimate", "--preset", "tiny", "--recipe", "unimrg-harmon-1.5b",
                   "--gpus", "8", "--samples-per-gpu", "4", "--warmup-steps", "1",

@@ -82,6 +82,10 @@ def kernel_impl(config: Config, device: torch.device) -> str:
         raise ConfigError("--fast-kernels", "on a CPU the Triton kernels run on the interpreter, "
                                             "which needs TRITON_INTERPRET=1 set before unimrg_fast "
                                             "is imported (python -m trainer does this)")
+    triton = backends.triton()
+    if not triton.available:   # no triton, or an interpreter that cannot run under this numpy
+        raise ConfigError("--fast-kernels", f"the Triton kernels cannot run here: {triton.detail}; "
+                                            f"drop --fast-kernels to train on the plain path")
     return "triton"
 
 
