@@ -13,6 +13,9 @@
 #               run with a checkpoint and a resume
 #   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8
 #
+# A session's device time is short (30 minutes, 10 per command, machine start included):
+# run estimate first (the recipe's time budget), then tests, then the benchmark slices.
+#
 # LOG_DIR (default: $OUT when set, else benchmarks/results) gets each slice's log and a copy
 # of its results JSON. <tag> is h200-YYYYMMDD, or $RESULTS_TAG. Python: $PYTHON or python3.
 # Optional peers (liger-kernel, cut-cross-entropy) install from wheels in ./.wheels when
@@ -76,4 +79,5 @@ run_slice() {
     esac
 }
 
-{ build && run_slice; } 2>&1 | tee "$logs/gpu-$slice.log"
+# each slice ends with its wall time, so that the next session can plan its device budget
+{ build && run_slice && echo "slice $slice took ${SECONDS}s"; } 2>&1 | tee "$logs/gpu-$slice.log"
