@@ -44,7 +44,6 @@ The learning rate is the resumed run's schedule at the restored step (--steps ma
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 import shutil
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from trainer.config import Config, ConfigError
+from trainer.report import write_saved
 
 DIRNAME, COMPLETE, STATE = "checkpoints", "COMPLETE", "state.pt"
 PREFIX, ABANDONED = "step-", "abandoned"
@@ -281,13 +281,10 @@ def _data_file(rank: int) -> str:
 
 
 def _save_file(obj: Any, path: Path) -> None:
-    """torch.save through memory, then plain file writes: a full disk is then an OSError
-    (ENOSPC) like every other write failure; torch.save to a path raises a RuntimeError
-    from its zip writer instead."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    """torch.save through memory, then plain file writes (report.write_saved): a full
+    disk is then an OSError (ENOSPC) like every other write failure."""
     with open(path, "wb") as fh:
-        fh.write(buffer.getbuffer())
+        write_saved(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -57,6 +57,21 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_saved(obj: Any, fh) -> None:
+    """torch.save(obj) into the open file `fh` through memory: torch.save to a file
+    reports a full disk as a RuntimeError of its zip writer, a plain write as an OSError
+    (ENOSPC) like every other write failure.
+
+    The view of the buffer is released even when the write fails: the failure's
+    traceback would otherwise keep it with the BytesIO in a reference cycle, and CPython
+    3.12.0 / 3.12.1 crash (SIGSEGV) collecting that cycle (python/cpython#111049; seen in
+    the checkpoint disk-full tests on 3.12.1)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with buffer.getbuffer() as view:
+        fh.write(view)
+
+
 def _naming(exc: OSError, path: Path) -> OSError:
     """`exc` with `path` as its file name where it has none: str() then reads
     "[Errno 28] No space left on device: '.../summary.json'"."""
@@ -87,10 +102,8 @@ def save_checkpoint(run_dir: Path, model, config: Config, step: int, image_token
              "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}}
     if hasattr(image_tokenizer, "state_dict"):
         state["image_tokenizer"] = image_tokenizer.state_dict()
-    buffer = io.BytesIO()   # through memory: a full disk is then a plain OSError (ENOSPC)
-    torch.save(state, buffer)
     path = run_dir / name
-    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
+    atomic_write(path, lambda fh: write_saved(state, fh))
     return path
 
 
