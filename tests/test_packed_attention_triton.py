@@ -181,7 +181,7 @@ def test_tile_configs_fit_the_device_shared_memory():
     assert pa._pick_config(torch.float32, 256, False, 32768) == \
         pa._Config(32, 32, 32, 32, 8, 2, 8, 2, 8, 2)
     needed = _common.smem_needed
-    for limit in (pa.SMEM_SM90, _common.SMEM_SM80, _common.SMEM_SM86, _common.SMEM_SM75):
+    for limit in (_common.SMEM_SM90, _common.SMEM_SM80, _common.SMEM_SM86, _common.SMEM_SM75):
         for (is_fp32, block_d), ladder in pa._LADDERS.items():
             for bd in [b for b in (16, 32, 64, 128, 256) if max(64, b) == block_d]:
                 dtype = torch.float32 if is_fp32 else torch.bfloat16
@@ -212,6 +212,20 @@ def test_shared_memory_limit_comes_from_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     assert pa._smem_limit(torch.device("cpu")) is None
     assert pa._smem_limit(torch.device("cuda", 0)) == _common.SMEM_SM80
+
+    # torch < 2.6 reports no opt-in limit: known by the capability, never an H100's guessed
+    class OldTorchProps:
+        def __init__(self, major, minor):
+            self.major, self.minor = major, minor
+
+    for (major, minor), limit in {(7, 5): _common.SMEM_SM75, (8, 0): _common.SMEM_SM80,
+                                  (8, 6): _common.SMEM_SM86, (8, 9): _common.SMEM_SM86,
+                                  (9, 0): _common.SMEM_SM90, (12, 0): _common.SMEM_SM86,
+                                  (11, 7): _common.SMEM_SM86}.items():
+        monkeypatch.setattr(_common, "_smem_limits", {})
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, p=OldTorchProps(major, minor): p)
+        assert pa._smem_limit(torch.device("cuda", 0)) == limit, (major, minor)
     # the forward, the backward and the tile metadata all take their config from here
     monkeypatch.setattr(pa, "_smem_limit", lambda device: _common.SMEM_SM80)
     q = torch.empty(5, 1, 200)

@@ -49,6 +49,14 @@ def eval_scene_seed(seed: int, index: int) -> int:
     return EVAL_SEED_OFFSET + seed * 1_000_003 + index
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on `device` that does not make the host wait: from pageable
+    memory a copy to a GPU waits for the stream (every queued kernel), so pin it first."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclasses.dataclass
 class Sample:
     """One sample's host arrays; positions are relative to the sample's first token."""
@@ -213,10 +221,7 @@ class Pack:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                if device.type == "cuda" and value.device.type == "cpu":
-                    # from pageable memory a copy waits for the stream: pin, then copy async
-                    value = value.pin_memory()
-                value = value.to(device, non_blocking=True)
+                value = to_device(value, device)
             elif isinstance(value, PackedLayout):
                 value = value.to(device)
             moved[f.name] = value

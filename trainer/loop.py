@@ -34,7 +34,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed, report
 from trainer.config import TASKS, Config, ConfigError
-from trainer.data import SampleFactory
+from trainer.data import SampleFactory, to_device
 from trainer.evaluate import evaluate, held_out
 from trainer.model import build_model
 from trainer.telemetry import Telemetry
@@ -298,7 +298,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
         packs = data.step()
         counts = ctx.all_reduce(distributed.step_counts(packs, telemetry.step_flops(packs)))
         task_counts = counts[:len(TASKS)]
-        global_weight = task_counts.float().to(device)
+        global_weight = to_device(task_counts.float(), device)
         telemetry.add_flops(float(counts[distributed.FLOPS]))   # host tensor: no device sync
         loss_sum = torch.zeros(len(TASKS), device=device)
         for i, pack in enumerate(packs):

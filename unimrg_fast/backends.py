@@ -97,11 +97,9 @@ def _release(version: Optional[str]) -> Tuple[int, ...]:
     return tuple(int(n) for n in match.group(0).split(".")) if match else ()
 
 
-def _numpy_version() -> Optional[str]:
-    try:
-        import numpy
-    except ImportError:
-        return None
+def _numpy_version() -> str:
+    import numpy   # a dependency; imported here so that the probes stay lazy
+
     return numpy.__version__
 
 

@@ -45,11 +45,27 @@ def smem_per_block(device: torch.device) -> Optional[int]:
         return None
     if device not in _smem_limits:
         props = torch.cuda.get_device_properties(device)
-        _smem_limits[device] = int(getattr(props, "shared_memory_per_block_optin", SMEM_SM90))
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        _smem_limits[device] = int(optin) if optin else _smem_of_capability(
+            props.major, props.minor)
     return _smem_limits[device]
 
 
-def _limit(smem_limit: Optional[int]) -> int:
+def _smem_of_capability(major: int, minor: int) -> int:
+    """The opt-in shared memory per block by compute capability, for a torch too old to
+    report it (torch < 2.6). Never an H100's for a GPU not known to have it: too big a
+    guess picks tiles that fail at launch, too small one only slower tiles."""
+    if major < 8:
+        return SMEM_SM75 if (major, minor) == (7, 5) else 98304 if major == 7 else 49152
+    if (major, minor) in ((8, 0), (8, 7)):
+        return SMEM_SM80
+    if (major, minor) in ((9, 0), (10, 0)):
+        return SMEM_SM90
+    return SMEM_SM86   # sm_86 / sm_89 / sm_12x and anything unknown: the smallest of sm_8x+
+
+
+def effective_limit(smem_limit: Optional[int]) -> int:
+    """`smem_limit`, or an H100's where no device says (ladders are sized for it)."""
     return SMEM_SM90 if smem_limit is None else smem_limit
 
 
@@ -61,7 +77,7 @@ def smem_needed(entry: Tuple[T, int, int], smem_limit: Optional[int]) -> int:
     them without cp.async and needs up to 1.7x more. A limit of at most 64 KiB marks a
     pre-Ampere GPU (T4, RTX 20xx), so the limit picks the column. Both columns are
     measured by compiling offline (tests/test_kernel_resources.py checks them)."""
-    return entry[2] if _limit(smem_limit) <= SMEM_SM75 else entry[1]
+    return entry[2] if effective_limit(smem_limit) <= SMEM_SM75 else entry[1]
 
 
 def first_that_fits(ladder: Sequence[Tuple[T, int, int]], smem_limit: Optional[int]
@@ -69,6 +85,6 @@ def first_that_fits(ladder: Sequence[Tuple[T, int, int]], smem_limit: Optional[i
     """The tile config of the first (fastest) ladder entry that fits `smem_limit`; None
     when even the last does not."""
     for entry in ladder:
-        if smem_needed(entry, smem_limit) <= _limit(smem_limit):
+        if smem_needed(entry, smem_limit) <= effective_limit(smem_limit):
             return entry[0]
     return None

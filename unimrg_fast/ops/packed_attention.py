@@ -39,7 +39,7 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
-from unimrg_fast.ops._common import (SMEM_SM90, first_that_fits, interpreted_bf16,
+from unimrg_fast.ops._common import (effective_limit, first_that_fits, interpreted_bf16,
                                      smem_needed, smem_per_block as _smem_limit,
                                      store_dtype as _store_dtype)
 # The argument checks are the reference's own, so the two paths cannot drift apart.
@@ -410,7 +410,7 @@ def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool, num_tokens
     cfg = first_that_fits(ladder, smem_limit)
     if cfg is not None:
         return cfg
-    limit = SMEM_SM90 if smem_limit is None else smem_limit
+    limit = effective_limit(smem_limit)
     dims = head_dim if head_dim is not None else f"<= {block_d}"
     raise ValueError(
         f"packed_attention: no tile configuration of the Triton kernels fits {dtype} q/k/v "
