@@ -174,10 +174,15 @@ def test_ddpm_reuses_one_schedule_table_per_device():
 
     first = targets._schedule_on(1000, torch.device("cpu"))
     assert targets._schedule_on(1000, torch.device("cpu")) is first
+    t = torch.arange(1001, dtype=torch.float64) / 1000   # the closed form, computed apart
+    alpha_bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    want = torch.cumprod(1 - (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999), 0)
     public = targets.cosine_alphas_cumprod(1000)
+    assert public.data_ptr() != first.data_ptr()
     public.zero_()
-    assert torch.equal(targets._schedule_on(1000, torch.device("cpu")),
-                       targets.cosine_alphas_cumprod(1000))
+    for table in (first, targets._schedule_on(1000, torch.device("cpu")),
+                  targets.cosine_alphas_cumprod(1000)):
+        torch.testing.assert_close(table, want, rtol=1e-12, atol=0)
     x0 = torch.randn(3, 4)
     out = targets.ddpm_eps_target(x0, timesteps=500)
     a = first[500].float()
