@@ -143,3 +143,20 @@ def test_atomic_write_errors_name_the_file(tmp_path):
     with pytest.raises(OSError, match=r"No space left on device: '.*summary\.json'"):
         report.atomic_write(target, full)
     assert list(tmp_path.iterdir()) == []   # neither the target nor a temporary file
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, umask):
+    # mkstemp makes 0o600 files, which os.replace carried over to summary.json,
+    # checkpoint.pt and every other atomically written output
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        report.atomic_write(tmp_path / "summary.json", lambda fh: fh.write(b"{}"))
+        report.atomic_write(tmp_path / "fast.png", lambda fh: fh.write(b"x"), fsync=False)
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "fast.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -105,45 +104,15 @@ def is_done(path: Path) -> bool:
         return False
 
 
-def new_file_mode() -> int:
-    """The mode open() gives a new file: 0o666 less the umask. mkstemp makes its files
-    0o600 (owner only), which os.replace would carry over to every target. The umask is
-    read from /proc where there is one: os.umask can only read it by setting it, which
-    races with the I/O threads creating files."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """write(binary file) to a temporary file next to `path`, given the usual mode, then
-    renamed over `path` (os.replace is atomic), so an interrupted run leaves either the
-    whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Writes the PNG atomically (_write_atomic)."""
+    """Writes the PNG atomically (report.atomic_write; no fsync: a lost file after a power
+    cut is only redone by the next run, which skips finished files)."""
     from PIL import Image
 
-    _write_atomic(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"))
+    from trainer.report import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"), fsync=False)
 
 
 def write_seg_style(folder: Path, style: str) -> None:
@@ -152,7 +121,10 @@ def write_seg_style(folder: Path, style: str) -> None:
     from trainer.datapaths import SEG_STYLE_FILE
 
     text = json.dumps({"seg_style": style}) + "\n"
-    _write_atomic(Path(folder) / SEG_STYLE_FILE, lambda fh: fh.write(text.encode()))
+    from trainer.report import atomic_write
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(folder) / SEG_STYLE_FILE, lambda fh: fh.write(text.encode()))
 
 
 def load_image(path: Path):
@@ -160,13 +132,9 @@ def load_image(path: Path):
     16-bit grey scaled to 8 bits by the trainer's own realdata.to_rgb. No EXIF rotation:
     the targets share the pixel grid that Image.open(...) gives, the way the trainer reads
     the image."""
-    from PIL import Image
+    from trainer.realdata import load_image as decode, to_rgb
 
-    from trainer.realdata import to_rgb
-
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+    return to_rgb(decode(str(path)))
 
 
 def probe(path: Path) -> Tuple[Optional[tuple], Optional[str]]:

@@ -36,9 +36,12 @@ def make_run_dir(config: Config) -> Path:
     return path
 
 
-def atomic_write(path: Path, write) -> None:
-    """Calls write(file object) on a temporary file next to `path`, then replaces it.
-    An OSError names `path` (a write to the open file, e.g. ENOSPC, names no file)."""
+def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
+    """Calls write(file object) on a temporary file next to `path`, then replaces it
+    (os.replace is atomic: an interrupted run leaves the whole file or the old one),
+    with the mode a plain open() would give. An OSError names `path` (a write to the
+    open file, e.g. ENOSPC, names no file). fsync=False: no wait for the disk, for
+    files a later run can make again."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -46,8 +49,10 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -70,6 +75,23 @@ def write_saved(obj: Any, fh) -> None:
     torch.save(obj, buffer)
     with buffer.getbuffer() as view:
         fh.write(view)
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the umask. mkstemp makes its files
+    0o600 (owner only), which os.replace would carry over to every target. The umask is
+    read from /proc where there is one: os.umask can only read it by setting it, which
+    races with the I/O threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _naming(exc: OSError, path: Path) -> OSError:
