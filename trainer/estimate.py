@@ -259,7 +259,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
            "buffer_factor": buffer_token_factor(FlopModel.from_model(model), host_packs, buffer),
            "paths": {}}
     # a host copy, so the timed paths' peak memory is a training run's
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    weights = host_copy(model.state_dict())
     for path in paths:
         impl = "triton" if path == "fast" else "reference"
         if impl == "triton" and not backends.triton().available:
@@ -299,6 +299,19 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
         optimizer.state.clear()   # free the AdamW moments before the next path
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return out
+
+
+def host_copy(state: Dict) -> Dict:
+    """The state dict's tensors copied to the host, a tensor listed under several keys (a
+    tied LM head's matrix is the embeddings') copied once and shared, as in the model."""
+    copies: Dict[tuple, object] = {}
+    out = {}
+    for key, value in state.items():
+        ident = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if ident not in copies:
+            copies[ident] = value.detach().to("cpu", copy=True)
+        out[key] = copies[ident]
     return out
 
 
