@@ -67,6 +67,13 @@ def _launch(args, nproc: int) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
 
 
+def _copy_to_resume(straight, resumed) -> None:
+    """The uninterrupted run's directory, to resume from its checkpoints, less its final
+    weights: a resume that wrote none would otherwise compare the run with itself."""
+    shutil.copytree(straight, resumed)
+    (resumed / "checkpoint.pt").unlink()
+
+
 def _result(run_dir: Path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["event"] == "train"]
@@ -128,7 +135,7 @@ def test_tied_two_processes_match_one_process(tied_runs, parallel):
 def test_tied_fsdp_resume_continues_the_identical_run(tmp_path, tied_runs):
     straight = tied_runs / "fsdp"
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
+    _copy_to_resume(straight, resumed)
     _launch(_flags(tmp_path, "ignored", parallel="fsdp", steps=TIED_STEPS, checkpoint_every=2,
                    tie_word_embeddings=True,
                    resume=str(resumed / "checkpoints" / "step-00000002")), 2)
@@ -246,7 +253,7 @@ def test_two_process_resume_continues_the_identical_run(tmp_path, straight_runs,
             [f"{part}-00000.pt", f"{part}-00001.pt"]
     assert torch.load(saved / "state.pt", weights_only=False)["world"] == 2
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
+    _copy_to_resume(straight, resumed)
     _launch(_flags(tmp_path, "ignored", parallel=resumed_as, steps=RESUME_STEPS,
                    checkpoint_every=2, resume=str(resumed / "checkpoints" / "step-00000002")), 2)
     assert not (tmp_path / "ignored").exists()   # the resumed run continues in its own directory
@@ -369,7 +376,7 @@ def test_real_data_under_torchrun_resumes_each_ranks_data_position(tmp_path):
     assert all(s["in_turn"] and s["taken_at"] for s in states)
     assert states[0]["taken_at"] != states[1]["taken_at"]   # each rank its own shard
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
+    _copy_to_resume(straight, resumed)
     _launch(_flags(tmp_path, "ignored", **flags,
                    resume=str(resumed / "checkpoints" / "step-00000002")), 2)
     (losses, weights), (ref_losses, ref_weights) = _result(resumed), _result(straight)

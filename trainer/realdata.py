@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
