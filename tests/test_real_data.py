@@ -444,6 +444,8 @@ def test_training_on_real_data_gives_finite_losses(tmp_path, dataset_dir, family
     assert last["skipped/bad_image"] >= 1 and last["skipped/bad_json"] >= 1, last
     assert set(k for k in last if k.startswith("skipped/")) <= \
         {f"skipped/{r}" for r in EXPECTED_SKIPS} | {"skipped/surplus"}
+    assert {k[len("skipped/"):] for k in last if k.startswith("skipped/")} <= \
+        set(realdata.SKIP_REASONS), "a skip reason SKIP_REASONS does not list"
 
 
 def _source(tmp_path, dataset_dir, workers, schedule="interleaved", state=None, shuffle=True):

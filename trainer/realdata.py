@@ -72,7 +72,7 @@ IMAGE_TOKEN = "<image>"
 _REAL_SALT = 0x4EA1
 SKIP_REASONS = ("bad_json", "no_image", "missing_image", "bad_image", "no_conversation",
                 "too_long", "missing_depth", "missing_mask", "bad_depth", "bad_mask",
-                "bad_record")
+                "bad_record", "surplus")   # surplus: a round-robin queue's oldest, dropped
 # The generation prompts of real data (DESIGN.md 6: the UniMRG release's sentences first,
 # then paraphrases). Synthetic scenes keep scenes.PROMPTS, in their lower-case word language.
 REAL_PROMPTS = {
@@ -323,7 +323,15 @@ class RecordDataset(torch.utils.data.IterableDataset):
         except Exception:  # noqa: BLE001 - any undecodable file is skipped, not fatal
             yield Skipped("bad_image", source)
             return
-        stretched = None
+        stretched: List[np.ndarray] = []
+
+        def gen_input() -> np.ndarray:
+            """The image resized for generation, once per record: every generation
+            sample's condition, and the pixel task's target."""
+            if not stretched:
+                stretched.append(gen_image(image, self.size))
+            return stretched[0]
+
         targets: Dict[str, object] = {}
         for k, task in enumerate(self.cycle):
             rng = np.random.default_rng((_REAL_SALT, self.seed, epoch, index, TASK_ID[task], k))
@@ -331,16 +339,15 @@ class RecordDataset(torch.utils.data.IterableDataset):
                 sample = self._und(image, record, source)
             else:
                 if task not in targets:
-                    targets[task] = self._target(task, image, rel, source)
+                    targets[task] = (gen_input() if task == "pixel"
+                                     else self._target(task, image, rel, source))
                     if isinstance(targets[task], Skipped):
                         # once a record (sgt asks two seg samples of it), like every reason
                         yield targets[task]
                 target = targets[task]
                 if isinstance(target, Skipped):
                     continue
-                if stretched is None:
-                    stretched = gen_image(image, self.size)
-                sample = self.factory.gen_from(task, stretched, target, rng,
+                sample = self.factory.gen_from(task, gen_input(), target, rng,
                                                prompts=REAL_PROMPTS)
             if isinstance(sample, Sample):
                 sample.source = source
@@ -358,8 +365,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
         return Skipped("too_long", source)
 
     def _target(self, task: str, image, rel: str, source: str):
-        if task == "pixel":
-            return gen_image(image, self.size)
+        """The depth or seg target of the image, or why there is none."""
         root, name = (self.paths.depth, "depth") if task == "depth" else (self.paths.mask, "mask")
         path = target_path(root, rel)
         if path is None:
@@ -477,8 +483,7 @@ class RealSource:
                 "phase": (self.dataset.phase + self.taken) % self.readers,
                 "taken_at": dict(self.taken_at), "skipped": dict(self.skipped),
                 "barren": self.barren,
-                "queues": {task: [s.origin if s.origin is not None else s for s in q]
-                           for task, q in self.queues.items()}}
+                "queues": {task: [s.origin for s in q] for task, q in self.queues.items()}}
 
     def load_state_dict(self, state: Dict[str, object]) -> bool:
         if not state["in_turn"] or state["readers"] != self.readers:
