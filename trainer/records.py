@@ -73,7 +73,7 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
         raise ConfigError("--data", f"{path}: not valid JSON ({exc}); a JSON list of records "
                                     f"must parse as a whole") from None
     decoder = json.JSONDecoder()
-    pieces: List[bytes] = []
+    buffer, offsets = bytearray(), [0]   # one growing buffer: no list of pieces to join
 
     def broken(pos: int, why: str) -> ConfigError:
         return ConfigError("--data", f"{path}: not valid JSON ({why} at character {pos}); a "
@@ -92,7 +92,8 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
                 _, end = decoder.raw_decode(text, pos)
             except ValueError as exc:   # JSONDecodeError
                 raise broken(pos, str(exc).split(":")[0]) from None
-            pieces.append(text[pos:end].encode("utf-8"))
+            buffer += text[pos:end].encode("utf-8")
+            offsets.append(len(buffer))
             pos = _skip_space(text, end)
             if text.startswith("]", pos):
                 pos += 1
@@ -102,9 +103,7 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
             pos = _skip_space(text, pos + 1)
     if _skip_space(text, pos) != len(text):
         raise broken(pos, "extra data after the list")
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in pieces], out=offsets[1:])
-    return np.frombuffer(b"".join(pieces), dtype=np.uint8), offsets
+    return np.frombuffer(buffer, dtype=np.uint8), np.array(offsets, dtype=np.int64)
 
 
 class RecordStore:
