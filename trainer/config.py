@@ -283,7 +283,7 @@ class DataConfig:
                 resolve(self.data, self.images, self.depth_dir, self.mask_dir, self.active_tasks,
                         seg_colour=self.seg_colour)
             except DataPathError as exc:
-                raise ConfigError(exc.flag, str(exc).split(": ", 1)[1]) from None
+                raise ConfigError(exc.flag, exc.message) from None
 
     @property
     def task_cycle(self) -> Tuple[str, ...]:

@@ -35,7 +35,7 @@ class DataPathError(ValueError):
 
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}")
-        self.flag = flag
+        self.flag, self.message = flag, message
 
 
 @dataclasses.dataclass(frozen=True)

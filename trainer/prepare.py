@@ -284,7 +284,7 @@ def _check_seg_style(folder: Path, seg_style: str) -> None:
     try:
         found = read_seg_style(str(folder)) if folder.is_dir() else None
     except DataPathError as exc:
-        raise PrepareError(str(exc).split(": ", 1)[1]) from None
+        raise PrepareError(exc.message) from None
     if found is not None and found != seg_style:
         raise PrepareError(f"the segmentation output folder {str(folder)!r} holds "
                            f"--seg-style {found} targets (its {SEG_STYLE_FILE}); pass "
