@@ -35,7 +35,7 @@ warm-up; a full run takes minutes. Run a subset with -k, e.g. -k "64k and fwd+bw
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -95,9 +95,11 @@ def umm_layout(num_tokens: int, seed: int = 0, variant: str = "unimrg", shrink: 
                                    pad_to=num_tokens, device=device)
 
 
-def causal_pairs(layout: PackedLayout) -> int:
-    """Pairs of a plain per-sample causal mask over the same samples (flash's speed of light)."""
-    return sum(n * (n + 1) // 2 for n in layout.seqlens)
+def causal_pairs(layout: PackedLayout, num_samples: Optional[int] = None) -> int:
+    """Pairs of a plain per-sample causal mask over the same samples (flash's speed of
+    light); `num_samples`: only the first ones (leave the padding sample out, as
+    attended_pairs does)."""
+    return sum(n * (n + 1) // 2 for n in layout.seqlens[:num_samples])
 
 
 def attention_flops(pairs: int, num_q_heads: int, head_dim: int, passes: str) -> float:
@@ -172,7 +174,8 @@ def _pack_id(pack: Tuple[str, int]) -> str:
 @pytest.mark.parametrize("pack", PACKS, ids=_pack_id)
 def test_bench_packed_attention(benchmark, gpu_bench, pack, heads, passes, variant):
     variant_name, num_tokens = pack
-    layout = umm_layout(num_tokens, seed=0, variant=variant_name, device="cuda")
+    samples = draw_umm_pack(num_tokens, seed=0, variant=variant_name)
+    layout = PackedLayout.from_spans(samples, pad_to=num_tokens, device="cuda")
     try:
         forward = attention_forward(variant, layout)
     except NotImplementedError as exc:
@@ -184,9 +187,8 @@ def test_bench_packed_attention(benchmark, gpu_bench, pack, heads, passes, varia
     hq, hkv = heads
     q, k, v, grad_out = make_inputs(layout, hq, hkv, HEAD_DIM, DTYPE, passes == "fwd+bwd")
     # useful work: the pairs of the drawn samples, not of the padding sample after them
-    real_samples = len(draw_umm_pack(num_tokens, seed=0, variant=variant_name))
-    pairs = (causal_pairs(layout) if variant == "flash-causal-sol"
-             else layout.attended_pairs(real_samples))
+    pairs = (causal_pairs(layout, len(samples)) if variant == "flash-causal-sol"
+             else layout.attended_pairs(len(samples)))
     benchmark.group = f"attention-{_pack_id(pack)}-{hq}q{hkv}kv-{passes}"
     gpu_bench(attention_step(forward, q, k, v, grad_out, passes),
               flops=attention_flops(pairs, hq, HEAD_DIM, passes),

@@ -63,7 +63,11 @@ def test_allowed_pairs_counts_the_dense_mask_on_shrunk_packs(variant, seed):
     layout = bench.umm_layout(1000, seed=seed, variant=variant, shrink=32)
     assert layout.num_samples > 3
     assert layout.attended_pairs() == int(layout.dense_mask().sum())
-    assert bench.causal_pairs(layout) == sum(n * (n + 1) // 2 for n in layout.seqlens)
+    # flash's speed of light: one causal span per sample, counted on its own dense mask
+    causal = PackedLayout.from_spans([[(int(n), "causal")] for n in layout.seqlens])
+    assert bench.causal_pairs(layout) == int(causal.dense_mask().sum())
+    first = layout.num_samples - 1   # all but the last (the padding sample, if any)
+    assert bench.causal_pairs(layout, first) == causal.attended_pairs(first)
 
 
 @pytest.mark.parametrize("seed", range(8))
