@@ -422,9 +422,15 @@ def _pick_config(dtype: torch.dtype, block_d: int, interpreted: bool, num_tokens
 def _config_for(q: torch.Tensor, interpreted: bool) -> Tuple[int, _Config]:
     """(BLOCK_D, config) of a call: the forward, the backward and the tile metadata
     must agree, so all three take it from here."""
-    block_d = max(16, triton.next_power_of_2(q.shape[2]))
-    return block_d, _pick_config(q.dtype, block_d, interpreted, q.shape[0],
-                                 _smem_limit(q.device), head_dim=q.shape[2])
+    return _config_of(q.dtype, q.shape[2], q.shape[0], q.device, interpreted)
+
+
+def _config_of(dtype: torch.dtype, head_dim: int, num_tokens: int, device: torch.device,
+               interpreted: bool) -> Tuple[int, _Config]:
+    """_config_for from the call's description alone (what triton_accepts knows)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_d, _pick_config(dtype, block_d, interpreted, num_tokens, _smem_limit(device),
+                                 head_dim=head_dim)
 
 
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
@@ -623,9 +629,8 @@ def triton_accepts(device: Optional[torch.device] = None, dtype: Optional[torch.
     device = torch.device(device)
     if torch.is_autocast_enabled(device.type):   # _triton casts to it before picking tiles
         dtype = torch.get_autocast_dtype(device.type)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     try:
-        _pick_config(dtype, block_d, False, 0, _smem_limit(device), head_dim=head_dim)
+        _config_of(dtype, head_dim, 0, device, False)
     except ValueError as exc:   # resolve() prefixes the op and impl itself
         return str(exc).removeprefix("packed_attention: ")
     return None
