@@ -35,7 +35,7 @@ warm-up; a full run takes minutes. Run a subset with -k, e.g. -k "64k and fwd+bw
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import pytest

@@ -42,7 +42,6 @@ def test_flop_model_matches_a_flop_counter_on_a_training_pack(tmp_path, monkeypa
     so both are left out; padding tokens do run through the decoder. The model charges the
     first layer of an input chain 6 FLOPs per weight where its input needs no gradient (4):
     a small over-count, at most 2% at these toy widths."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import unimrg_fast as uf
