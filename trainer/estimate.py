@@ -200,6 +200,7 @@ def with_text_length(sample, rng: np.random.Generator, vocab_size: int):
 def buffer_token_factor(flops, packs, buffer: int) -> float:
     """Model FLOPs of the micro-batch with `buffer` more tokens in every image span (the
     condition image and a generation target) over its FLOPs without them."""
+    from trainer.data import UND
     from unimrg_fast.layout import CAUSAL, MODES, PackedLayout
 
     if not buffer:
@@ -210,7 +211,7 @@ def buffer_token_factor(flops, packs, buffer: int) -> float:
         spans = [[(n + buffer if mode != CAUSAL else n, MODES[mode]) for n, mode in sample]
                  for sample in pack.layout.spans[:real]]
         images = sum(1 for sample in spans for _, mode in sample if mode != "causal")
-        targets = sum(1 for t in pack.sample_tasks if t != 0)
+        targets = sum(1 for t in pack.sample_tasks if t != UND)   # generation samples
         pairs = PackedLayout.from_spans(spans).attended_pairs() - pack.layout.attended_pairs(real)
         base += flops.pack(pack)
         extra += (flops.decoder * buffer * images + flops.attn_pair * pairs
