@@ -303,9 +303,14 @@ def test_gpu_fused_pack_matches_reference_without_logits():
     assert_rel(fused.task_loss_sum, plain.task_loss_sum, 2e-2, "task_loss_sum vs reference")
     for name, g, p in zip(("hidden", "lm", "codebook", "depth"), grads, (hidden, lm, codebook, depth)):
         assert_rel(g.float(), p.grad.float(), 3e-2, f"d{name} vs reference")
-    logits_bytes = 2048 * v * 4
-    # fp32 dW of the LM head (V x H x 4 bytes) is allowed; the logits are not.
-    assert peak < v * h * 4 + logits_bytes / 4, f"peak extra memory {peak / 2**30:.2f} GiB"
+    # Allowed: the LM head's fp32 dW and its bf16 copy (V x H x 6 bytes), and one chunk of
+    # bf16 dz (here all 2048 rows: R x V x 2 bytes), plus 256 MiB for the small heads and
+    # the hidden states' gradients (an H200 measured 2.10 GB in all, 2.02 GB of it the
+    # first two terms). Not allowed: the [R, V] fp32 logits (R x V x 4 bytes more, 1.24
+    # GB), which the plain path keeps.
+    allowed = v * h * 6 + 2048 * v * 2 + 256 * 2 ** 20
+    assert peak < allowed, f"peak extra memory {peak / 2**30:.2f} GiB > {allowed / 2**30:.2f}"
+    assert peak + 2048 * v * 4 > allowed  # the test can tell fp32 logits apart
 
 
 @pytest.mark.parametrize("impl", IMPLS)

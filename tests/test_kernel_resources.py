@@ -118,62 +118,51 @@ def test_packed_attention_fits_h100_and_t4_shared_memory():
     _assert_fits(kernels, "packed_attention._LADDERS")
 
 
-# The linear cross-entropy: the forward and both backward dtypes at an H100's choice, and
-# every rung of the 16-bit backward ladder at sm_75, where it needs the most.
+# The linear cross-entropy: the forward and the backward's dz kernel, 16-bit and fp32, at
+# an H100's choice and in half precision at a T4's (sm_75 stages tiles without cp.async
+# and needs the most). The module promises at most 32 KiB: every GPU fits them.
 _LCE_SCRIPT = _PRELUDE + r"""
 L = importlib.import_module("unimrg_fast.ops.linear_cross_entropy")
 POINTER = {"order_ptr": "*i32", "count_ptr": "*i32", "idx_ptr": "*i32", "y_ptr": "*i64"}
-FWD_MAX = 32768  # what the module promises for the forward and the fp32 backward
+PROMISE = 32768
 out = []
-for kind, dtype_name, cap, tiles in json.loads(sys.argv[1]):
+for kind, dtype_name, cap in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype_name)
     cfg = L._pick_config(dtype, False, 16384)
     flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, UPCAST=False,
                  PRECISION=L._precision(dtype, False))
     if kind == "fwd":
-        kern, budget = L._lce_fwd_kernel, FWD_MAX
-        bm, bv, bh, warps, stages = (cfg.block_m, cfg.block_v, cfg.block_h, cfg.num_warps,
-                                     cfg.num_stages)
+        kern = L._lce_fwd_kernel
         flags.update(HAS_SMOOTHING=True, TRACK_ARGMAX=True)
     else:
-        kern = L._lce_bwd_kernel
-        if tiles is None:
-            tiles = [cfg.bwd_block_m, cfg.bwd_block_v, cfg.bwd_block_h, cfg.bwd_num_warps,
-                     cfg.bwd_num_stages]
-        bm, bv, bh, warps, stages = tiles
-        limit = C.SMEM_SM90 if cap == 90 else C.SMEM_SM75
-        budget = (C.smem_needed([e for e in L._BWD_LADDER_16BIT if list(e[0]) == tiles][0],
-                                limit) if dtype != torch.float32 else FWD_MAX)
-        flags.update(GROUP_M=cfg.group_m, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
+        kern = L._lce_dz_kernel
+        flags.update(GROUP_M=cfg.group_m, COMPUTE_DB=True)
 
     def arg_type(arg):
         if arg in POINTER:
             return POINTER[arg]
-        if arg in ("h_ptr", "w_ptr", "b_ptr"):
+        if arg in ("h_ptr", "w_ptr", "b_ptr", "dz_ptr"):
             return "*" + TYPES[dtype]
         if arg.endswith("_ptr"):
             return "*fp32"
         return "fp32" if arg in ("softcap", "label_smoothing", "z_loss") else "i32"
 
-    constexprs = dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, **flags)
-    out.append(dict(case=f"sm_{cap} {dtype_name} {kind} {[bm, bv, bh, warps, stages]}",
-                    shared=shared_memory(kern, constexprs, arg_type, cap, warps, stages),
-                    budget=budget, limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
+    tiles = [cfg.block_m, cfg.block_v, cfg.block_h, cfg.num_warps, cfg.num_stages]
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, **flags)
+    out.append(dict(case=f"sm_{cap} {dtype_name} {kind} {tiles}",
+                    shared=shared_memory(kern, constexprs, arg_type, cap, cfg.num_warps,
+                                         cfg.num_stages),
+                    budget=PROMISE, limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75))
 print(json.dumps({"kernels": out}))
 """
 
 
 def test_linear_cross_entropy_fits_h100_and_t4_shared_memory():
-    lce = pytest.importorskip("unimrg_fast.ops.linear_cross_entropy")
-    cases = [("fwd", "bfloat16", 90, None), ("fwd", "float32", 90, None),
-             ("bwd", "bfloat16", 90, None), ("bwd", "float32", 90, None)]
-    # the sm_75 rungs: the first is over a T4's limit by design (its budget says so)
-    cases += [("bwd", "float16", 75, list(tiles)) for tiles, _, on_sm75 in lce._BWD_LADDER_16BIT
-              if on_sm75 <= 65536]
-    cases += [("fwd", "float16", 75, None)]
+    cases = [(kind, dtype, 90) for kind in ("fwd", "dz") for dtype in ("bfloat16", "float32")]
+    cases += [("fwd", "float16", 75), ("dz", "float16", 75)]
     kernels = _compile_offline(_LCE_SCRIPT, cases)
     assert len(kernels) == len(cases)
-    _assert_fits(kernels, "linear_cross_entropy._BWD_LADDER_16BIT")
+    _assert_fits(kernels, "the 32 KiB promise of linear_cross_entropy._pick_config")
 
 
 # The regression head: both kernels at the configs a Harmon-sized head (C = 16 latent
