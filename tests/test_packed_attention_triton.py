@@ -169,6 +169,16 @@ def test_corner_layouts_fp32(name, samples, seed):
     check_case(PackedLayout.from_spans(samples, device=DEV), 2, 1, 16, torch.float32, name)
 
 
+@pytest.mark.parametrize("hq,hkv", [pytest.param(6, 2, id="gqa3"), pytest.param(3, 3, id="mha")])
+def test_dkdv_of_each_q_head_summed_over_the_group(hq, hkv, seed):
+    """dk / dv run one program per (key tile, q head): a group of 3 q heads (not a power
+    of two) sums three fp32 partials per kv head; without GQA each program writes dk,
+    dv itself. T = 77 (odd)."""
+    layout = PackedLayout.from_spans(UMM, device=DEV)
+    assert layout.num_tokens % 2 == 1
+    check_case(layout, hq, hkv, 16, torch.float32, f"Hq={hq} Hkv={hkv}")
+
+
 def test_bf16_upcast_in_the_interpreter(seed):
     layout = random_layout(np.random.default_rng(seed))
     check_case(layout, 4, 2, 32, torch.bfloat16, "bf16")
@@ -346,7 +356,7 @@ def test_tiles_are_block_sparse_and_only_they_are_visited(seed, monkeypatch):
     dots.clear()
     g_out = torch.randn_like(out)
     out.backward(g_out)
-    # dk/dv: 4 dots per (tile, q head of the group); dq: 3 per (tile, q head)
+    # dk/dv: 4 dots per (tile, q head); dq: 3 per (tile, q head)
     assert len(dots) == 7 * nnz * hq, f"backward: {len(dots)} dots, expected 7 per visited tile"
     monkeypatch.undo()
     want = attention64(q, k, v, layout, 0.25)
