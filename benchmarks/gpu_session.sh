@@ -18,6 +18,8 @@
 #
 # LOG_DIR (default: $OUT when set, else benchmarks/results) gets each slice's log and a copy
 # of its results JSON. <tag> is h200-YYYYMMDD, or $RESULTS_TAG. Python: $PYTHON or python3.
+# BENCH_K: a pytest -k expression for the benchmark slices (e.g. BENCH_K="not flex": flex's
+# first create_block_mask of a 16k pack took ~3 minutes on an H200 with torch 2.11).
 # Optional peers (liger-kernel, cut-cross-entropy) install from wheels in ./.wheels when
 # that folder exists (carry it); without them their benchmark rows are skipped, not failed.
 set -euo pipefail
@@ -50,7 +52,8 @@ build() {
 bench() {   # bench NAME FILE...: one benchmark slice, its JSON copied next to the log
     local name=$1
     shift
-    "$py" -m pytest "$@" --benchmark-only -q -p no:cacheprovider --results-save "$tag-$name"
+    "$py" -m pytest "$@" ${BENCH_K:+-k "$BENCH_K"} --benchmark-only -q -p no:cacheprovider \
+        --results-save "$tag-$name"
     cp "benchmarks/results/$tag-$name.json" "$logs/" 2>/dev/null || true
 }
 
