@@ -166,7 +166,8 @@ def test_gpu_readings_with_a_fake_gpu_and_nvml(monkeypatch, world):
     clock = iter([10.0, 12.0])   # the first step begins at 10 s, the reading is at 12 s
     monkeypatch.setattr(telemetry.time, "perf_counter", lambda: next(clock))
     tel = telemetry.Telemetry.__new__(telemetry.Telemetry)
-    tel.device, tel.cuda, tel.nvml = torch.device("cuda", 0), True, (FakeNvml, object())
+    tel.device, tel.cuda = torch.device("cuda", 0), True
+    tel.nvml = telemetry.NvmlReader(FakeNvml, object())
     tel.peak, tel.world, tel.flops, tel.since = 1e6, world, 0.0, None
     tel.add_flops(3e5)
     tel.add_flops(1e5)                                   # two steps: 4e5 FLOPs in 2 s
@@ -208,3 +209,48 @@ def test_nvml_handle_is_found_by_uuid_not_by_cuda_index(monkeypatch):
     assert telemetry.nvml_handle(FakeNvml, 0) is None
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # every GPU visible: the numbering is NVML's
     assert telemetry.nvml_handle(FakeNvml, 0) == "gpu0"
+
+
+class CountingNvml:
+    """A pynvml stand-in that counts its init / shutdown calls."""
+
+    NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
+
+    def __init__(self, fail_init=False):
+        self.inits = self.shutdowns = 0
+        self.fail_init = fail_init
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        return 1755
+
+
+def test_nvml_is_shut_down_once_when_telemetry_closes(monkeypatch):
+    nvml = CountingNvml()
+    monkeypatch.setattr(telemetry, "nvml_handle", lambda pynvml, index: f"gpu{index}")
+    reader = telemetry.NvmlReader.open(3, pynvml=nvml)
+    assert reader is not None and reader.handle == "gpu3" and nvml.inits == 1
+    # only the clock answers: the probes this fake lacks are left out, not raised
+    assert reader.readings() == {"gpu/sm_clock_mhz": 1755.0}
+    tel = telemetry.Telemetry.__new__(telemetry.Telemetry)
+    tel.writer, tel.nvml = None, reader
+    tel.close()
+    tel.close()
+    assert nvml.shutdowns == 1 and reader.readings() == {}
+
+
+def test_nvml_that_cannot_match_the_gpu_is_shut_down_and_gives_no_reader(monkeypatch):
+    nvml = CountingNvml()
+    monkeypatch.setattr(telemetry, "nvml_handle", lambda pynvml, index: None)
+    assert telemetry.NvmlReader.open(0, pynvml=nvml) is None
+    assert (nvml.inits, nvml.shutdowns) == (1, 1)
+    failing = CountingNvml(fail_init=True)
+    assert telemetry.NvmlReader.open(0, pynvml=failing) is None
+    assert failing.shutdowns == 0   # never started: nothing to shut down

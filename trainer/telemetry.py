@@ -134,6 +134,63 @@ def nvml_handle(pynvml, cuda_index: int):
     return None
 
 
+class NvmlReader:
+    """nvidia-ml-py readings of one CUDA device. NVML is initialised once by open() and
+    shut down by close(), so that a run (or a test) that builds telemetry many times does
+    not leave NVML initialised."""
+
+    PROBES = {
+        "gpu/util_pct": lambda nv, h: nv.nvmlDeviceGetUtilizationRates(h).gpu,
+        "gpu/power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+        "gpu/sm_clock_mhz": lambda nv, h: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+        "gpu/temp_c": lambda nv, h: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+    }
+
+    def __init__(self, pynvml, handle):
+        self.pynvml, self.handle = pynvml, handle
+
+    @classmethod
+    def open(cls, cuda_index: int, pynvml=None) -> Optional["NvmlReader"]:
+        """A reader for torch's CUDA device `cuda_index`, or None where nvidia-ml-py is
+        missing, NVML does not start, or the GPU cannot be matched (then NVML is shut
+        down again)."""
+        try:
+            if pynvml is None:
+                import pynvml
+            pynvml.nvmlInit()
+        except Exception:
+            return None
+        try:
+            handle = nvml_handle(pynvml, cuda_index)
+        except Exception:
+            handle = None
+        reader = cls(pynvml, handle)
+        if handle is None:
+            reader.close()
+            return None
+        return reader
+
+    def readings(self) -> Dict[str, float]:
+        """Every probe the GPU and driver answer; one that fails is left out."""
+        out: Dict[str, float] = {}
+        if self.pynvml is None:
+            return out
+        for key, probe in self.PROBES.items():
+            try:
+                out[key] = float(probe(self.pynvml, self.handle))
+            except Exception:
+                pass
+        return out
+
+    def close(self) -> None:
+        if self.pynvml is not None:
+            try:
+                self.pynvml.nvmlShutdown()
+            except Exception:
+                pass
+            self.pynvml = None
+
+
 def _summary_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -159,23 +216,15 @@ class Telemetry:
         self.peak = peak_flops(torch.cuda.get_device_name(device)) if self.cuda else None
         self.flops = 0.0
         self.since: Optional[float] = None   # when the first step since the last reading began
-        self.nvml = self._nvml() if self.cuda else None
+        self.nvml = NvmlReader.open(self._cuda_index()) if self.cuda else None
         self.writer = None
         if config.run.tensorboard and enabled:
             writer = _summary_writer()
             if writer is not None:
                 self.writer = writer(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def _nvml(self):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            handle = nvml_handle(pynvml, index)
-            return (pynvml, handle) if handle is not None else None
-        except Exception:
-            return None
+    def _cuda_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def step_flops(self, packs) -> float:
         """Model FLOPs of this rank's packs of a step (0 without a UMM)."""
@@ -199,7 +248,8 @@ class Telemetry:
             row["gpu/mem_allocated_gib"] = torch.cuda.memory_allocated(self.device) / gib
             row["gpu/mem_reserved_gib"] = torch.cuda.memory_reserved(self.device) / gib
             row["gpu/mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / gib
-            row.update(self._nvml_readings())
+            if self.nvml is not None:
+                row.update(self.nvml.readings())
             seconds = time.perf_counter() - self.since if self.since is not None else 0.0
             # the run's FLOPs over all of its GPUs; the readings above are this GPU's
             value = mfu(self.flops, seconds, self.peak * self.world if self.peak else None)
@@ -208,24 +258,6 @@ class Telemetry:
                 row["model_tflops_per_s"] = self.flops / seconds / 1e12
         self.flops, self.since = 0.0, None
         return row
-
-    def _nvml_readings(self) -> Dict[str, Any]:
-        if self.nvml is None:
-            return {}
-        pynvml, handle = self.nvml
-        out: Dict[str, Any] = {}
-        probes = {
-            "gpu/util_pct": lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-            "gpu/power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-            "gpu/sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "gpu/temp_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-        }
-        for key, probe in probes.items():
-            try:
-                out[key] = float(probe())
-            except Exception:   # a reading this GPU / driver does not offer
-                pass
-        return out
 
     def scalars(self, row: Dict[str, Any], step: int) -> None:
         """Every numeric value of a metrics row as a TensorBoard scalar (when on)."""
@@ -242,3 +274,5 @@ class Telemetry:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.nvml is not None:
+            self.nvml.close()
