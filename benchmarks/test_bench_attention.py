@@ -13,8 +13,10 @@ Heads 12 q / 2 kv (1.5B) and 28 q / 4 kv (7B), head dim 128, bfloat16.
 Variants (one group per pack, heads and pass; ratios are to "reference"):
     reference         per-sample SDPA with dense masks (role baseline)
     triton            the fused kernel (role fused; skipped until it lands)
-    flex              FlexAttention, BlockMask built once outside the timed call (peer)
-    flex+mask-build   FlexAttention with its per-pack create_block_mask inside the call (peer)
+    flex              FlexAttention, BlockMask built once outside the timed call from the
+                      layout's tile metadata (attention_peers.block_mask_from_tiles) (peer)
+    flex+mask-build   FlexAttention with its per-pack create_block_mask inside the call (peer;
+                      the first build per pack size compiles: ~3 minutes at 16k on an H200)
     flash-causal-sol  flash_attn_varlen_func over the same samples with a plain causal
                       mask: NOT the UMM mask, a speed-of-light reference (peer; needs
                       flash-attn). Its TFLOP/s count its own (causal) pairs.
@@ -132,7 +134,9 @@ def attention_forward(variant: str, layout: PackedLayout) -> Callable:
         from unimrg_fast.ops import attention_peers as peers
 
         if variant == "flex":
-            mask = peers.build_flex_block_mask(layout)                # outside the timed call
+            # outside the timed call; the same blocks as create_block_mask finds, without
+            # its first compiled build (~3 minutes for a 16k pack on an H200, torch 2.11)
+            mask = peers.block_mask_from_tiles(layout)
             return lambda q, k, v: peers.flex_with_block_mask(q, k, v, mask)
         return lambda q, k, v: peers.flex_with_block_mask(q, k, v, peers.build_flex_block_mask(layout))
     if variant == "flash-causal-sol":

@@ -457,13 +457,13 @@ def test_flex_is_never_chosen_by_auto_but_can_be_asked_for():
 @needs_cpu_flex
 def test_flex_block_mask_is_built_once_per_layout(monkeypatch):
     builds = []
-    real = peers.build_flex_block_mask
+    real = peers.block_mask_from_tiles
 
     def counting(layout, block_size=128):
         builds.append(layout)
         return real(layout, block_size)
 
-    monkeypatch.setattr(peers, "build_flex_block_mask", counting)
+    monkeypatch.setattr(peers, "block_mask_from_tiles", counting)
     samples = [[(7, "full"), (3, "causal"), (6, "noise")], [(5, "causal")]]
     layout = _layout(samples)
     first = peers.flex_block_mask(layout)
@@ -486,6 +486,33 @@ def test_flex_block_mask_cache_is_a_small_lru():
     assert peers.flex_block_mask(layouts[0]) is not masks[0]         # oldest: evicted, rebuilt
     peers.clear_layout_cache()
     assert peers.flex_block_mask(layouts[-1]) is not masks[-1]
+
+
+def _blocks(num_blocks: torch.Tensor, indices: torch.Tensor) -> set:
+    """{(query block, key block)} of a BlockMask's (num, indices) pair."""
+    num, idx = num_blocks[0, 0].tolist(), indices[0, 0].tolist()
+    return {(i, j) for i, (n, row) in enumerate(zip(num, idx)) for j in row[:n]}
+
+
+@needs_cpu_flex
+@pytest.mark.parametrize("block_size", [128, 16, 5])
+def test_block_mask_from_tiles_is_what_create_block_mask_finds(block_size):
+    # the same partial blocks (mask_mod applied) and full blocks (skipped mask), odd pack
+    # lengths and partial last blocks included, whichever way each is built
+    layouts = [random_layout(700 + seed)[0] for seed in range(6)]
+    layouts += [_layout(samples) for samples in FIXED.values()]
+    layouts.append(PackedLayout.from_spans([[(300, "full"), (40, "causal"), (250, "noise")],
+                                            [(90, "causal")]], pad_to=700))
+    for layout in layouts:
+        ours = peers.block_mask_from_tiles(layout, block_size)
+        theirs = peers.build_flex_block_mask(layout, block_size)
+        assert ours.seq_lengths == theirs.seq_lengths
+        assert _blocks(ours.kv_num_blocks, ours.kv_indices) == \
+            _blocks(theirs.kv_num_blocks, theirs.kv_indices), layout
+        assert _blocks(ours.full_kv_num_blocks, ours.full_kv_indices) == \
+            _blocks(theirs.full_kv_num_blocks, theirs.full_kv_indices), layout
+        # and the transposed (key-side) structure flex derives for the backward
+        assert torch.equal(ours.to_dense(), theirs.to_dense())
 
 
 @needs_cpu_flex

@@ -210,6 +210,16 @@ class PackedLayout:
         array.flags.writeable = False
         return array
 
+    def tiles_host(self, block_q: int, block_k: int) -> Dict[str, np.ndarray]:
+        """The host (numpy, int32, read-only) twins of `tiles(block_q, block_k)`'s arrays,
+        by TileMetadata.FIELDS name, without any sync."""
+        self.tiles(block_q, block_k)
+        out = {}
+        for name, array in zip(TileMetadata.FIELDS, self._tiles_host[(block_q, block_k)]):
+            out[name] = array.view()
+            out[name].flags.writeable = False
+        return out
+
     def check_num_tokens(self, n: int, name: str) -> None:
         """Raises ValueError when a tensor's token dimension does not match the pack."""
         if n != self.num_tokens:

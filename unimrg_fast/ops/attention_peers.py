@@ -25,6 +25,7 @@ import threading
 import warnings
 from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 
 from unimrg_fast.layout import CAUSAL, MODES, NOISE, PackedLayout
@@ -290,11 +291,55 @@ def build_flex_block_mask(layout: PackedLayout, block_size: int = 128):
                              _compile=layout.device.type == "cuda")
 
 
+def _padded_rows(rows: np.ndarray, cols: np.ndarray, num_rows: int, num_cols: int):
+    """(counts [num_rows], indices [num_rows, num_cols]) of a row-sorted (row, col) list:
+    each row's columns first, in order, zeros after (flex's kv_num_blocks / kv_indices)."""
+    counts = np.bincount(rows, minlength=num_rows).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    indices = np.zeros((num_rows, num_cols), dtype=np.int32)
+    indices[rows, np.arange(rows.shape[0]) - starts[rows]] = cols
+    return counts, indices
+
+
+def block_mask_from_tiles(layout: PackedLayout, block_size: int = 128):
+    """The layout's flex BlockMask from its own tile metadata (`layout.tiles`): the key
+    tiles each query tile visits, split into partial ones (flex applies the mask_mod) and
+    full ones (it does not), as create_block_mask would find by evaluating the mask_mod
+    over every pair. Built on the host from the spans, in milliseconds, and copied once:
+    on an H200 (torch 2.11) create_block_mask's first build of a 16k pack took ~3
+    minutes."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    tiles = layout.tiles_host(block_size, block_size)
+    num_q = len(tiles["q_tile_ptr"]) - 1
+    num_k = -(-layout.num_tokens // block_size)
+    rows = np.repeat(np.arange(num_q), np.diff(tiles["q_tile_ptr"]))
+    full = tiles["k_tile_full"].astype(bool)
+    parts = [_padded_rows(rows[sel], tiles["k_tile_idx"][sel], num_q, num_k)
+             for sel in (~full, full)]
+    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for part in parts for a in part]))
+    if layout.device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(layout.device, non_blocking=True)
+    sizes = [num_q, num_q * num_k] * 2
+    counts, indices, full_counts, full_indices = (
+        x.view(1, 1, *shape) for x, shape in zip(torch.split(flat, sizes),
+                                                   [(num_q,), (num_q, num_k)] * 2))
+    t = layout.num_tokens
+    args = (counts, indices, full_counts, full_indices)
+    kwargs = dict(BLOCK_SIZE=block_size, mask_mod=flex_mask_mod(layout))
+    try:
+        return BlockMask.from_kv_blocks(*args, **kwargs, seq_lengths=(t, t))
+    except TypeError:   # a torch before seq_lengths: the lengths are the blocks' span
+        return BlockMask.from_kv_blocks(*args, **kwargs)
+
+
 def flex_block_mask(layout: PackedLayout, block_size: int = 128):
-    """The layout's flex BlockMask, built once and kept in a small LRU keyed by the layout
-    (layouts hash by content), so every layer of a step reuses one build."""
+    """The layout's flex BlockMask (block_mask_from_tiles), built once and kept in a
+    small LRU keyed by the layout (layouts hash by content), so every layer of a step
+    reuses one build."""
     return _layout_cached(("flex-block-mask", block_size), layout,
-                          lambda: build_flex_block_mask(layout, block_size))
+                          lambda: block_mask_from_tiles(layout, block_size))
 
 
 _compiled_flex = None
