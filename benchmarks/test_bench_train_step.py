@@ -51,19 +51,11 @@ def make_train_state(preset: str = PRESET, *, pack_tokens: int = PACK_TOKENS,
 def make_train_step(state, impl: str) -> Tuple[Callable[[], torch.Tensor], Dict]:
     """A callable running one full training step with `impl` ("triton" or "reference")
     for attention and losses; returns the step's loss (a device tensor, no sync)."""
-    model, optimizer, pack, config, autocast = state
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> torch.Tensor:
-        with autocast():
-            out = model.loss(pack, impl)
-        out.total.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.total.detach()
-
+    from trainer.estimate import train_step
     from trainer.telemetry import FlopModel
+
+    model, optimizer, pack, config, autocast = state
+    step = train_step(model, optimizer, [pack], impl, autocast, config.optim.grad_clip)
 
     info = {"tokens": pack.num_real_tokens, "pack_tokens": pack.num_tokens,
             "samples": len(pack.sample_tasks), "preset": config.preset,

@@ -50,7 +50,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -268,16 +268,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
             continue
         model.load_state_dict(weights)
         optimizer, _ = build_optimizer(model, config, device)
-
-        def step():
-            for pack in packs:
-                with autocast():
-                    loss = model.loss(pack, impl)
-                (loss.total / len(packs)).backward()
-            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = train_step(model, optimizer, packs, impl, autocast, config.optim.grad_clip)
         try:
             for _ in range(warmup):
                 step()
@@ -301,6 +292,30 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def train_step(model, optimizer, packs: Sequence, impl: str, autocast, grad_clip: float):
+    """step() -> the mean loss over `packs` (a device tensor, no sync): one micro-batch of
+    the trainer without its bookkeeping: every pack's forward and ONE joint_loss (under
+    `impl`, "triton" or "reference"), backward, clipping, AdamW. What --estimate times,
+    and the train-step benchmark too."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        total = 0.0
+        for pack in packs:
+            with autocast():
+                loss = model.loss(pack, impl)
+            (loss.total / len(packs)).backward()
+            total = total + loss.total.detach() / len(packs)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    return step
 
 
 def host_copy(state: Dict) -> Dict:
