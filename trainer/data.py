@@ -348,7 +348,9 @@ class TrainData:
     """Micro-batches of each optimizer step: interleaved packs, or round-robin single-task
     packs (und -> depth -> pixel -> seg, the tasks of the recipe only)."""
 
-    def __init__(self, config: Config, factory: SampleFactory, pad_id: int):
+    def __init__(self, config: Config, factory: SampleFactory, pad_id: int, replicas: int = 1):
+        """replicas: each step packs `replicas` times the step's packs from the same
+        streams (a torchrun run's ranks each take their share: distributed.ShardedData)."""
         d = config.data
         # Real data (--data): samples come from worker processes reading the records;
         # skipped records are counted by reason in self.skipped.
@@ -359,11 +361,11 @@ class TrainData:
             self.real = RealSource(config, factory)
         source = self.real.next_sample if self.real is not None else None
         if d.schedule == "interleaved":
-            self.streams = [PackStream(factory, d.task_cycle, d.pack_tokens, d.packs_per_step,
-                                       pad_id, source)]
+            self.streams = [PackStream(factory, d.task_cycle, d.pack_tokens,
+                                       d.packs_per_step * replicas, pad_id, source)]
         else:
             order = [t for t in ROUND_ROBIN_ORDER if t in d.active_tasks]
-            self.streams = [PackStream(factory, (t,), d.pack_tokens, 1, pad_id, source)
+            self.streams = [PackStream(factory, (t,), d.pack_tokens, replicas, pad_id, source)
                             for t in order]
 
     @property
@@ -372,7 +374,11 @@ class TrainData:
         return dict(self.real.skipped) if self.real is not None else {}
 
     def step(self) -> List[Pack]:
-        return [pack for stream in self.streams for pack in stream.next_packs()]
+        return [pack for packs in self.step_by_stream() for pack in packs]
+
+    def step_by_stream(self) -> List[List[Pack]]:
+        """The step's packs, one list per stream (one per task when round-robin)."""
+        return [stream.next_packs() for stream in self.streams]
 
     def state_dict(self) -> Dict[str, object]:
         """The data position as state (a checkpoint's per-rank data file): the streams'

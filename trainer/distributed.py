@@ -56,7 +56,6 @@ from torch import nn
 
 from trainer.config import TASKS, Config
 from trainer.data import UND, Pack, SampleFactory, TrainData
-from unimrg_fast.packing import StreamingPacker
 
 
 def env_world_size() -> int:
@@ -155,17 +154,12 @@ class ShardedData:
     """This rank's block of each global step (see the module docstring)."""
 
     def __init__(self, config: Config, factory: SampleFactory, pad_id: int, ctx: Context):
-        d = config.data
-        self.inner = TrainData(config, factory, pad_id)
         # Real data (--data) is already sharded by rank in trainer/realdata.py: each rank
         # packs its own records. Synthetic: N times the packs, from the same stream.
-        self.world = 1 if d.data is not None else ctx.world
-        self.rank = 0 if d.data is not None else ctx.rank
-        if self.world > 1:
-            for stream in self.inner.streams:
-                stream.packs *= self.world
-                stream.packer = StreamingPacker(d.pack_tokens, max_packs=stream.packs)
-        self.per_rank = [s.packs // self.world for s in self.inner.streams]
+        real = config.data.data is not None
+        self.world = 1 if real else ctx.world
+        self.rank = 0 if real else ctx.rank
+        self.inner = TrainData(config, factory, pad_id, replicas=self.world)
 
     @property
     def skipped(self) -> Dict[str, int]:
@@ -173,9 +167,17 @@ class ShardedData:
 
     def step(self) -> List[Pack]:
         packs = []
-        for stream, k in zip(self.inner.streams, self.per_rank):
-            packs += stream.next_packs()[self.rank * k:(self.rank + 1) * k]
+        for group in self.inner.step_by_stream():
+            k = len(group) // self.world
+            packs += group[self.rank * k:(self.rank + 1) * k]
         return packs
+
+    def state_dict(self) -> Dict[str, object]:
+        """This rank's data position (TrainData.state_dict)."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Optional[Dict[str, object]]) -> bool:
+        return self.inner.load_state_dict(state)
 
 
 # Layout of step_counts(): the per-task weight sums, then what telemetry needs.

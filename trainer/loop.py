@@ -274,7 +274,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
                           rank=ctx.rank)
         start, before = state["step"], state["eval_before"]
         skipped = state.get("skipped_steps", {})
-        if not data.inner.load_state_dict(state["data_state"]):
+        if not data.load_state_dict(state["data_state"]):
             if ctx.main:   # slower with real data: every image read so far is read again
                 print(f"replaying the data stream to step {state['data']['steps']} (the "
                       f"checkpoint holds no data position this run can continue)", flush=True)
@@ -337,7 +337,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             ckpt.save(run_dir, step=step, model=umm, optimizer=optimizer, scheduler=schedule,
                       config=config, keep=config.run.keep_checkpoints,
                       extra={"eval_before": before, "skipped_steps": tracker.state()},
-                      ctx=ctx, data_state=data.inner.state_dict())
+                      ctx=ctx, data_state=data.state_dict())
             if step < steps:   # the last step's weights are exported below, gathered once
                 _export_weights(run_dir, umm, ctx, config, step, images)
         bar.update()
