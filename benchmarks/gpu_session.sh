@@ -12,6 +12,8 @@
 #   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun FSDP2
 #               run with a checkpoint and a resume
 #   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8
+#   probe       benchmarks/gpu_probe.py: where a train step's GPU time goes (profile), and
+#               the LCE / attention split (diagnosis, not claims)
 #
 # A session's device time is short (30 minutes, 10 per command, machine start included):
 # run estimate first (the recipe's time budget), then tests, then the benchmark slices.
@@ -24,15 +26,15 @@
 # that folder exists (carry it); without them their benchmark rows are skipped, not failed.
 set -euo pipefail
 
-slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|train-step|trainer|estimate [LOG_DIR]"}
+slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|train-step|trainer|estimate|probe [LOG_DIR]"}
 logs=${2:-${OUT:-benchmarks/results}}
 tag=${RESULTS_TAG:-h200-$(date +%Y%m%d)}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 case "$slice" in
-tests | losses | attention | train-step | trainer | estimate) ;;
+tests | losses | attention | train-step | trainer | estimate | probe) ;;
 *)
-    echo "unknown slice '$slice': tests, losses, attention, train-step, trainer or estimate" >&2
+    echo "unknown slice '$slice': tests, losses, attention, train-step, trainer, estimate or probe" >&2
     exit 2 ;;
 esac
 mkdir -p "$logs" benchmarks/results
@@ -79,6 +81,8 @@ run_slice() {
         cp "$out/main/summary.txt" "$logs/trainer-summary.txt" ;;
     estimate)
         "$py" -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8 ;;
+    probe)
+        "$py" benchmarks/gpu_probe.py lce attention profile ;;
     esac
 }
 

@@ -35,6 +35,7 @@ def test_gpu_session_script_parses_and_names_its_slices():
                          text=True)
     assert bad.returncode == 2
     readme = (ROOT / "README.md").read_text()
-    for slice_name in ("tests", "losses", "attention", "train-step", "trainer", "estimate"):
+    for slice_name in ("tests", "losses", "attention", "train-step", "trainer", "estimate",
+                       "probe"):
         assert slice_name in bad.stderr
         assert f"gpu_session.sh {slice_name}" in readme, slice_name
