@@ -364,7 +364,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32, accumulated in fp32. cuBLAS takes 16-bit operands as they are and
     writes fp32 (torch.mm's out_dtype); elsewhere the operands are upcast, which gives
-    the same exact products. A torch without out_dtype on CUDA (< 2.9) rounds each
+    the same exact products. A torch whose mm has no out_dtype rounds each chunk's
     product to 16 bits once before the fp32 sum over chunks."""
     # a backward called inside an autocast region must not have its products recast
     with torch.autocast(a.device.type, enabled=False):
