@@ -6,5 +6,6 @@ from unimrg_fast.reference.cross_entropy import linear_cross_entropy
 from unimrg_fast.reference.regression import regression_loss
 from unimrg_fast.reference.joint import joint_loss
 from unimrg_fast.reference.attention import packed_attention
+from unimrg_fast.reference.rms_norm import rms_norm
 
-__all__ = ["linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention"]
+__all__ = ["linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention", "rms_norm"]

@@ -1,0 +1,201 @@
+"""Fused RMSNorm: y = weight * x * rsqrt(mean(x^2) + eps), forward and backward.
+
+Hugging Face's Qwen2RMSNorm is six elementwise kernels in the forward (upcast, square,
+mean, rsqrt, multiply, round, weight multiply) and more in autograd's backward, each a
+full pass over the [T, H] rows: at a 16k-token pack of a 1.5B decoder the 57 norms of a
+step cost ~50 ms of an H200's time, most of it memory traffic. Here each direction is one
+pass: the forward reads x once and writes y (and an fp32 1 / rms per row), the backward
+reads x, dy and rstd once and writes dx.
+
+    forward: grid (row block)                 backward: grid (G programs)
+    ┌──── H ────┐                             program g walks row blocks g, g+G, ...:
+    │ x rows    │─> rstd = rsqrt(mean x^2+eps)   x_hat = x rstd, wdy = w dy
+    └───────────┘─> y = w x rstd  (one round)   dx = rstd (wdy - x_hat mean(wdy x_hat))
+                                               dw_g += sum_rows dy x_hat  (fp32, registers)
+                                               dw = sum_g dw_g on the host, in a fixed order
+
+A whole row lives in registers (H <= 65,536; a decoder's hidden size is 896-8,192), so
+the row statistics need no second read. dw is reduced without atomics: each of the G
+programs writes its own fp32 partial row and the partials are summed in a fixed order,
+so the result is bitwise reproducible. G is a function of the device alone.
+
+Under autocast a decoder's residual stream is fp32 while the projections that read the
+norm's output run in bf16: the trainer asks for out_dtype=bf16, which rounds once in the
+kernel where the eager path writes fp32 and the next Linear casts it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from unimrg_fast import backends
+from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.reference.rms_norm import MAX_FUSED_HIDDEN, check_rms_norm_args
+
+_TILE_ELEMENTS = 8192   # rows per program: as many as fit this many elements (>= 1)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the kernels write (tests replace it with NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, stride_xn, w_ptr, y_ptr, stride_yn, rstd_ptr, N, H, eps,
+                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Every tile is upcast to fp32 as it is loaded, which also keeps the interpreter's
+    # raw-bits bf16 out of the arithmetic (ops/_common.py).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok, col_ok = rows < N, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0)
+    x = x.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / H + eps)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_yn + cols[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(x_ptr, stride_xn, w_ptr, dy_ptr, stride_dyn, rstd_ptr,
+                         dx_ptr, stride_dxn, dw_ptr, N, H, programs,
+                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, NEED_DW: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_N), programs):
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0)
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dyn + cols[None, :], mask=ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
+        x_hat = x.to(tl.float32) * rstd[:, None]
+        dy = dy.to(tl.float32)
+        wdy = dy * w[None, :]
+        mean = tl.sum(wdy * x_hat, 1) / H
+        dx = rstd[:, None] * (wdy - x_hat * mean[:, None])
+        tl.store(dx_ptr + rows64[:, None] * stride_dxn + cols[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if NEED_DW:
+            dw += tl.sum(dy * x_hat, 0)
+    if NEED_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * H + cols, dw, mask=col_ok)
+
+
+# -------------------------------------------------------------------------- launchers
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [N, H] with unit column stride: a view where one exists, else a copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+def _tiles(hidden: int):
+    block_h = triton.next_power_of_2(max(hidden, 1))
+    block_n = max(1, min(64, _TILE_ELEMENTS // block_h))
+    num_warps = 4 if block_n * block_h <= 4096 else 8
+    return block_n, block_h, num_warps
+
+
+def _backward_programs(blocks: int, device: torch.device) -> int:
+    """G, the number of dw partial rows: a function of the device only (bitwise
+    reproducible results on one GPU), capped by the work."""
+    if device.type == "cuda":
+        per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        per_device = 4   # the interpreter: few programs, each a Python loop
+    return max(1, min(blocks, per_device))
+
+
+def _check_fused(x: torch.Tensor) -> None:
+    if x.shape[-1] > MAX_FUSED_HIDDEN:
+        raise ValueError(f"rms_norm(impl='triton') keeps a row in registers: H = x.shape[-1] "
+                         f"must be <= {MAX_FUSED_HIDDEN}, got {x.shape[-1]}; use impl='reference'")
+
+
+def triton_accepts(hidden: Optional[int] = None, **_) -> Optional[str]:
+    """The backends predicate: "auto" takes the reference for rows too wide for registers."""
+    if hidden is not None and hidden > MAX_FUSED_HIDDEN:
+        return f"H = {hidden} > {MAX_FUSED_HIDDEN} (a row must fit in registers)"
+    return None
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        interpreted = backends.triton_interpreted()
+        rows = _rows(x)
+        n, h = rows.shape
+        block_n, block_h, warps = _tiles(h)
+        y = _empty((n, h), store_dtype(out_dtype, interpreted), x.device)
+        rstd = _empty((n,), torch.float32, x.device)
+        if n and h:
+            _rms_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
+                rows, rows.stride(0), weight, y, y.stride(0), rstd, n, h, float(eps),
+                BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps)
+        ctx.save_for_backward(rows, weight, rstd)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.to(out_dtype).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, h = rows.shape
+        interpreted = backends.triton_interpreted()
+        dy = _rows(dy)
+        block_n, block_h, warps = _tiles(h)
+        programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
+        dx = _empty((n, h), store_dtype(ctx.x_dtype, interpreted), rows.device)
+        dw_partial = _empty((programs, h), torch.float32, rows.device) if need_dw else rstd
+        if n and h:
+            _rms_norm_bwd_kernel[(programs,)](
+                rows, rows.stride(0), weight, dy, dy.stride(0), rstd, dx, dx.stride(0),
+                dw_partial, n, h, programs, BLOCK_N=block_n, BLOCK_H=block_h,
+                NEED_DW=need_dw, num_warps=warps)
+        dw = None
+        if need_dw:
+            dw = (dw_partial.sum(0) if n else torch.zeros(h, device=rows.device)).to(weight.dtype)
+        dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape) if need_dx else None
+        return dx, dw, None, None
+
+
+def _triton(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    out = check_rms_norm_args(x, weight, eps=eps, out_dtype=out_dtype)
+    _check_fused(x)
+    return _RMSNorm.apply(x, weight, eps, out)
+
+
+# ------------------------------------------------------------------------- public op
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
+             out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension: weight * x * rsqrt(mean(x^2) + eps).
+
+    Args:
+        x: [..., H] float32 / float16 / bfloat16 (any leading dims; rows need unit column
+            stride to be read in place, else they are copied once).
+        weight: [H] float32 / float16 / bfloat16 on x's device.
+        eps: >= 0.
+        out_dtype: the result's dtype; None: torch.promote_types(x.dtype, weight.dtype),
+            what the eager formula gives. The fused kernel computes in fp32 and rounds once.
+        impl: "auto" | "triton" | "reference" (unimrg_fast.backends).
+
+    Returns:
+        [..., H] in out_dtype; gradients reach x (in x's dtype) and weight (in its dtype).
+    """
+    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
+    _, fn = backends.resolve("rms_norm", impl, device=x.device if isinstance(x, torch.Tensor)
+                             else None, hidden=hidden)
+    return fn(x, weight, eps=eps, out_dtype=out_dtype)
