@@ -295,6 +295,17 @@ _TABLE: List[Implementation] = [
     Implementation("packed_attention", "triton", f"{_ATTN}:_triton", ("triton",),
                    accepts=_predicate(f"{_ATTN}:triton_accepts"), prefer=_not_interpreted_on_cpu),
     Implementation("packed_attention", "reference", f"{_REF}:packed_attention"),
+    # The decoder's elementwise ops (RMSNorm, SwiGLU, rotary): row-wise fused kernels.
+    Implementation("rms_norm", "triton", "unimrg_fast.ops.rms_norm:_triton", ("triton",),
+                   accepts=_predicate("unimrg_fast.ops.rms_norm:triton_accepts"),
+                   prefer=_not_interpreted_on_cpu),
+    Implementation("rms_norm", "reference", f"{_REF}:rms_norm"),
+    Implementation("swiglu", "triton", "unimrg_fast.ops.swiglu:_triton", ("triton",),
+                   prefer=_not_interpreted_on_cpu),
+    Implementation("swiglu", "reference", f"{_REF}:swiglu"),
+    Implementation("rotary_embedding", "triton", "unimrg_fast.ops.rotary:_triton", ("triton",),
+                   prefer=_not_interpreted_on_cpu),
+    Implementation("rotary_embedding", "reference", f"{_REF}:rotary_embedding"),
 ]
 
 
