@@ -1,0 +1,243 @@
+"""Fused SwiGLU: y = silu(gate) * up, the gated activation of Qwen2 / Llama MLPs.
+
+The decoder MLP computes down_proj(act_fn(gate_proj(x)) * up_proj(x)). Eagerly the
+activation is two kernels with an [N, I] intermediate (silu(gate), rounded to gate's
+dtype) written and read back, and autograd saves that intermediate too. The op is
+purely memory bound, so the fused version moves the minimum:
+
+    forward:  read gate, up          -> write y                (3 passes over [N, I])
+    backward: read gate, up, dy      -> write dgate, dup       (5 passes)
+
+    s = sigmoid(gate)                  dgate = dy * up * s * (1 + gate * (1 - s))
+    y = gate * s * up                  dup   = dy * gate * s
+
+Only gate and up are saved for the backward, which recomputes the sigmoid (an exp
+per element is free next to the memory traffic). Everything is computed in fp32 and
+rounded once to the output dtype (the eager formula rounds silu(gate) first).
+
+Layout: [..., I] is flattened to rows [N, I]. The kernels take one row stride per
+tensor and need unit column stride, so a row-strided view (e.g. the gate half of a
+fused gate_up projection, `gu.chunk(2, -1)[0]`) is read in place; any other layout
+is copied to contiguous first. Each program owns a [BLOCK_N, BLOCK_I] tile of a 2-D
+grid (row block, column block): BLOCK_I covers up to 1024 columns, and narrow rows
+stack several per program so that each moves ~2K elements. There is no reduction,
+hence no atomics, no autotuning and no host synchronisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from unimrg_fast import backends
+from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.reference.swiglu import check_swiglu_args
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, stride_g, u_ptr, stride_u, y_ptr, stride_y, N, I,
+                       BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    """y[rows, cols] = silu(g) * u in fp32, for one [BLOCK_N, BLOCK_I] tile."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < N)[:, None] & (cols < I)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row * stride overflows int32 beyond 2^31 elements
+    # Upcast right after loading: the math is fp32 for every dtype, and the interpreter
+    # would treat bf16 tiles as raw bits otherwise.
+    g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(y_ptr + rows64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, stride_g, u_ptr, stride_u, dy_ptr, stride_dy,
+                       dg_ptr, stride_dg, du_ptr, stride_du, N, I,
+                       BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                       COMPUTE_DG: tl.constexpr, COMPUTE_DU: tl.constexpr):
+    """dgate = dy * u * s * (1 + g (1 - s)) and dup = dy * g * s, s = sigmoid(g), in fp32.
+
+    The sigmoid is recomputed from g rather than saved: one more read of an [N, I]
+    tensor would cost more than the exp. A gradient not asked for is neither computed
+    nor written (its pointer is a placeholder then)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < N)[:, None] & (cols < I)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    g = tl.load(g_ptr + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    if COMPUTE_DG:
+        u = tl.load(u_ptr + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dg = dy * u * s * (1.0 + g * (1.0 - s))
+        tl.store(dg_ptr + rows64 * stride_dg + cols[None, :], dg.to(dg_ptr.dtype.element_ty),
+                 mask=mask)
+    if COMPUTE_DU:
+        du = dy * g * s
+        tl.store(du_ptr + rows64 * stride_du + cols[None, :], du.to(du_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# ------------------------------------------------------------------------ launchers
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Tile of one call. Not autotuned: an elementwise op only needs tiles big enough to
+    keep the memory system busy, and fixed choices compile once per (dtype, tile)."""
+
+    block_n: int
+    block_i: int
+    num_warps: int
+
+
+_MAX_BLOCK_I = 1024
+_TILE_ELEMENTS = 2048  # per program: 16 per thread at 4 warps, i.e. 16-byte vector accesses
+
+# Calls with at least this many elements run with the GPU's tiles in the interpreter.
+INTERPRETER_BIG_TILES_FROM = 4096
+
+
+def _pick_config(n: int, width: int, interpreted: bool) -> _Config:
+    """The tile for an [n, width] call (n, width >= 1)."""
+    if interpreted and n * width < INTERPRETER_BIG_TILES_FROM:
+        # The interpreter's cost is per tile operation, not per element: tests use tiny
+        # odd shapes, where 4 x 32 tiles exercise several row and column blocks and
+        # ragged edges in both directions.
+        return _Config(min(4, triton.next_power_of_2(n)), min(32, triton.next_power_of_2(width)),
+                       num_warps=1)
+    block_i = min(_MAX_BLOCK_I, max(16, triton.next_power_of_2(width)))
+    block_n = min(max(1, _TILE_ELEMENTS // block_i), triton.next_power_of_2(n))
+    num_warps = min(4, max(1, block_n * block_i // 256))
+    return _Config(block_n, block_i, num_warps)
+
+
+def _grid(n: int, width: int, cfg: _Config) -> Tuple[int, int]:
+    # Rows on axis 0 (up to 2^31 - 1 programs); column blocks on axis 1 (at most 65535,
+    # i.e. I up to 64M at 1024 columns a block).
+    return triton.cdiv(n, cfg.block_n), triton.cdiv(width, cfg.block_i)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., I] as [N, I] with unit column stride: a view when every leading dim steps
+    by a whole number of rows of one stride (the reshape is a view), else a contiguous
+    copy. Checked from the strides rather than by trying `view`, so that torch.compile
+    traces it without an exception path."""
+    width = x.shape[-1]
+    n = math.prod(x.shape[:-1])
+    if width > 1 and x.stride(-1) != 1:
+        return x.contiguous().view(n, width)
+    expected = None  # the stride the next outer non-trivial dim must have
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return x.contiguous().view(n, width)
+        expected = stride * size
+    return x.view(n, width)
+
+
+def _forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """y [N, I] in out_dtype for gate, up [N, I] with unit column stride."""
+    n, width = gate.shape
+    interpreted = backends.triton_interpreted()
+    # interpreted bf16 is written in fp32 and rounded to nearest outside the kernel
+    y = _empty((n, width), store_dtype(out_dtype, interpreted), gate.device)
+    if n > 0 and width > 0:
+        cfg = _pick_config(n, width, interpreted)
+        _swiglu_fwd_kernel[_grid(n, width, cfg)](
+            gate, gate.stride(0), up, up.stride(0), y, y.stride(0), n, width,
+            BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps)
+    return y.to(out_dtype)
+
+
+def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg: bool,
+              compute_du: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dgate, dup) [N, I] in gate's / up's dtype; None for a gradient not asked for."""
+    n, width = gate.shape
+    dev = gate.device
+    interpreted = backends.triton_interpreted()
+    dy = _as_rows(dy)  # e.g. a stride-0 gradient expanded from a sum: copied
+    dg = _empty((n, width), store_dtype(gate.dtype, interpreted), dev) if compute_dg else None
+    du = _empty((n, width), store_dtype(up.dtype, interpreted), dev) if compute_du else None
+    if n > 0 and width > 0 and (compute_dg or compute_du):
+        cfg = _pick_config(n, width, interpreted)
+        dg_arg = dg if compute_dg else gate  # placeholders: the kernel never touches them
+        du_arg = du if compute_du else gate
+        _swiglu_bwd_kernel[_grid(n, width, cfg)](
+            gate, gate.stride(0), up, up.stride(0), dy, dy.stride(0),
+            dg_arg, dg_arg.stride(0), du_arg, du_arg.stride(0), n, width,
+            BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i,
+            COMPUTE_DG=compute_dg, COMPUTE_DU=compute_du, num_warps=cfg.num_warps)
+    return (dg.to(gate.dtype) if compute_dg else None,
+            du.to(up.dtype) if compute_du else None)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """y = silu(gate) * up on [N, I] rows; saves only gate and up."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype):
+        ctx.save_for_backward(gate, up)
+        return _forward(gate, up, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        need_dg, need_du = ctx.needs_input_grad[:2]
+        dg, du = _backward(dy, gate, up, need_dg, need_du)
+        return dg, du, None
+
+
+# ------------------------------------------------------------------ entry points
+def _check_device(gate: torch.Tensor) -> None:
+    if gate.device.type == "cuda":
+        return
+    if gate.device.type == "cpu":
+        if backends.triton_interpreted():
+            return
+        raise ValueError("gate is on the CPU: the Triton kernels need CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
+    raise ValueError(f"gate must be a CUDA tensor for the Triton kernels, got {gate.device}")
+
+
+def _triton(gate: torch.Tensor, up: torch.Tensor, *,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The fused implementation behind `swiglu(..., impl="triton")`.
+
+    Same contract as `unimrg_fast.reference.swiglu`, except that float64 inputs are
+    refused (TypeError) and the result is rounded once from fp32. Autocast does not
+    apply: like F.silu and `*`, the op computes in its inputs' dtypes.
+    """
+    out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype, float64=False)
+    _check_device(gate)
+    y = _SwiGLU.apply(_as_rows(gate), _as_rows(up), out_dtype)
+    return y.view(gate.shape)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out_dtype: Optional[torch.dtype] = None,
+           impl: str = "auto") -> torch.Tensor:
+    """y = silu(gate) * up = gate * sigmoid(gate) * up, elementwise (Qwen2 / Llama MLP).
+
+    Args:
+        gate, up: [..., I] (rank >= 1, N = 0 or I = 0 allowed), float32 / float16 /
+            bfloat16, same shape and device; the dtypes may differ.
+        out_dtype: None (torch.promote_types(gate.dtype, up.dtype), as eager
+            broadcasting gives) or float32 / float16 / bfloat16.
+        impl: "auto", "triton" or "reference" (see unimrg_fast.backends).
+
+    Returns:
+        [..., I] in out_dtype. The fused kernel computes in fp32 and rounds once;
+        gradients (fp32 math) come back in gate's and up's dtypes.
+    """
+    _, fn = backends.resolve("swiglu", impl, device=gate.device
+                             if isinstance(gate, torch.Tensor) else None)
+    return fn(gate, up, out_dtype=out_dtype)
