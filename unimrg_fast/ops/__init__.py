@@ -5,5 +5,8 @@ from unimrg_fast.ops.regression_loss import regression_loss
 from unimrg_fast.ops.joint_loss import joint_loss
 from unimrg_fast.ops.packed_attention import packed_attention
 from unimrg_fast.ops.rms_norm import rms_norm
+from unimrg_fast.ops.rotary import rotary_embedding
+from unimrg_fast.ops.swiglu import swiglu
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "regression_loss", "joint_loss", "packed_attention", "rms_norm"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "regression_loss", "joint_loss", "packed_attention", "rms_norm",
+           "swiglu", "rotary_embedding"]

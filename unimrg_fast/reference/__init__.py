@@ -7,5 +7,8 @@ from unimrg_fast.reference.regression import regression_loss
 from unimrg_fast.reference.joint import joint_loss
 from unimrg_fast.reference.attention import packed_attention
 from unimrg_fast.reference.rms_norm import rms_norm
+from unimrg_fast.reference.rotary import rotary_embedding
+from unimrg_fast.reference.swiglu import swiglu
 
-__all__ = ["linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention", "rms_norm"]
+__all__ = ["linear_cross_entropy", "regression_loss", "joint_loss", "packed_attention", "rms_norm",
+           "swiglu", "rotary_embedding"]

@@ -1,0 +1,167 @@
+"""unimrg_fast.hf: the fused RMSNorm / SwiGLU / rotary dropped into Hugging Face decoders.
+
+The fused model is compared with an unpatched copy of itself (same weights): outputs and
+every parameter's gradient, in fp32 (tight) and under bf16 autocast (bf16 tolerance), for
+Qwen2 and Llama, with and without activation checkpointing. impl="reference" must be the
+unpatched model bit for bit, and models that were not fused must stay untouched although
+the family's rotary function is wrapped process-wide.
+"""
+import copy
+import importlib
+
+import pytest
+import torch
+
+import unimrg_fast as uf
+from numerics import assert_rel
+from unimrg_fast import backends
+
+LAYERS = 2
+
+
+def tiny_decoder(family="qwen2", act="silu", seed=0):
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        from transformers import Qwen2Config as Config, Qwen2Model as Model
+    else:
+        from transformers import LlamaConfig as Config, LlamaModel as Model
+    cfg = Config(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=LAYERS,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                 max_position_embeddings=64, hidden_act=act, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    model = Model(cfg)
+    with torch.no_grad():   # norms away from 1, so a kernel that ignores the weight fails
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def run(model, ids, autocast=False):
+    """(last hidden state, {name: grad}) of one forward + backward of a fixed gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids).last_hidden_state
+    g = torch.Generator().manual_seed(1)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                          if p.grad is not None}
+
+
+def assert_same_run(got, want, tol, what):
+    assert_rel(got[0].float(), want[0].float(), tol, f"{what}: output")
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        assert_rel(got[1][name].float(), want[1][name].float(), tol, f"{what}: d {name}")
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 50, (1, 13))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_swaps_every_norm_mlp_and_attention_keeping_the_weights(family):
+    model = tiny_decoder(family)
+    keys = list(model.state_dict())
+    counts = uf.hf.fuse_decoder_ops(model, impl="triton")
+    assert counts == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS, "rotary_embedding": LAYERS}
+    assert list(model.state_dict()) == keys
+    assert uf.hf.fuse_decoder_ops(model, impl="reference") == counts   # idempotent
+    assert uf.hf.set_decoder_impl(model, "triton") == sum(counts.values())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_reference_is_the_unpatched_model_bit_for_bit(family, ids):
+    plain = tiny_decoder(family)
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="reference")
+    got, want = run(fused, ids), run(plain, ids)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_triton_matches_the_model_in_fp32(family, ids):
+    plain = tiny_decoder(family)
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    assert_same_run(run(fused, ids), run(plain, ids), 1e-5, family)
+
+
+def test_triton_under_bf16_autocast_returns_bf16_and_matches(ids):
+    """Under autocast the fused norm and rotary hand the next matmul bf16 directly."""
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    seen = {}
+    fused.layers[0].input_layernorm.register_forward_hook(
+        lambda mod, args, out: seen.update(norm=out.dtype))   # None: keeps the output
+    assert_same_run(run(fused, ids, autocast=True), run(plain, ids, autocast=True), 3e-2,
+                    "bf16 autocast")
+    assert seen["norm"] == torch.bfloat16
+
+
+def test_activation_checkpointing_recomputes_with_the_fused_ops(ids):
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    enable = getattr(fused, "activation_checkpointing_enable", None) or \
+        fused.gradient_checkpointing_enable   # transformers 5 renamed it
+    enable({"use_reentrant": False})
+    fused.train()
+    plain.train()
+    assert_same_run(run(fused, ids), run(plain, ids), 1e-5, "checkpointed")
+
+
+def test_the_fused_kernels_run_and_only_in_fused_models(ids, monkeypatch):
+    """Each op's Triton path runs as often as the decoder has such modules (q and k each
+    take one rotary call), and never for a model that was not fused, although the
+    family's rotary function is wrapped process-wide."""
+    other = tiny_decoder(seed=3)
+    before = run(other, ids)
+    fused = tiny_decoder()
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    calls = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    for name in calls:
+        module = importlib.import_module(f"unimrg_fast.ops.{name}")
+        real = module._triton
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, "_triton", spy)
+    monkeypatch.setattr(backends, "_loaded", {})   # resolve loads the spies, then forgets them
+    after = run(other, ids)
+    assert calls == {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    assert torch.equal(after[0], before[0])
+    run(fused, ids)
+    assert calls == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS, "rotary": 2 * LAYERS}
+
+
+def test_set_impl_switches_back_and_forth(ids):
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    want = run(plain, ids)
+    uf.hf.set_decoder_impl(fused, "reference")
+    assert torch.equal(run(fused, ids)[0], want[0])
+    uf.hf.set_decoder_impl(fused, "triton")
+    assert_same_run(run(fused, ids), want, 1e-5, "switched back")
+
+
+def test_a_non_silu_mlp_keeps_its_own_code():
+    model = tiny_decoder(act="gelu")
+    counts = uf.hf.fuse_decoder_ops(model, impl="triton")
+    assert counts["swiglu"] == 0 and counts["rms_norm"] == 2 * LAYERS + 1
+
+
+def test_bad_calls_are_refused():
+    with pytest.raises(ValueError, match="found no RMSNorm, MLP or attention module of a "
+                                         "qwen2 / llama decoder in Linear"):
+        uf.hf.fuse_decoder_ops(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="impl must be one of auto, triton, reference"):
+        uf.hf.fuse_decoder_ops(tiny_decoder(), impl="fast")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        uf.hf.set_decoder_impl(tiny_decoder(), "flash")

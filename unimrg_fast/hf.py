@@ -1,0 +1,195 @@
+"""Drop the fused decoder ops into a Hugging Face Qwen2 / Llama decoder, in place.
+
+    import unimrg_fast as uf
+    counts = uf.hf.fuse_decoder_ops(model, impl="triton")   # {"rms_norm": 57, "swiglu": 28, ...}
+    uf.hf.set_decoder_impl(model, "reference")               # back to the model's own code
+
+Outside attention and the heads, a decoder's step is elementwise work: RMSNorm (upcast,
+square, mean, rsqrt, two multiplies), SwiGLU (silu, multiply) and the rotary embedding
+(two multiplies, a rotate-half copy, a negation and an add per q and k), each op a
+kernel of its own over the [T, H] rows and as many again in autograd's backward. On a
+16k-token pack of a 1.5B decoder this was ~150 ms of a 460 ms step on an H200
+(benchmarks/results/NOTES.md). fuse_decoder_ops makes each of them one pass each way.
+
+How: every RMSNorm, MLP and attention module of the families below gets a subclass of
+its own class (weights, state_dict keys, hooks and FSDP wrapping are untouched) whose
+forward asks `unimrg_fast.backends.resolve` for the op. Where that resolves to
+"reference" the module runs its original forward, so impl="reference" is the unpatched
+model exactly. The attention's rotary embedding is a module-level function of the
+family's modeling file: it is wrapped once, and the wrapper takes the fused path only
+inside the forward of an attention module that fuse_decoder_ops swapped, so every other
+model in the process keeps the original. The impl is an attribute of each module, not a
+context around the call, so that activation checkpointing's recomputation in the
+backward runs the same code as the forward did.
+
+Under autocast the fused ops return the autocast dtype: the eager norm and rotary return
+fp32 there (fp32 residual stream, fp32 cos / sin) and the next matmul casts them, so the
+fused result is that value rounded once, in the kernel.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from unimrg_fast import backends
+
+FAMILIES = ("qwen2", "llama")   # decoders whose norm / MLP / rotary code this matches
+IMPLS = ("auto", "triton", "reference")
+
+# the impl of the attention module whose forward is running (None: not a fused one)
+_rotary_impl: contextvars.ContextVar = contextvars.ContextVar("unimrg_rotary_impl", default=None)
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _resolve(op: str, impl: str, x: torch.Tensor, **call):
+    return backends.resolve(op, impl, device=x.device, **call)
+
+
+# ----------------------------------------------------------------------------- mixins
+class _FusedRMSNorm:
+    fused_impl = "reference"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        name, fn = _resolve("rms_norm", self.fused_impl, hidden_states,
+                            hidden=hidden_states.shape[-1])
+        if name == "reference":
+            return super().forward(hidden_states)
+        return fn(hidden_states, self.weight, eps=float(self.variance_epsilon),
+                  out_dtype=_autocast_dtype(hidden_states))
+
+
+class _FusedSwiGLUMLP:
+    fused_impl = "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name, fn = _resolve("swiglu", self.fused_impl, x)
+        if name == "reference":
+            return super().forward(x)
+        return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
+
+
+class _FusedRotaryAttention:
+    fused_impl = "reference"
+
+    def forward(self, *args, **kwargs):
+        token = _rotary_impl.set(self.fused_impl)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _rotary_impl.reset(token)
+
+
+def _fused_rotary(original: Callable) -> Callable:
+    """The family's apply_rotary_pos_emb, fused inside a swapped attention's forward."""
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        impl = _rotary_impl.get()
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
+        # only HF's [B, H, T, D] layout with [B, T, D] cos / sin (unsqueeze_dim = 1)
+        if impl is None or unsqueeze_dim != 1 or len(args) > 1 or cos.requires_grad:
+            return original(q, k, cos, sin, *args, **kwargs)
+        name, fn = _resolve("rotary_embedding", impl, q)
+        if name == "reference":
+            return original(q, k, cos, sin, *args, **kwargs)
+        out_dtype = _autocast_dtype(q)
+        return fn(q, cos, sin, out_dtype=out_dtype), fn(k, cos, sin, out_dtype=out_dtype)
+
+    apply_rotary_pos_emb.unimrg_fast_original = original
+    return apply_rotary_pos_emb
+
+
+# ------------------------------------------------------------------------------ patching
+_MIXINS = {"RMSNorm": _FusedRMSNorm, "MLP": _FusedSwiGLUMLP, "Attention": _FusedRotaryAttention}
+_OPS = {"RMSNorm": "rms_norm", "MLP": "swiglu", "Attention": "rotary_embedding"}
+_subclasses: Dict[type, type] = {}
+
+
+def _family(module: nn.Module) -> Optional[str]:
+    """The module's decoder family and its part ("RMSNorm" / "MLP" / "Attention"), or None."""
+    cls = type(module)
+    for family in FAMILIES:
+        if cls.__module__ != f"transformers.models.{family}.modeling_{family}":
+            continue
+        for part in _MIXINS:
+            if cls.__name__.endswith(part) and cls.__name__[:-len(part)].lower() == family:
+                return part
+    return None
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _swap(module: nn.Module, part: str) -> None:
+    cls = type(module)
+    if cls not in _subclasses:
+        _subclasses[cls] = type(f"Fused{cls.__name__}", (_MIXINS[part], cls),
+                                {"__module__": __name__})
+    module.__class__ = _subclasses[cls]
+    if part == "Attention":
+        _wrap_rotary(importlib.import_module(cls.__module__))
+
+
+def _wrap_rotary(modeling) -> None:
+    current = modeling.apply_rotary_pos_emb
+    if not hasattr(current, "unimrg_fast_original"):
+        modeling.apply_rotary_pos_emb = _fused_rotary(current)
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+
+
+def fuse_decoder_ops(model: nn.Module, impl: str = "auto") -> Dict[str, int]:
+    """Swaps, in place, every Qwen2 / Llama RMSNorm, SwiGLU MLP and attention module of
+    `model` for one that runs unimrg_fast.rms_norm / swiglu / rotary_embedding under
+    `impl` ("auto", "triton" or "reference": the model's own code). Safe to call twice.
+
+    Returns how many modules run each op ({"rms_norm": n, "swiglu": n,
+    "rotary_embedding": n}). An MLP whose activation is not SiLU keeps its own code.
+    Raises ValueError when the model has none of these modules (not a decoder this
+    knows), naming the families it knows.
+    """
+    _check_impl(impl)
+    counts = {op: 0 for op in _OPS.values()}
+    for module in model.modules():
+        part = _family(module) or _fused_part(module)
+        if part is None or (part == "MLP" and not _is_silu(module.act_fn)):
+            continue
+        if not isinstance(module, tuple(_MIXINS.values())):
+            _swap(module, part)
+        module.fused_impl = impl
+        counts[_OPS[part]] += 1
+    if not any(counts.values()):
+        raise ValueError(f"fuse_decoder_ops found no RMSNorm, MLP or attention module of a "
+                         f"{' / '.join(FAMILIES)} decoder in {type(model).__name__}")
+    return counts
+
+
+def _fused_part(module: nn.Module) -> Optional[str]:
+    """The part of a module fuse_decoder_ops already swapped."""
+    for part, mixin in _MIXINS.items():
+        if isinstance(module, mixin):
+            return part
+    return None
+
+
+def set_decoder_impl(model: nn.Module, impl: str) -> int:
+    """Sets the impl of every module fuse_decoder_ops swapped in `model`; returns how many."""
+    _check_impl(impl)
+    swapped = 0
+    for module in model.modules():
+        if _fused_part(module) is not None:
+            module.fused_impl = impl
+            swapped += 1
+    return swapped
