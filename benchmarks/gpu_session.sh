@@ -11,7 +11,8 @@
 #   train-step  train-step + layout benchmarks -> benchmarks/results/<tag>-train-step.json
 #   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun FSDP2
 #               run with a checkpoint and a resume
-#   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8
+#   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8, with the
+#               fast path also timed without the fused decoder ops (fast-hf-decoder)
 #   probe       benchmarks/gpu_probe.py: where a train step's GPU time goes (profile), and
 #               the LCE / attention split (diagnosis, not claims)
 #
@@ -80,7 +81,9 @@ run_slice() {
             --resume "$out/fsdp"
         cp "$out/main/summary.txt" "$logs/trainer-summary.txt" ;;
     estimate)
-        "$py" -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8 ;;
+        # fast-hf-decoder: what the fused RMSNorm / SwiGLU / rotary add to the fast path
+        "$py" -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8 \
+            --paths fast,fast-hf-decoder,plain ;;
     probe)
         "$py" benchmarks/gpu_probe.py lce attention profile ;;
     esac

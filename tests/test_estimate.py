@@ -99,10 +99,21 @@ def test_projection_keeps_the_recipe_global_batch_and_bounds_the_all_reduce(gpus
         assert "applies at qwen2.5-1.5b on 8 GPUs only" in text
 
 
+def test_the_fast_path_with_the_models_own_decoder_ops_is_reported_beside_it():
+    result = {**RESULT, "paths": {**RESULT["paths"], "fast-hf-decoder": {"step_s": 0.6}}}
+    recipe = estimate.ESTIMATE_RECIPES["unimrg-harmon-1.5b"]
+    text = estimate.report("unimrg-harmon-1.5b", recipe, "qwen2.5-1.5b", 16, 10_000, 8, result)
+    reduce_s = 2 * 7 / 8 * 4 * 1.5e9 / 400e9
+    line = next(l for l in text.splitlines() if "fast, HF decoder ops" in l)
+    assert f"projected {10_000 * (0.6 * 1.1 + reduce_s) / 3600:.2f} h" in line   # 1 micro-batch
+    assert estimate.PATHS["fast-hf-decoder"] == ("triton", "reference")
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--gpus", "3"], "--gpus"), (["--gpus", "0"], "--gpus"),
     (["--samples-per-gpu", "0"], "--samples-per-gpu"), (["--iterations", "0"], "--iterations"),
-    (["--warmup-steps", "-1"], "--warmup-steps"), (["--pack-tokens", "0"], "--pack-tokens")])
+    (["--warmup-steps", "-1"], "--warmup-steps"), (["--pack-tokens", "0"], "--pack-tokens"),
+    (["--paths", "fast,fastest"], "--paths")])
 def test_bad_estimate_arguments_exit_2_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as info:
         estimate.main(["--estimate", "--preset", "tiny", *args])

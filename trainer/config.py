@@ -340,7 +340,8 @@ class RunConfig:
     """Where and how the run executes, and what it writes."""
 
     fast_kernels: bool = False
-    """Fused Triton kernels (impl='triton') for attention and losses; without a CUDA device
+    """Fused Triton kernels (impl='triton') for attention, the losses and the decoder's
+    RMSNorm / SwiGLU / rotary embedding (unimrg_fast.hf); without a CUDA device
     they run on the Triton interpreter (exact, slow). Off: the plain PyTorch reference."""
     out: str = "runs"
     """Parent directory of the run directory (a timestamped subfolder is created in it)."""

@@ -12,7 +12,9 @@ Harmon, four of each task, task-interleaved), with text of the lengths DESIGN.md
 gives for real data (answers 32-512 tokens, prompts 8-48, drawn with a fixed seed; the
 synthetic scenes' own text is a few tokens), packed into --pack-tokens packs. The timed
 step is every pack's forward, ONE joint_loss per pack, backward, clipping and AdamW, after
-untimed warm-up steps.
+untimed warm-up steps. `--paths fast-hf-decoder` also times the fast path with the
+decoder's own RMSNorm / SwiGLU / rotary code instead of the fused ops (unimrg_fast.hf), so
+one run shows what those add.
 
 What an iteration is: the released recipe (Harmon's mmengine loop, accumulative_counts = 4)
 counts one single-task micro-batch of 16 samples per GPU on 8 GPUs as an iteration, and
@@ -65,6 +67,13 @@ ESTIMATE_RECIPES = {
                                target_hours=3.0, buffer_tokens=64),
 }
 RECIPE_GPUS = 8                # the released recipe's data-parallel GPUs
+# --paths: name -> (impl of attention and the losses, impl of the decoder's RMSNorm /
+# SwiGLU / rotary; None: the same). "fast-hf-decoder" isolates what the fused decoder
+# ops (unimrg_fast.hf) add to the fast path.
+PATHS = {"fast": ("triton", None), "fast-hf-decoder": ("triton", "reference"),
+         "plain": ("reference", None)}
+PATH_LABELS = {"fast": "fast (fused Triton)", "fast-hf-decoder": "fast, HF decoder ops",
+               "plain": "plain (PyTorch reference)"}
 BUS_BANDWIDTH = 400e9          # bytes/s, a stated assumption (see the module docstring)
 ANSWER_TOKENS = (32, 512)      # DESIGN.md section 5: real understanding answers
 PROMPT_TOKENS = (8, 48)        # and generation prompts
@@ -91,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2, metavar="N", help="untimed steps")
     p.add_argument("--timed-steps", type=int, default=3, metavar="N", help="timed steps")
     p.add_argument("--paths", default="fast,plain", metavar="fast,plain",
-                   help="which paths to time")
+                   help=f"which paths to time, comma-separated, of {', '.join(PATHS)} "
+                        f"(fast-hf-decoder: the fast path with the model's own norm / MLP / "
+                        f"rotary code)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute decoder activations (less memory)")
     return p
@@ -113,8 +124,9 @@ def main(argv: List[str]) -> int:
         _fail(parser, f"--preset: unknown value {args.preset!r}; allowed values: "
                       f"{', '.join(PRESETS)}")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if not paths or any(p not in ("fast", "plain") for p in paths):
-        _fail(parser, f"--paths: allowed values: fast, plain (comma-separated), got {args.paths!r}")
+    if not paths or any(p not in PATHS for p in paths):
+        _fail(parser, f"--paths: allowed values: {', '.join(PATHS)} (comma-separated), "
+                      f"got {args.paths!r}")
     for name in ("gpus", "timed_steps", "samples_per_gpu", "iterations", "pack_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -127,7 +139,7 @@ def main(argv: List[str]) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    if "fast" in paths and not cuda:
+    if any(PATHS[p][0] == "triton" for p in paths) and not cuda:
         os.environ["TRITON_INTERPRET"] = "1"   # before unimrg_fast is imported
     recipe = ESTIMATE_RECIPES[args.recipe]
     preset = args.preset or recipe["preset"]
@@ -262,7 +274,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     # a host copy, so the timed paths' peak memory is a training run's
     weights = host_copy(model.state_dict())
     for path in paths:
-        impl = "triton" if path == "fast" else "reference"
+        impl, model.decoder_impl = PATHS[path]
         if impl == "triton" and not backends.triton().available:
             out["paths"][path] = {"error": f"Triton unavailable: {backends.triton().detail}"}
             continue
@@ -407,13 +419,13 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
                     f"{BUS_BANDWIDTH / 1e9:.0f} GB/s, never overlapped (an upper bound)"
                     if gpus > 1 else ""))
     lo, hi = recipe["paper_hours"]
-    for path in ("fast", "plain"):
+    for path in PATHS:
         entry = r["paths"].get(path)
         if entry is None:
             continue
-        label = "fast (fused Triton)" if path == "fast" else "plain (PyTorch reference)"
-        if path == "fast" and r["device"] == "cpu":
-            label = "fast (Triton interpreter)"
+        label = PATH_LABELS[path]
+        if PATHS[path][0] == "triton" and r["device"] == "cpu":
+            label = label.replace("fused Triton", "Triton interpreter")
         if "error" in entry:
             lines.append(f"  {label:<27} not timed: {entry['error']}")
             continue

@@ -229,6 +229,11 @@ class UMM(nn.Module):
         else:
             self.gen = FlowSide(hidden, m.latent_channels)
         self.register_buffer("task_weights", torch.ones(len(TASKS)), persistent=False)
+        # The decoder's RMSNorm / SwiGLU / rotary follow the run's impl (uf.hf), unless
+        # decoder_impl names another (--estimate's "fast-hf-decoder" path: the model's own).
+        self.decoder_impl: Optional[str] = None
+        self._decoder_applied = "reference"
+        uf.hf.fuse_decoder_ops(self.llm, impl="reference")
         self.vit.requires_grad_(False)
         self.vit.eval()
 
@@ -252,7 +257,16 @@ class UMM(nn.Module):
                                                mode="bilinear", align_corners=False)
         return self.vit(pixel_values=images).last_hidden_state   # [N, Lv, Hv]
 
+    def use_decoder_impl(self, impl: str) -> None:
+        """The impl of the decoder's fused elementwise ops (set on its modules, so that a
+        checkpointed layer's recomputation runs what its forward ran)."""
+        impl = self.decoder_impl or impl
+        if impl != self._decoder_applied:
+            uf.hf.set_decoder_impl(self.llm, impl)
+            self._decoder_applied = impl
+
     def hidden_states(self, pack: Pack, impl: str, gen_embeds: Optional[torch.Tensor] = None):
+        self.use_decoder_impl(impl)
         embeds = self.llm.get_input_embeddings()(pack.input_ids)                 # [T, H]
         cond = self.projector(self.encode_images(pack.vit_images)).flatten(0, 1)
         embeds = embeds.index_copy(0, pack.vit_rows, cond.to(embeds.dtype))
