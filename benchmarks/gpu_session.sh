@@ -8,6 +8,7 @@
 #   tests       the GPU lane of the tests (pytest -m gpu)
 #   losses      loss / head benchmarks        -> benchmarks/results/<tag>-losses.json
 #   attention   packed-attention benchmarks   -> benchmarks/results/<tag>-attention.json
+#   decoder     RMSNorm / SwiGLU / rotary and one decoder layer -> <tag>-decoder.json
 #   train-step  train-step + layout benchmarks -> benchmarks/results/<tag>-train-step.json
 #   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun FSDP2
 #               run with a checkpoint and a resume
@@ -27,15 +28,15 @@
 # that folder exists (carry it); without them their benchmark rows are skipped, not failed.
 set -euo pipefail
 
-slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|train-step|trainer|estimate|probe [LOG_DIR]"}
+slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|decoder|train-step|trainer|estimate|probe [LOG_DIR]"}
 logs=${2:-${OUT:-benchmarks/results}}
 tag=${RESULTS_TAG:-h200-$(date +%Y%m%d)}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 case "$slice" in
-tests | losses | attention | train-step | trainer | estimate | probe) ;;
+tests | losses | attention | decoder | train-step | trainer | estimate | probe) ;;
 *)
-    echo "unknown slice '$slice': tests, losses, attention, train-step, trainer, estimate or probe" >&2
+    echo "unknown slice '$slice': tests, losses, attention, decoder, train-step, trainer, estimate or probe" >&2
     exit 2 ;;
 esac
 mkdir -p "$logs" benchmarks/results
@@ -68,6 +69,8 @@ run_slice() {
         bench losses benchmarks/test_bench_losses.py ;;
     attention)
         bench attention benchmarks/test_bench_attention.py ;;
+    decoder)
+        bench decoder benchmarks/test_bench_decoder_ops.py ;;
     train-step)
         bench train-step benchmarks/test_bench_train_step.py benchmarks/test_bench_layout_metadata.py ;;
     trainer)
