@@ -207,3 +207,30 @@ def test_gpu_bf16_decoder_shape(seed):
     assert_rel(dw, want_dw, 1e-2, "dw")
     dw_again = torch.autograd.grad(fused(x, w, out_dtype=torch.bfloat16), w, g)[0]
     assert torch.equal(dw, dw_again), "dw must be bitwise reproducible"
+
+
+def test_custom_ops_pass_opcheck(seed):
+    x, w = make((7, 24), torch.float32)
+    rows = x.detach()
+    torch.library.opcheck(rn._fwd_op, (rows, w.detach(), 1e-6, torch.float16))
+    y, rstd = rn._fwd_op(rows, w.detach(), 1e-6, torch.float32)
+    dy = torch.randn_like(y)
+    for need_dx, need_dw in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(rn._bwd_op, (dy, rows, w.detach(), rstd, need_dx, need_dw))
+    strided = torch.randn(7, 48)[:, :24]   # row stride 48: read in place
+    torch.library.opcheck(rn._fwd_op, (strided, w.detach(), 1e-6, torch.float32))
+
+
+def test_traces_fullgraph_under_torch_compile(seed):
+    """A trainer compiles its step: the op must not graph-break."""
+    x, w = make((5, 16), torch.float32)
+    g = torch.randn(5, 16)
+    want = torch.autograd.grad(fused(x, w, out_dtype=torch.float16), (x, w), g.half())
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w: fused(x, w, out_dtype=torch.float16), fullgraph=True,
+                       backend="aot_eager")
+    y = fn(x, w)
+    assert y.dtype == torch.float16
+    got = torch.autograd.grad(y, (x, w), g.half())
+    for a, b, name in zip(got, want, ("dx", "dw")):
+        assert torch.equal(a, b), name

@@ -25,7 +25,7 @@ kernel where the eager path writes fp32 and the next Linear casts it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -131,51 +131,98 @@ def triton_accepts(hidden: Optional[int] = None, **_) -> Optional[str]:
     return None
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, out_dtype):
-        interpreted = backends.triton_interpreted()
-        rows = _rows(x)
-        n, h = rows.shape
-        block_n, block_h, warps = _tiles(h)
-        y = _empty((n, h), store_dtype(out_dtype, interpreted), x.device)
-        rstd = _empty((n,), torch.float32, x.device)
-        if n and h:
-            _rms_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
-                rows, rows.stride(0), weight, y, y.stride(0), rstd, n, h, float(eps),
-                BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps)
-        ctx.save_for_backward(rows, weight, rstd)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.to(out_dtype).reshape(x.shape)
+def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, H] in out_dtype, rstd [N] fp32) for rows [N, H] with unit column stride."""
+    interpreted = backends.triton_interpreted()
+    n, h = rows.shape
+    block_n, block_h, warps = _tiles(h)
+    y = _empty((n, h), store_dtype(out_dtype, interpreted), rows.device)
+    rstd = _empty((n,), torch.float32, rows.device)
+    if n and h:
+        _rms_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
+            rows, rows.stride(0), weight, y, y.stride(0), rstd, n, h, float(eps),
+            BLOCK_N=block_n, BLOCK_H=block_h, num_warps=warps)
+    return y.to(out_dtype), rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        rows, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, h = rows.shape
-        interpreted = backends.triton_interpreted()
-        dy = _rows(dy)
-        block_n, block_h, warps = _tiles(h)
-        programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
-        dx = _empty((n, h), store_dtype(ctx.x_dtype, interpreted), rows.device)
-        dw_partial = _empty((programs, h), torch.float32, rows.device) if need_dw else rstd
-        if n and h:
-            _rms_norm_bwd_kernel[(programs,)](
-                rows, rows.stride(0), weight, dy, dy.stride(0), rstd, dx, dx.stride(0),
-                dw_partial, n, h, programs, BLOCK_N=block_n, BLOCK_H=block_h,
-                NEED_DW=need_dw, num_warps=warps)
-        dw = None
-        if need_dw:
-            dw = (dw_partial.sum(0) if n else torch.zeros(h, device=rows.device)).to(weight.dtype)
-        dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape) if need_dx else None
-        return dx, dw, None, None
+
+def _backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx [N, H] in rows' dtype, dw [H] in weight's); one not asked for is empty [0]."""
+    interpreted = backends.triton_interpreted()
+    n, h = rows.shape
+    dy = _rows(dy)
+    block_n, block_h, warps = _tiles(h)
+    programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
+    dx = _empty((n, h), store_dtype(rows.dtype, interpreted), rows.device)
+    dw_partial = _empty((programs, h), torch.float32, rows.device) if need_dw else rstd
+    if n and h and (need_dx or need_dw):
+        _rms_norm_bwd_kernel[(programs,)](
+            rows, rows.stride(0), weight, dy, dy.stride(0), rstd, dx, dx.stride(0),
+            dw_partial, n, h, programs, BLOCK_N=block_n, BLOCK_H=block_h,
+            NEED_DW=need_dw, num_warps=warps)
+    dw = rows.new_empty((0,), dtype=weight.dtype)
+    if need_dw:   # the fixed-order sum of the programs' partials: bitwise reproducible
+        dw = (dw_partial.sum(0) if n else torch.zeros(h, device=rows.device)).to(weight.dtype)
+    return (dx.to(rows.dtype) if need_dx else rows.new_empty((0,))), dw
+
+
+# torch.library custom ops, so that torch.compile traces the op (a trainer compiles its
+# step); register_fake gives the output shapes, register_autograd wires the backward op.
+@torch.library.custom_op("unimrg_fast::rms_norm_fwd", mutates_args=())
+def _fwd_op(rows: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (y [N, H] in out_dtype, rstd [N] fp32 = 1 / rms of each row)."""
+    return _forward(rows, weight, eps, out_dtype)
+
+
+@_fwd_op.register_fake
+def _(rows, weight, eps, out_dtype):
+    return (rows.new_empty(rows.shape, dtype=out_dtype),
+            rows.new_empty((rows.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("unimrg_fast::rms_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+            need_dx: bool, need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx, dw) in rows' / weight's dtypes; a gradient not asked for is empty [0]."""
+    return _backward(dy, rows, weight, rstd, need_dx, need_dw)
+
+
+@_bwd_op.register_fake
+def _(dy, rows, weight, rstd, need_dx, need_dw):
+    return (rows.new_empty(rows.shape if need_dx else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    rows, weight, _, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)   # bookkeeping for the backward, not a result
+    ctx.save_for_backward(rows, weight, rstd)
+
+
+def _backward_rule(ctx, dy, grad_rstd):
+    rows, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    if dy is None or not (need_dx or need_dw):
+        return None, None, None, None
+    dx, dw = _bwd_op(dy, rows, weight, rstd, need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None, None, None
+
+
+torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_context)
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     out = check_rms_norm_args(x, weight, eps=eps, out_dtype=out_dtype)
     _check_fused(x)
-    return _RMSNorm.apply(x, weight, eps, out)
+    if x.device.type == "cpu" and not backends.triton_interpreted():
+        raise ValueError("x is on the CPU: the Triton kernels need CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
+    y, _ = _fwd_op(_rows(x), weight, float(eps), out)
+    return y.view(x.shape)
 
 
 # ------------------------------------------------------------------------- public op
