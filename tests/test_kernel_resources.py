@@ -206,3 +206,59 @@ def test_regression_head_fits_48_kib_on_h100_and_t4():
     kernels = _compile_offline(_REGRESSION_SCRIPT, cases)
     assert len(kernels) == len(cases)
     _assert_fits(kernels, "the 48 KiB promise of regression_loss._pick_config")
+
+
+# The decoder's elementwise kernels (RMSNorm, SwiGLU, rotary) at the tiles a 16k pack of a
+# 1.5B decoder gets on a GPU, and RMSNorm's widest row (8,192 columns: a 7B+ decoder).
+# They stage nothing through shared memory but their row reductions: 48 KiB is ample, and
+# the point is that they compile for sm_90 / sm_75 at all (the CPU lane only interprets).
+_DECODER_SCRIPT = _PRELUDE + r"""
+N = importlib.import_module("unimrg_fast.ops.rms_norm")
+S = importlib.import_module("unimrg_fast.ops.swiglu")
+R = importlib.import_module("unimrg_fast.ops.rotary")
+out = []
+for kind, cap in json.loads(sys.argv[1]):
+    if kind.startswith("rms"):
+        hidden = 8192 if kind.endswith("wide") else 1536
+        block_n, block_h, warps = N._tiles(hidden)
+        types = {"x_ptr": "*fp32", "w_ptr": "*fp32", "y_ptr": "*bf16", "dy_ptr": "*bf16",
+                 "dx_ptr": "*fp32"}
+        for name, kern, flags in (("fwd", N._rms_norm_fwd_kernel, {}),
+                                  ("bwd", N._rms_norm_bwd_kernel, dict(NEED_DW=True))):
+            arg_type = lambda a: types.get(a, "*fp32" if a.endswith("_ptr") else
+                                           ("fp32" if a == "eps" else "i32"))
+            out.append(dict(case=f"sm_{cap} rms_norm {name} H={hidden}", budget=49152,
+                            limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75,
+                            shared=shared_memory(kern, dict(BLOCK_N=block_n, BLOCK_H=block_h,
+                                                            **flags), arg_type, cap, warps, 1)))
+    elif kind == "swiglu":
+        cfg = S._pick_config(16384, 8960, False)
+        arg_type = lambda a: "*bf16" if a.endswith("_ptr") else "i32"
+        for name, kern, flags in (("fwd", S._swiglu_fwd_kernel, {}),
+                                  ("bwd", S._swiglu_bwd_kernel,
+                                   dict(COMPUTE_DG=True, COMPUTE_DU=True))):
+            out.append(dict(case=f"sm_{cap} swiglu {name} {cfg}", budget=49152,
+                            limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75,
+                            shared=shared_memory(kern, dict(BLOCK_N=cfg.block_n,
+                                                            BLOCK_I=cfg.block_i, **flags),
+                                                 arg_type, cap, cfg.num_warps, 1)))
+    else:
+        block_t, block_d2, warps = R._pick_tiles(1, 16384, 64, torch.device("cpu"), False)
+        arg_type = lambda a: ("*fp32" if a in ("cos_ptr", "sin_ptr") else "*bf16") \
+            if a.endswith("_ptr") else "i32"
+        for backward in (False, True):
+            out.append(dict(case=f"sm_{cap} rotary backward={backward} T={block_t}",
+                            budget=49152, limit=C.SMEM_SM90 if cap == 90 else C.SMEM_SM75,
+                            shared=shared_memory(R._rotary_kernel,
+                                                 dict(BLOCK_T=block_t, BLOCK_D2=block_d2,
+                                                      BACKWARD=backward),
+                                                 arg_type, cap, warps, 1)))
+print(json.dumps({"kernels": out}))
+"""
+
+
+def test_decoder_ops_compile_for_h100_and_t4():
+    cases = [(kind, cap) for kind in ("rms", "rms-wide", "swiglu", "rotary") for cap in (90, 75)]
+    kernels = _compile_offline(_DECODER_SCRIPT, cases)
+    assert len(kernels) == 2 * len(cases)
+    _assert_fits(kernels, "the 48 KiB the decoder kernels are expected to stay within")
