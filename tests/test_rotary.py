@@ -4,7 +4,9 @@ CPU lane: the Triton interpreter (conftest sets TRITON_INTERPRET=1), tiny odd sh
 4-token blocks, fp32 and fp16 (bf16 too: the kernel upcasts after every load). Both the
 Triton op and the reference twin are checked against an explicit float64 oracle, and
 both against transformers' own apply_rotary_pos_emb. GPU lane (`gpu` marker): bf16 at a
-Qwen2-sized shape against the reference.
+Qwen2-sized shape against the reference. Both custom ops (unimrg_fast::rotary_fwd /
+rotary_bwd) pass torch.library.opcheck, their fake kernels give the real strides, and
+the public op traces under torch.compile(fullgraph=True).
 """
 import importlib
 import math
@@ -298,6 +300,97 @@ def test_gpu_tile_choice(monkeypatch):
     assert rot._pick_tiles(8, 4096, 64, gpu, False) == (16, 64, 4)   # already 2048 programs
     assert rot._pick_tiles(1, 1, 64, gpu, False) == (1, 64, 1)
     assert rot._pick_tiles(4, 300, 3, gpu, False) == (64, 4, 1)      # D = 6: long token blocks
+
+
+# ------------------------------------------------------ custom ops / torch.compile
+def _fake_like(mode, *tensors):
+    return [mode.from_tensor(t) for t in tensors]
+
+
+LAYOUT_CASES = [  # (name, x maker): every kind of x the kernel reads in place or copies
+    ("bthd", lambda: torch.randn(2, 7, 3, 16).transpose(1, 2)),
+    ("bhtd", lambda: torch.randn(2, 3, 7, 16)),
+    ("qkv_slice", lambda: torch.randn(2, 7, 3 * 3 * 16)[..., 3 * 16:6 * 16]
+     .view(2, 7, 3, 16).transpose(1, 2)),
+    ("strided_last", lambda: torch.randn(2, 3, 7, 32)[..., ::2]),
+    ("one_head", lambda: torch.randn(2, 7, 1, 16).transpose(1, 2)),
+    ("T0", lambda: torch.randn(2, 0, 3, 16).transpose(1, 2)),
+    ("H0", lambda: torch.randn(2, 7, 0, 16).transpose(1, 2)),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in LAYOUT_CASES], ids=[n for n, _ in LAYOUT_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fake_kernels_give_the_real_layout(seed, poison, make, dtype):
+    # what torch.compile traces with must be what runs: shape, dtype AND strides of y
+    # and dx; and the layout is torch.empty_like's (the eager contract)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = make().to(dtype)
+    cos, sin = make_tables((x.shape[2], x.shape[3]), dtype)
+    stride = list(rot._layout_of(x))
+    assert tuple(stride) == torch.empty_like(x).stride()
+    y = rot._fwd_op(x, cos, sin, torch.float32)
+    grad_out = torch.randn(y.shape).to(dtype)
+    dx = rot._bwd_op(grad_out, cos, sin, dtype, stride)
+    with FakeTensorMode() as mode:
+        fx, fcos, fsin, fgrad = _fake_like(mode, x, cos, sin, grad_out)
+        fy = rot._fwd_op(fx, fcos, fsin, torch.float32)
+        fdx = rot._bwd_op(fgrad, fcos, fsin, dtype, stride)
+    for name, real, fake in (("y", y, fy), ("dx", dx, fdx)):
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), name
+    assert y.stride() == dx.stride() == tuple(stride)
+
+
+@pytest.mark.parametrize("layout,dtype", [("bthd", torch.float32), ("bhtd", torch.float32),
+                                          ("bthd", torch.bfloat16)],
+                         ids=["bthd-fp32", "bhtd-fp32", "bthd-bf16"])
+def test_custom_ops_pass_opcheck(seed, layout, dtype):
+    # schema, fake kernels, autograd registration and AOT dispatch of both ops, on a
+    # transposed [B, H, T, D] view of a [B, T, H, D] buffer and on a contiguous x
+    x = make_x(2, 3, 5, 8, dtype, layout)
+    cos, sin = make_tables((2, 5, 8), dtype)
+    torch.library.opcheck(rot._fwd_op, (x, cos, sin, dtype))
+    torch.library.opcheck(rot._fwd_op, (x, cos, sin, torch.float32))  # out_dtype != x's
+    y = rot._fwd_op(x.detach(), cos, sin, dtype)
+    grad_out = torch.randn_like(y)  # y's layout, as autograd hands it back
+    stride = list(rot._layout_of(x))
+    torch.library.opcheck(rot._bwd_op, (grad_out, cos, sin, dtype, stride))
+    torch.library.opcheck(rot._bwd_op, (grad_out.contiguous(), cos, sin, dtype, stride))
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_public_op_traces_fullgraph(seed, layout):
+    """A trainer compiles its step: the rotary embedding must trace without graph breaks
+    and give eager's y and dx, laid out the same way."""
+    x = make_x(2, 3, 7, 16, layout=layout)
+    cos, sin = make_tables((1, 7, 16))
+    grad_out = torch.randn(x.shape)
+    want = rot.rotary_embedding(x, cos, sin, impl="triton")  # eager first, as a warm-up
+    want_dx, = torch.autograd.grad(want, [x], grad_out)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: rot.rotary_embedding(x, cos, sin, impl="triton"),
+                       fullgraph=True, backend="aot_eager")
+    got = fn(x)
+    got_dx, = torch.autograd.grad(got, [x], grad_out)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got_dx, want_dx, rtol=1e-6, atol=1e-6)
+    assert got.stride() == want.stride() == x.stride()
+    assert got_dx.stride() == want_dx.stride() == x.stride()
+
+
+def test_compiled_refuses_tables_requiring_grad(seed):
+    # the check on cos / sin that ask for a gradient runs before the op, so it stays
+    # under torch.compile: the trace stops at the raise and eager raises the ValueError
+    x = make_x(1, 2, 5, 8)
+    cos, sin = make_tables((5, 8))
+    rot.rotary_embedding(x, cos, sin, impl="triton")  # eager first, as a warm-up
+    cos.requires_grad_()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: rot.rotary_embedding(x, cos, sin, impl="triton"),
+                       backend="aot_eager")
+    with pytest.raises(ValueError, match="^cos requires grad"):
+        fn(x)
 
 
 # --------------------------------------------------------- transformers itself

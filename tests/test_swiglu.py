@@ -286,6 +286,56 @@ def test_public_op_dispatches_to_triton(seed, monkeypatch):
     assert calls == [1] and y.shape == (3, 10)
 
 
+def test_custom_ops_pass_opcheck(seed):
+    # schema, fake kernels (shapes, dtypes and strides), autograd registration and AOT
+    # dispatch of both ops, on contiguous rows and on the row-strided halves of a fused
+    # gate_up projection, with both gradients and with each one alone
+    gate, up = (t.detach() for t in make_inputs((7, 24)))
+    torch.library.opcheck(sw._fwd_op, (gate.requires_grad_(), up.requires_grad_(),
+                                       torch.float32))
+    gate_up = torch.randn(5, 2 * 33) * 2
+    half_g, half_u = gate_up.chunk(2, dim=-1)
+    assert half_g.stride() == (66, 1)
+    torch.library.opcheck(sw._fwd_op, (half_g, half_u, torch.bfloat16))
+    torch.library.opcheck(sw._fwd_op, (gate.detach().half(), up.detach(), torch.float16))
+    # the entry point hands the ops rows, but they take any [..., I] layout
+    permuted = (torch.randn(5, 3, 16) * 2).transpose(0, 1)
+    torch.library.opcheck(sw._fwd_op, (permuted.requires_grad_(),
+                                       torch.randn(3, 5, 16).requires_grad_(), torch.float32))
+    gate, up = gate.detach(), up.detach()
+    dy = torch.randn(7, 24)
+    for need_dg, need_du in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(sw._bwd_op, (dy, gate, up, need_dg, need_du))
+    torch.library.opcheck(sw._bwd_op, (torch.randn(5, 33), half_g, half_u.bfloat16(), True, False))
+    torch.library.opcheck(sw._bwd_op, (torch.ones(()).expand(5, 33), half_g, half_u, False, True))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "gate-up-halves"])
+def test_public_op_traces_fullgraph(seed, layout):
+    """The trainer compiles its step: swiglu must trace without graph breaks and give the
+    eager result and gradients."""
+    if layout == "contiguous":
+        leaves = gate, up = make_inputs((2, 5, 37))
+    else:
+        gate_up = (torch.randn(2, 5, 2 * 37) * 2).requires_grad_()
+        leaves = (gate_up,)
+    grad_out = torch.randn(2, 5, 37)
+
+    def inputs():
+        return (gate, up) if layout == "contiguous" else gate_up.chunk(2, dim=-1)
+
+    want = sw.swiglu(*inputs(), impl="triton")  # eager first, as a trainer's warm-up
+    want_grads = torch.autograd.grad(want, leaves, grad_out)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda g, u: sw.swiglu(g, u, impl="triton"), fullgraph=True,
+                       backend="aot_eager")
+    got = fn(*inputs())
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves, grad_out), want_grads):
+        assert torch.equal(g, w)
+
+
 def test_reference_is_hugging_faces_formula(seed):
     # HF: act_fn(gate_proj(x)) * up_proj(x), silu rounded to bf16 before the product
     gate, up = make_inputs((8, 64), torch.bfloat16)

@@ -35,7 +35,7 @@ the same way. No host synchronisation, no atomics: shapes alone steer the launch
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -118,7 +118,9 @@ def _pick_tiles(batch: int, tokens: int, half: int, device: torch.device,
         # the interpreter's cost is per tile operation: tests use tiny odd shapes, where
         # 4-token blocks exercise several blocks and a ragged last one; big calls (the
         # trainer's CPU default) take big blocks
-        return (64 if batch * tokens >= INTERPRETER_BIG_TILES_FROM else 4), block_d2, 1
+        if batch * tokens < INTERPRETER_BIG_TILES_FROM:
+            return 4, block_d2, 1
+        return min(triton.next_power_of_2(tokens), max(4, 32768 // block_d2)), block_d2, 1
     block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), 1024 // block_d2))
     target = 4 * _multiprocessors(device)
     while (block_t > 1 and block_t * block_d2 > 256
@@ -134,10 +136,35 @@ def _empty(shape, stride, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def _layout_of(x: torch.Tensor) -> Tuple[int, ...]:
-    """The strides torch.empty_like(x) would give: x's own when x is a permuted dense
-    tensor, else dense strides in x's dimension order. Found on the meta device, so
-    nothing is allocated."""
-    return torch.empty_like(x, device="meta").stride()
+    """The strides of the output (and of dx): x's own when x is dense and
+    non-overlapping (HF's q / k: [B, H, T, D] views of the projections' [B, T, H, D]
+    rows, so the attention reads [T, H, D] rows in place), else dense strides that keep
+    the order of x's strides (largest outermost; ties keep the dimension order).
+
+    Computed from x's shape and strides alone, so that the fake kernels under
+    torch.compile give the same strides as the real ones."""
+    shape, stride = tuple(x.shape), tuple(x.stride())
+    if _dense_and_non_overlapping(shape, stride):
+        return stride
+    order = sorted(range(len(shape)), key=lambda d: stride[d], reverse=True)   # stable
+    out, step = [0] * len(shape), 1
+    for dim in reversed(order):
+        out[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(out)
+
+
+def _dense_and_non_overlapping(shape, stride) -> bool:
+    """Every element of the storage span is used exactly once: sorted by stride, each
+    dim of size >= 2 steps over exactly the dims inside it (size-1 dims never step)."""
+    if any(size == 0 for size in shape):
+        return True
+    need = 1
+    for dim in sorted((d for d in range(len(shape)) if shape[d] >= 2), key=lambda d: stride[d]):
+        if stride[dim] != need:
+            return False
+        need *= shape[dim]
+    return True
 
 
 def _table_strides(table: torch.Tensor) -> Tuple[int, int]:
@@ -176,27 +203,53 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     return out.to(out_dtype)
 
 
-# ------------------------------------------------------------------------ autograd
-class _RotaryEmbedding(torch.autograd.Function):
-    """Gradient for x only: cos and sin are constants (HF computes them under no_grad);
-    `_triton` refuses tables that ask for a gradient."""
+# -------------------------------------------------------- custom ops and autograd
+# torch.library custom ops (rather than a bare autograd.Function) so that torch.compile
+# traces through the rotation without graph breaks: the fake kernels give it the output
+# shapes, dtypes and strides (x's memory layout), register_autograd wires the backward op.
+# Gradient for x only: cos and sin are constants (HF computes them under no_grad);
+# `_triton` refuses tables that ask for a gradient.
+@torch.library.custom_op("unimrg_fast::rotary_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """-> y [B, H, T, D] in out_dtype, laid out like torch.empty_like(x)."""
+    return _rotate(x, cos, sin, out_dtype, _layout_of(x), backward=False)
 
-    @staticmethod
-    def forward(ctx, x, cos, sin, out_dtype):
-        stride = _layout_of(x)
-        # only what dx needs: the tables, and x's dtype and layout (not x itself, which
-        # would keep the projection output alive until the backward)
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype, ctx.x_stride = x.dtype, stride
-        return _rotate(x, cos, sin, out_dtype, stride, backward=False)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        cos, sin = ctx.saved_tensors
-        dx = _rotate(grad_out, cos, sin, ctx.x_dtype, ctx.x_stride, backward=True)
-        return dx, None, None, None
+@_fwd_op.register_fake
+def _(x, cos, sin, out_dtype):
+    return x.new_empty_strided(x.shape, _layout_of(x), dtype=out_dtype)
+
+
+@torch.library.custom_op("unimrg_fast::rotary_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            x_dtype: torch.dtype, x_stride: List[int]) -> torch.Tensor:
+    """-> dx [B, H, T, D] = the transposed rotation of grad_out, in x's dtype and with
+    x's layout (x_stride, the strides of the forward's output)."""
+    return _rotate(grad_out, cos, sin, x_dtype, tuple(x_stride), backward=True)
+
+
+@_bwd_op.register_fake
+def _(grad_out, cos, sin, x_dtype, x_stride):
+    return grad_out.new_empty_strided(grad_out.shape, x_stride, dtype=x_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, cos, sin, _ = inputs
+    # only what dx needs: the tables, and x's dtype and layout (not x itself, which
+    # would keep the projection output alive until the backward)
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype, ctx.x_stride = x.dtype, _layout_of(x)
+
+
+def _backward_rule(ctx, grad_out):
+    if grad_out is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    cos, sin = ctx.saved_tensors
+    return _bwd_op(grad_out, cos, sin, ctx.x_dtype, list(ctx.x_stride)), None, None, None
+
+
+torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------ entry points
@@ -219,7 +272,7 @@ def _triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
             raise ValueError(f"{' and '.join(wanting)} {verb} grad, but the Triton rotary "
                              "embedding differentiates x only (cos / sin are constants); "
                              "detach them, or use impl='reference'")
-    return _RotaryEmbedding.apply(x, cos, sin, out_dtype)
+    return _fwd_op(x, cos, sin, out_dtype)
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,

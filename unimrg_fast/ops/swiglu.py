@@ -96,6 +96,7 @@ class _Config:
 
 _MAX_BLOCK_I = 1024
 _TILE_ELEMENTS = 2048  # per program: 16 per thread at 4 warps, i.e. 16-byte vector accesses
+_INTERPRETER_TILE_ELEMENTS = 65536
 
 # Calls with at least this many elements run with the GPU's tiles in the interpreter.
 INTERPRETER_BIG_TILES_FROM = 4096
@@ -110,7 +111,10 @@ def _pick_config(n: int, width: int, interpreted: bool) -> _Config:
         return _Config(min(4, triton.next_power_of_2(n)), min(32, triton.next_power_of_2(width)),
                        num_warps=1)
     block_i = min(_MAX_BLOCK_I, max(16, triton.next_power_of_2(width)))
-    block_n = min(max(1, _TILE_ELEMENTS // block_i), triton.next_power_of_2(n))
+    # the interpreter's cost is per program: big calls (the trainer's CPU default) take
+    # 64K-element tiles there, a GPU's would be 128 programs for a [1024, 256] call
+    tile = _INTERPRETER_TILE_ELEMENTS if interpreted else _TILE_ELEMENTS
+    block_n = min(max(1, tile // block_i), triton.next_power_of_2(n))
     num_warps = min(4, max(1, block_n * block_i // 256))
     return _Config(block_n, block_i, num_warps)
 
@@ -160,14 +164,14 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> to
 
 
 def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg: bool,
-              compute_du: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(dgate, dup) [N, I] in gate's / up's dtype; None for a gradient not asked for."""
+              compute_du: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) [N, I] in gate's / up's dtype; empty [0] for a gradient not asked for."""
     n, width = gate.shape
     dev = gate.device
     interpreted = backends.triton_interpreted()
     dy = _as_rows(dy)  # e.g. a stride-0 gradient expanded from a sum: copied
-    dg = _empty((n, width), store_dtype(gate.dtype, interpreted), dev) if compute_dg else None
-    du = _empty((n, width), store_dtype(up.dtype, interpreted), dev) if compute_du else None
+    dg = _empty((n, width) if compute_dg else (0,), store_dtype(gate.dtype, interpreted), dev)
+    du = _empty((n, width) if compute_du else (0,), store_dtype(up.dtype, interpreted), dev)
     if n > 0 and width > 0 and (compute_dg or compute_du):
         cfg = _pick_config(n, width, interpreted)
         dg_arg = dg if compute_dg else gate  # placeholders: the kernel never touches them
@@ -177,24 +181,64 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg
             dg_arg, dg_arg.stride(0), du_arg, du_arg.stride(0), n, width,
             BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i,
             COMPUTE_DG=compute_dg, COMPUTE_DU=compute_du, num_warps=cfg.num_warps)
-    return (dg.to(gate.dtype) if compute_dg else None,
-            du.to(up.dtype) if compute_du else None)
+    return dg.to(gate.dtype), du.to(up.dtype)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """y = silu(gate) * up on [N, I] rows; saves only gate and up."""
+# -------------------------------------------------------- custom ops and autograd
+# torch.library custom ops (rather than a bare autograd.Function) so that torch.compile
+# traces through the activation without graph breaks: the fake kernels give it the
+# output shapes, register_autograd wires the backward op. The entry point hands the ops
+# [N, I] rows (`_as_rows`: a view for row-strided inputs, so that autograd saves that
+# view or the one copy); the ops apply `_as_rows` again themselves, a no-op for such
+# rows, so that any layout they are handed reaches the kernels with unit column stride.
+# Their outputs are [N, I] and always new tensors.
+@torch.library.custom_op("unimrg_fast::swiglu_fwd", mutates_args=())
+def _fwd_op(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """-> y [N, I] contiguous in out_dtype, = silu(gate) * up."""
+    return _forward(_as_rows(gate), _as_rows(up), out_dtype)
 
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype):
-        ctx.save_for_backward(gate, up)
-        return _forward(gate, up, out_dtype)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        need_dg, need_du = ctx.needs_input_grad[:2]
-        dg, du = _backward(dy, gate, up, need_dg, need_du)
-        return dg, du, None
+def _rows_shape(x: torch.Tensor) -> Tuple[int, int]:
+    """The [N, I] shape `_as_rows(x)` has (x itself for the rows the entry point passes)."""
+    return math.prod(x.shape[:-1]), x.shape[-1]
+
+
+@_fwd_op.register_fake
+def _(gate, up, out_dtype):
+    return gate.new_empty(_rows_shape(gate), dtype=out_dtype)
+
+
+@torch.library.custom_op("unimrg_fast::swiglu_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg: bool,
+            compute_du: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> (dgate, dup) [N, I] contiguous in gate's / up's dtypes; a gradient not asked for
+    is empty [0]."""
+    return _backward(dy, _as_rows(gate), _as_rows(up), compute_dg, compute_du)
+
+
+@_bwd_op.register_fake
+def _(dy, gate, up, compute_dg, compute_du):
+    return (gate.new_empty(_rows_shape(gate) if compute_dg else (0,)),
+            up.new_empty(_rows_shape(up) if compute_du else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, _ = inputs
+    ctx.save_for_backward(gate, up)  # the sigmoid is recomputed, not saved
+
+
+def _backward_rule(ctx, dy):
+    gate, up = ctx.saved_tensors
+    need_dg, need_du = ctx.needs_input_grad[:2]
+    if dy is None or not (need_dg or need_du):
+        return None, None, None
+    dg, du = _bwd_op(dy, gate, up, need_dg, need_du)
+    # [N, I] rows; back to the inputs' shapes should the op be handed [..., I]
+    return (dg.view(gate.shape) if need_dg else None, du.view(up.shape) if need_du else None,
+            None)
+
+
+torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------ entry points
@@ -219,7 +263,7 @@ def _triton(gate: torch.Tensor, up: torch.Tensor, *,
     """
     out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype, float64=False)
     _check_device(gate)
-    y = _SwiGLU.apply(_as_rows(gate), _as_rows(up), out_dtype)
+    y = _fwd_op(_as_rows(gate), _as_rows(up), out_dtype)
     return y.view(gate.shape)
 
 
