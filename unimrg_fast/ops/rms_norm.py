@@ -36,6 +36,8 @@ from unimrg_fast.ops._common import store_dtype
 from unimrg_fast.reference.rms_norm import MAX_FUSED_HIDDEN, check_rms_norm_args
 
 _TILE_ELEMENTS = 8192   # rows per program: as many as fit this many elements (>= 1)
+_INTERPRETER_TILE_ELEMENTS = 65536
+_INTERPRETER_BIG_CALL = 16384   # elements; the tests' small odd shapes keep GPU tiles
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -101,9 +103,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
 
 
-def _tiles(hidden: int):
+def _tiles(hidden: int, rows: int = 0, interpreted: bool = False):
+    """(BLOCK_N, BLOCK_H, num_warps): a whole row per tile, as many rows as fit
+    _TILE_ELEMENTS. The interpreter's cost is per program, so there a big call (the
+    trainer's CPU default) takes up to _INTERPRETER_TILE_ELEMENTS."""
     block_h = triton.next_power_of_2(max(hidden, 1))
     block_n = max(1, min(64, _TILE_ELEMENTS // block_h))
+    if interpreted and rows * hidden >= _INTERPRETER_BIG_CALL:
+        block_n = max(1, min(triton.next_power_of_2(rows), _INTERPRETER_TILE_ELEMENTS // block_h))
     num_warps = 4 if block_n * block_h <= 4096 else 8
     return block_n, block_h, num_warps
 
@@ -136,7 +143,7 @@ def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: to
     """(y [N, H] in out_dtype, rstd [N] fp32) for rows [N, H] with unit column stride."""
     interpreted = backends.triton_interpreted()
     n, h = rows.shape
-    block_n, block_h, warps = _tiles(h)
+    block_n, block_h, warps = _tiles(h, n, interpreted)
     y = _empty((n, h), store_dtype(out_dtype, interpreted), rows.device)
     rstd = _empty((n,), torch.float32, rows.device)
     if n and h:
@@ -152,7 +159,7 @@ def _backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: 
     interpreted = backends.triton_interpreted()
     n, h = rows.shape
     dy = _rows(dy)
-    block_n, block_h, warps = _tiles(h)
+    block_n, block_h, warps = _tiles(h, n, interpreted)
     programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
     dx = _empty((n, h), store_dtype(rows.dtype, interpreted), rows.device)
     dw_partial = _empty((programs, h), torch.float32, rows.device) if need_dw else rstd
