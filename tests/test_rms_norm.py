@@ -38,6 +38,18 @@ def make(shape, dtype, wdtype=torch.float32, device=DEVICE):
     return x, w
 
 
+def check_gradients(x, w, y, eps, tol_dx, tol_dw):
+    """dx and dw of y (under a random output gradient in y's dtype) against the oracle;
+    returns the oracle's y."""
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    want_y, want_dx, want_dw = oracle(x, w, eps, g)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert_rel(dx, want_dx, tol_dx, "dx")
+    assert_rel(dw, want_dw, tol_dw, "dw")
+    return want_y
+
+
 def fused(x, w, **kw):
     return rn.rms_norm(x, w, impl="triton", **kw)
 
@@ -76,24 +88,14 @@ def test_out_dtype_rounds_once(out_dtype, seed, poison):
     want = reference(x, w).to(out_dtype)
     assert_rel(y, want, TOL[out_dtype] / 4, "y")
     # dy arrives in out_dtype; the backward reads it exactly and writes x's / w's dtype
-    g = torch.randn_like(y)
-    dx, dw = torch.autograd.grad(y, (x, w), g)
-    _, want_dx, want_dw = oracle(x, w, 1e-6, g)
-    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
-    assert_rel(dx, want_dx, 2e-6, "dx")
-    assert_rel(dw, want_dw, 2e-6, "dw")
+    check_gradients(x, w, y, 1e-6, 2e-6, 2e-6)
 
 
 def test_half_weight_and_fp32_rows(seed, poison):
     x, w = make((5, 33), torch.float32, wdtype=torch.float16)
     y = fused(x, w, eps=1e-6)
-    g = torch.randn_like(y)
-    dx, dw = torch.autograd.grad(y, (x, w), g)
-    want_y, want_dx, want_dw = oracle(x, w, 1e-6, g)
-    assert y.dtype == torch.float32 and dw.dtype == torch.float16
-    assert_rel(y, want_y, 1e-5, "y")
-    assert_rel(dx, want_dx, 1e-5, "dx")
-    assert_rel(dw, want_dw, 2e-3, "dw")
+    assert y.dtype == torch.float32
+    assert_rel(y, check_gradients(x, w, y, 1e-6, 1e-5, 2e-3), 1e-5, "y")
 
 
 def test_strided_rows_are_read_in_place_and_transposed_ones_copied(seed, poison):
@@ -101,13 +103,8 @@ def test_strided_rows_are_read_in_place_and_transposed_ones_copied(seed, poison)
     for x in (base[:, :40], base.t()[:40].t(), base[::2]):  # row stride 64; column stride 11
         x = x.detach().requires_grad_()
         w = torch.rand(x.shape[-1], device=DEVICE).requires_grad_()
-        g = torch.randn(x.shape, device=DEVICE)
         y = fused(x, w)
-        dx, dw = torch.autograd.grad(y, (x, w), g)
-        want_y, want_dx, want_dw = oracle(x, w, 1e-6, g)
-        assert_rel(y, want_y, 2e-6, "y")
-        assert_rel(dx, want_dx, 2e-6, "dx")
-        assert_rel(dw, want_dw, 2e-6, "dw")
+        assert_rel(y, check_gradients(x, w, y, 1e-6, 2e-6, 2e-6), 2e-6, "y")
 
 
 @pytest.mark.parametrize("wants", ["x", "weight"])
