@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from numerics import assert_rel, rel_err
+from unimrg_fast.ops._common import as_rows
 
 sw = importlib.import_module("unimrg_fast.ops.swiglu")
 ref_module = importlib.import_module("unimrg_fast.reference.swiglu")
@@ -165,7 +166,7 @@ def test_fused_gate_up_halves_are_read_in_place(seed, poison):
     gate, up = gate_up.chunk(2, dim=-1)
     assert not gate.is_contiguous()
     for t in (gate, up):
-        rows = sw._as_rows(t)
+        rows = as_rows(t)
         assert rows.data_ptr() == t.data_ptr() and rows.stride() == (140, 1)
     y = sw._triton(gate, up)
     grad_out = torch.randn_like(y)
@@ -198,15 +199,15 @@ def test_as_rows_copies_only_what_it_must():
     x = torch.randn(4, 6, 10)
     # leading dims that collapse to one row stride: views
     for view, row_stride in ((x, 10), (x[1:3], 10), (x[:, :, :5], 10), (x[:, 2:3], 60)):
-        rows = sw._as_rows(view)
+        rows = as_rows(view)
         assert rows.data_ptr() == view.data_ptr(), view.shape
         assert rows.stride() == (row_stride, 1), view.shape
     for gappy in (x[:, 1:5], x[:, :3, :5], x[::2]):    # rows not evenly strided: copies
-        rows = sw._as_rows(gappy)
+        rows = as_rows(gappy)
         assert rows.is_contiguous() and torch.equal(rows, gappy.reshape(rows.shape))
-    assert sw._as_rows(x.transpose(0, 1)).is_contiguous()
-    assert sw._as_rows(x[:, :, 3:4]).data_ptr() == x[:, :, 3:4].data_ptr()  # I = 1: any stride
-    assert sw._as_rows(torch.randn(1, 1, 7)).shape == (1, 7)
+    assert as_rows(x.transpose(0, 1)).is_contiguous()
+    assert as_rows(x[:, :, 3:4]).data_ptr() == x[:, :, 3:4].data_ptr()  # I = 1: any stride
+    assert as_rows(torch.randn(1, 1, 7)).shape == (1, 7)
 
 
 @pytest.mark.parametrize("wrt", ["gate", "up", "none"])

@@ -3,6 +3,7 @@ Triton interpreter (TRITON_INTERPRET=1, the CPU lane; DESIGN.md section 4), and 
 much shared memory a GPU gives one block (tile sizes must fit it)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -15,6 +16,39 @@ def interpreted_bf16(dtype: torch.dtype, interpreted: bool) -> bool:
     bf16 as raw bits (Triton issue 11584), so bf16 tiles are upcast right after loading.
     fp16 keeps its real dtype, so the CPU lane runs the GPU's casts."""
     return interpreted and dtype == torch.bfloat16
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., I] as [N, I] with unit column stride: a view when every leading dim steps
+    by a whole number of rows of one stride (the reshape is a view), else a contiguous
+    copy. Checked from the strides rather than by trying `view`, so that torch.compile
+    traces it without an exception path."""
+    width = x.shape[-1]
+    n = math.prod(x.shape[:-1])
+    if width > 1 and x.stride(-1) != 1:
+        return x.contiguous().view(n, width)
+    expected = None  # the stride the next outer non-trivial dim must have
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return x.contiguous().view(n, width)
+        expected = stride * size
+    return x.view(n, width)
+
+
+def check_kernel_device(x: torch.Tensor, name: str) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU ones through the interpreter
+    (TRITON_INTERPRET=1, set before unimrg_fast is imported); anything else is refused
+    here, naming the argument, rather than failing inside a launch."""
+    from unimrg_fast import backends   # backends imports the ops package
+
+    if x.device.type == "cuda" or (x.device.type == "cpu" and backends.triton_interpreted()):
+        return
+    if x.device.type == "cpu":
+        raise ValueError(f"{name} is on the CPU: the Triton kernels need CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
+    raise ValueError(f"{name} must be a CUDA tensor for the Triton kernels, got {x.device}")
 
 
 def store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.ops._common import check_kernel_device, store_dtype
 from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
 from unimrg_fast.reference.regression import check_regression_args
 
@@ -370,9 +370,7 @@ def _triton(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
 
     h, t = check_regression_args(hidden, weight, target, bias=bias, token_weight=token_weight,
                                  reduction=reduction)
-    if h.device.type == "cpu" and not backends.triton_interpreted():
-        raise ValueError("hidden is on the CPU: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
+    check_kernel_device(h, "hidden")
 
     w, b = weight, bias
     if torch.is_autocast_enabled(h.device.type):

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.ops._common import as_rows, check_kernel_device, store_dtype
 from unimrg_fast.reference.rms_norm import MAX_FUSED_HIDDEN, check_rms_norm_args
 
 _TILE_ELEMENTS = 8192   # rows per program: as many as fit this many elements (>= 1)
@@ -97,12 +97,6 @@ def _rms_norm_bwd_kernel(x_ptr, stride_xn, w_ptr, dy_ptr, stride_dyn, rstd_ptr,
 
 
 # -------------------------------------------------------------------------- launchers
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [N, H] with unit column stride: a view where one exists, else a copy."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
-
-
 def _tiles(hidden: int, rows: int = 0, interpreted: bool = False):
     """(BLOCK_N, BLOCK_H, num_warps): a whole row per tile, as many rows as fit
     _TILE_ELEMENTS. The interpreter's cost is per program, so there a big call (the
@@ -158,7 +152,7 @@ def _backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: 
     """(dx [N, H] in rows' dtype, dw [H] in weight's); one not asked for is empty [0]."""
     interpreted = backends.triton_interpreted()
     n, h = rows.shape
-    dy = _rows(dy)
+    dy = as_rows(dy)
     block_n, block_h, warps = _tiles(h, n, interpreted)
     programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
     dx = _empty((n, h), store_dtype(rows.dtype, interpreted), rows.device)
@@ -225,10 +219,8 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     out = check_rms_norm_args(x, weight, eps=eps, out_dtype=out_dtype)
     _check_fused(x)
-    if x.device.type == "cpu" and not backends.triton_interpreted():
-        raise ValueError("x is on the CPU: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
-    y, _ = _fwd_op(_rows(x), weight, float(eps), out)
+    check_kernel_device(x, "x")
+    y, _ = _fwd_op(as_rows(x), weight, float(eps), out)
     return y.view(x.shape)
 
 

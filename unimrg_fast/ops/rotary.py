@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.ops._common import check_kernel_device, store_dtype
 from unimrg_fast.reference.rotary import check_rotary_args
 
 # Calls with at least this many (batch, token) rows run with big tiles in the interpreter.
@@ -262,9 +262,7 @@ def _triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     kernel has no dcos / dsin; a ValueError rather than a silently missing gradient).
     """
     out_dtype = check_rotary_args(x, cos, sin, out_dtype=out_dtype)
-    if x.device.type == "cpu" and not backends.triton_interpreted():
-        raise ValueError("x is on the CPU: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
+    check_kernel_device(x, "x")
     if torch.is_grad_enabled():
         wanting = [name for name, t in (("cos", cos), ("sin", sin)) if t.requires_grad]
         if wanting:

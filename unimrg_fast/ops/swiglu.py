@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import store_dtype
+from unimrg_fast.ops._common import as_rows, check_kernel_device, store_dtype
 from unimrg_fast.reference.swiglu import check_swiglu_args
 
 
@@ -130,25 +130,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., I] as [N, I] with unit column stride: a view when every leading dim steps
-    by a whole number of rows of one stride (the reshape is a view), else a contiguous
-    copy. Checked from the strides rather than by trying `view`, so that torch.compile
-    traces it without an exception path."""
-    width = x.shape[-1]
-    n = math.prod(x.shape[:-1])
-    if width > 1 and x.stride(-1) != 1:
-        return x.contiguous().view(n, width)
-    expected = None  # the stride the next outer non-trivial dim must have
-    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
-        if size == 1:
-            continue
-        if expected is not None and stride != expected:
-            return x.contiguous().view(n, width)
-        expected = stride * size
-    return x.view(n, width)
-
-
 def _forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """y [N, I] in out_dtype for gate, up [N, I] with unit column stride."""
     n, width = gate.shape
@@ -169,7 +150,7 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg
     n, width = gate.shape
     dev = gate.device
     interpreted = backends.triton_interpreted()
-    dy = _as_rows(dy)  # e.g. a stride-0 gradient expanded from a sum: copied
+    dy = as_rows(dy)  # e.g. a stride-0 gradient expanded from a sum: copied
     dg = _empty((n, width) if compute_dg else (0,), store_dtype(gate.dtype, interpreted), dev)
     du = _empty((n, width) if compute_du else (0,), store_dtype(up.dtype, interpreted), dev)
     if n > 0 and width > 0 and (compute_dg or compute_du):
@@ -188,18 +169,18 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg
 # torch.library custom ops (rather than a bare autograd.Function) so that torch.compile
 # traces through the activation without graph breaks: the fake kernels give it the
 # output shapes, register_autograd wires the backward op. The entry point hands the ops
-# [N, I] rows (`_as_rows`: a view for row-strided inputs, so that autograd saves that
-# view or the one copy); the ops apply `_as_rows` again themselves, a no-op for such
+# [N, I] rows (`as_rows`: a view for row-strided inputs, so that autograd saves that
+# view or the one copy); the ops apply `as_rows` again themselves, a no-op for such
 # rows, so that any layout they are handed reaches the kernels with unit column stride.
 # Their outputs are [N, I] and always new tensors.
 @torch.library.custom_op("unimrg_fast::swiglu_fwd", mutates_args=())
 def _fwd_op(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """-> y [N, I] contiguous in out_dtype, = silu(gate) * up."""
-    return _forward(_as_rows(gate), _as_rows(up), out_dtype)
+    return _forward(as_rows(gate), as_rows(up), out_dtype)
 
 
 def _rows_shape(x: torch.Tensor) -> Tuple[int, int]:
-    """The [N, I] shape `_as_rows(x)` has (x itself for the rows the entry point passes)."""
+    """The [N, I] shape `as_rows(x)` has (x itself for the rows the entry point passes)."""
     return math.prod(x.shape[:-1]), x.shape[-1]
 
 
@@ -213,7 +194,7 @@ def _bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg: 
             compute_du: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (dgate, dup) [N, I] contiguous in gate's / up's dtypes; a gradient not asked for
     is empty [0]."""
-    return _backward(dy, _as_rows(gate), _as_rows(up), compute_dg, compute_du)
+    return _backward(dy, as_rows(gate), as_rows(up), compute_dg, compute_du)
 
 
 @_bwd_op.register_fake
@@ -242,17 +223,6 @@ torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_co
 
 
 # ------------------------------------------------------------------ entry points
-def _check_device(gate: torch.Tensor) -> None:
-    if gate.device.type == "cuda":
-        return
-    if gate.device.type == "cpu":
-        if backends.triton_interpreted():
-            return
-        raise ValueError("gate is on the CPU: the Triton kernels need CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before importing unimrg_fast")
-    raise ValueError(f"gate must be a CUDA tensor for the Triton kernels, got {gate.device}")
-
-
 def _triton(gate: torch.Tensor, up: torch.Tensor, *,
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The fused implementation behind `swiglu(..., impl="triton")`.
@@ -262,8 +232,8 @@ def _triton(gate: torch.Tensor, up: torch.Tensor, *,
     apply: like F.silu and `*`, the op computes in its inputs' dtypes.
     """
     out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype, float64=False)
-    _check_device(gate)
-    y = _fwd_op(_as_rows(gate), _as_rows(up), out_dtype)
+    check_kernel_device(gate, "gate")
+    y = _fwd_op(as_rows(gate), as_rows(up), out_dtype)
     return y.view(gate.shape)
 
 
