@@ -2,6 +2,7 @@
 recipe learns, the fused and the plain path agree, packs are a function of the seed, a
 step with a non-finite loss or gradient is skipped (weights and AdamW untouched) and too
 many in a row stop the run cleanly, and the run directory holds what it promises."""
+import importlib
 import json
 import math
 
@@ -98,6 +99,29 @@ def test_fast_and_plain_paths_agree(tmp_path, family):
                 continue
             assert fast[key] == pytest.approx(plain[key], rel=rtol), \
                 f"{family} step {plain['step']} {key}: fast {fast[key]} vs plain {plain[key]}"
+
+
+@needs_triton
+@pytest.mark.parametrize("fused_decoder", [True, False])
+def test_no_fused_decoder_keeps_the_models_own_decoder_ops(tmp_path, monkeypatch, fused_decoder):
+    """--fast-kernels runs the fused RMSNorm / SwiGLU / rotary in the decoder; with
+    --no-fused-decoder those are the model's own while attention stays fused."""
+    calls = dict.fromkeys(["rms_norm", "swiglu", "rotary", "packed_attention"], 0)
+    for name in calls:
+        module = importlib.import_module(f"unimrg_fast.ops.{name}")
+
+        def spy(*a, _real=module._triton, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, "_triton", spy)
+    monkeypatch.setattr(backends, "_loaded", {})   # resolve loads the spies, then forgets them
+    config = small_config(tmp_path, fast_kernels=True, fused_decoder=fused_decoder, steps=1,
+                          eval_questions=0, eval_scenes=0)
+    train(config)
+    assert calls["packed_attention"] > 0
+    decoder = [calls[name] for name in ("rms_norm", "swiglu", "rotary")]
+    assert all(decoder) if fused_decoder else not any(decoder), calls
 
 
 def _packs(config, steps=3):

@@ -343,6 +343,10 @@ class RunConfig:
     """Fused Triton kernels (impl='triton') for attention, the losses and the decoder's
     RMSNorm / SwiGLU / rotary embedding (unimrg_fast.hf); without a CUDA device
     they run on the Triton interpreter (exact, slow). Off: the plain PyTorch reference."""
+    fused_decoder: bool = True
+    """With --fast-kernels, also swap the decoder's RMSNorm / SwiGLU / rotary embedding for
+    the fused kernels; --no-fused-decoder keeps the model's own (eager PyTorch) ones while
+    attention and the losses stay fused. No effect without --fast-kernels."""
     out: str = "runs"
     """Parent directory of the run directory (a timestamped subfolder is created in it)."""
     name: Optional[str] = None
