@@ -255,6 +255,19 @@ def test_long_conversations_drop_turns_then_skip(tmp_path, dataset_dir):
     assert reasons["too_long"] == 3
 
 
+def test_dropping_turns_tokenises_each_turn_once(tmp_path, dataset_dir, monkeypatch):
+    """A conversation longer than a pack is cut after its last turn that fits, found in one
+    pass: no turn is tokenised again for every shorter prefix tried."""
+    seen = collections.Counter()
+    encode = StubTokenizer.encode
+    monkeypatch.setattr(StubTokenizer, "encode", lambda self, text: seen.update([text]) or encode(self, text))
+    items = items_of(dataset_for(tmp_path, dataset_dir, cycle=("und",), pack_tokens=16 + 7))
+    assert any(isinstance(i, Sample) and i.source.endswith(":a") for i in items)
+    # record a's first turn fits, its second does not (test above)
+    assert seen["What colour is the top?"] == seen["Red."] == 1
+    assert seen["And the bottom?"] <= 1
+
+
 def _key(item):
     if isinstance(item, Skipped):
         return ("skip", item.reason, item.source)

@@ -108,22 +108,31 @@ class SampleFactory:
         return self.und_from(scene.image, qas, with_answer=with_answer)
 
     def und_from(self, image: np.ndarray, qas: Sequence[scenes.QA], *,
-                 with_answer: bool = True) -> Sample:
+                 with_answer: bool = True, max_tokens: Optional[int] = None) -> Optional[Sample]:
         """[image | bos q1 a1 eos q2 a2 eos ...]: a multi-turn conversation about the image
         (LLaVA-style); the loss covers each answer and its eos. Without the answer (held-out
-        prompts) a single question ends the text. `image`: uint8 [S, S, 3]."""
+        prompts) a single question ends the text. `image`: uint8 [S, S, 3]. With
+        `max_tokens`, trailing turns are dropped until the sample fits (each turn is
+        tokenised once); None when not even the first turn fits."""
         text: List[int] = self._prefix()
         rows: List[int] = []
         labels: List[int] = []
+        turns = 0
         for qa in qas:
-            text += self.text.encode(qa.question)
-            if with_answer:
-                answer = self.text.encode(qa.answer) + [self.text.eos_id]
-                # position p predicts token p + 1: the rows are the answer tokens' predecessors
-                start = self.cond_tokens + len(text) - 1
-                rows += range(start, start + len(answer))
-                labels += answer
-                text += answer
+            question = self.text.encode(qa.question)
+            answer = self.text.encode(qa.answer) + [self.text.eos_id] if with_answer else []
+            if (max_tokens is not None
+                    and self.cond_tokens + len(text) + len(question) + len(answer) > max_tokens):
+                break   # the sample grows with every turn: no later prefix fits either
+            turns += 1
+            text += question
+            # position p predicts token p + 1: the rows are the answer tokens' predecessors
+            start = self.cond_tokens + len(text) - 1
+            rows += range(start, start + len(answer))
+            labels += answer
+            text += answer
+        if qas and turns == 0:
+            return None
         ids = np.array([self.text.img_id] * self.cond_tokens + text, dtype=np.int64)
         return Sample(UND, ((self.cond_tokens, "full"), (len(text), "causal")), ids,
                       image, np.array(rows, dtype=np.int64),

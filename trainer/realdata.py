@@ -358,11 +358,8 @@ class RecordDataset(torch.utils.data.IterableDataset):
         if not turns:
             return Skipped("no_conversation", source)
         cond = und_image(image, self.size)
-        for count in range(len(turns), 0, -1):   # drop trailing turns until it fits
-            sample = self.factory.und_from(cond, turns[:count])
-            if sample.length <= self.pack_tokens:
-                return sample
-        return Skipped("too_long", source)
+        sample = self.factory.und_from(cond, turns, max_tokens=self.pack_tokens)
+        return sample if sample is not None else Skipped("too_long", source)
 
     def _target(self, task: str, image, rel: str, source: str):
         """The depth or seg target of the image, or why there is none."""
