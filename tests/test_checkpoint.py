@@ -479,3 +479,23 @@ def test_a_stored_config_loads_after_its_paths_are_gone(tmp_path):
         loaded = Config.from_dict(stored)
         source.mkdir()
         assert loaded.to_dict() == stored
+
+
+def test_rng_states_live_in_one_file_per_rank_and_load_back(tmp_path):
+    """Rank 0's RNG states are in rng-00000.pt only (not again in state.pt); load returns
+    them, and a checkpoint without its rank's file is refused naming the file."""
+    run_dir = tmp_path / "run"
+    torch.manual_seed(123)
+    _tiny_saves(tmp_path, run_dir, [1])
+    path = ckpt.latest(run_dir)
+    assert "rng" not in ckpt.read_state(path)
+    config = small_config(tmp_path)
+    model = torch.nn.Linear(4, 4)
+    optimizer, schedule = build_optimizer(model, config, torch.device("cpu"))
+    kw = dict(model=model, optimizer=optimizer, scheduler=schedule)
+    state = ckpt.load(path, **kw)
+    saved = torch.load(path / "rng-00000.pt", weights_only=False)
+    assert torch.equal(state["rng"]["torch"], saved["torch"])
+    (path / "rng-00000.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="rng-00000.pt"):
+        ckpt.load(path, **kw)

@@ -5,11 +5,11 @@ One checkpoint is a directory holding
     .metadata, __*.distcp   model (trainable weights) and AdamW state, written by
                             torch.distributed.checkpoint (DCP: sharded-safe; on one process
                             it needs no process group)
-    state.pt                the rest: step, LR scheduler, rank 0's RNG states (torch CPU,
-                            CUDA when present, numpy, python), the data position, the
-                            number of processes, the config, the evaluation before
-                            training and the skipped-step counters
-    rng-RRRRR.pt            each rank's own RNG states (torchrun: one file per rank)
+    state.pt                the rest: step, LR scheduler, the data position, the number
+                            of processes, the config, the evaluation before training and
+                            the skipped-step counters
+    rng-RRRRR.pt            each rank's own RNG states (torch CPU, CUDA when present,
+                            numpy, python; one file per rank, rank 0's too)
     data-RRRRR.pt           each rank's data position as state (trainer.data.TrainData:
                             the samples waiting for a pack, where each reader of the
                             real data stands)
@@ -338,7 +338,7 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
             _save_file(data_state, tmp / _data_file(ctx.rank))
 
     def seal():
-        state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+        state = {"step": step, "scheduler": scheduler.state_dict(),
                  "data": {"steps": step}, "world": ctx.world, "config": config.to_dict(),
                  **(extra or {})}
         _save_file(state, tmp / STATE)
@@ -424,6 +424,8 @@ def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str,
     own_rng = path / _rng_file(rank)
     if own_rng.is_file():
         state["rng"] = torch.load(own_rng, weights_only=False)
+    elif "rng" not in state:   # older checkpoints kept rank 0's RNG in state.pt too
+        raise CheckpointError(f"{path} has no RNG state for rank {rank} ({own_rng.name})")
     own_data = path / _data_file(rank)   # absent in checkpoints written before it existed
     state["data_state"] = (torch.load(own_data, weights_only=False) if own_data.is_file()
                            else None)
