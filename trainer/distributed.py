@@ -266,16 +266,6 @@ def full_trainable_state(umm: nn.Module, ctx: Context) -> Dict[str, torch.Tensor
     return {k: v.detach().cpu() for k, v in state.items() if not k.startswith("vit.")}
 
 
-class Weights:
-    """What report.save_checkpoint needs of a model: its trainable weights."""
-
-    def __init__(self, state: Dict[str, torch.Tensor]):
-        self.state = state
-
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.state
-
-
 def drop_unused_grads(umm: nn.Module, counts: torch.Tensor) -> None:
     """No gradient (not a zero one) for a head no pack of the global step used: AdamW then
     leaves it alone (a zero gradient would still move it through its momentum and weight

@@ -353,7 +353,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
         after = evaluate(umm, held, factory, text, device, impl, autocast)
         try:   # e.g. the disk is full: a clean error, the resumable checkpoints intact
             log({"event": "eval", "when": "after", "step": steps, **after})
-            report.save_checkpoint(run_dir, distributed.Weights(weights), config, steps, images)
+            report.save_checkpoint(run_dir, weights, config, steps, images)
             parallel = f", {ctx.mode} x{ctx.world}" if ctx.world > 1 else ""
             report.plot_losses(metrics.rows, run_dir / report.CURVES,
                                f"{config.preset} / {config.model.family} / {config.data.recipe} "
@@ -388,7 +388,7 @@ def _export_weights(run_dir: Path, umm, ctx: distributed.Context, config: Config
     failure: Optional[OSError] = None
     if ctx.main:
         try:
-            report.save_checkpoint(run_dir, distributed.Weights(weights), config, step, images)
+            report.save_checkpoint(run_dir, weights, config, step, images)
         except OSError as exc:
             failure = exc
     if ctx.any_failed(failure is not None):   # every rank stops together

@@ -248,9 +248,6 @@ class UMM(nn.Module):
         self.vit.eval()  # frozen: never dropout / batch statistics
         return self
 
-    def trainable_state_dict(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vit.")}
-
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.image_size:
