@@ -106,11 +106,9 @@ def latest(run_dir: Path) -> Optional[Path]:
 
 
 def resolve(resume: str, resume_dir: Optional[str]) -> Path:
-    """The checkpoint directory named by --resume PATH|auto (and --resume-dir)."""
+    """The checkpoint directory named by --resume PATH|auto (and --resume-dir). RunConfig
+    has checked the flags themselves (auto comes with --resume-dir, the paths exist)."""
     if resume == "auto":
-        if not resume_dir:
-            raise ConfigError("--resume", "auto needs --resume-dir RUN_DIR (the run directory "
-                                          "whose latest complete checkpoint to continue)")
         found = latest(Path(resume_dir))
         if found is None:
             raise ConfigError("--resume", f"no complete checkpoint in {resume_dir!r} "
@@ -121,8 +119,6 @@ def resolve(resume: str, resume_dir: Optional[str]) -> Path:
         return path
     if path.is_dir() and latest(path) is not None:   # a run directory: its latest
         return latest(path)
-    if not path.exists():
-        raise ConfigError("--resume", f"no such checkpoint {resume!r}")
     raise ConfigError("--resume", f"{resume!r} is neither a complete checkpoint (a "
                                   f"{DIRNAME}/{PREFIX}N directory with a {COMPLETE} marker) "
                                   f"nor a run directory holding one")
