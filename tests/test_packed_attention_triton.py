@@ -681,17 +681,19 @@ def test_gpu_no_host_sync():
 
 
 def _compile_check(layout, q, k, v, **compile_kw):
-    """torch.compile(fullgraph=True) traces the custom ops (fake kernels, autograd)
-    without a graph break and computes what eager does. (Through `pa._triton`: the
-    public op's backends.resolve imports lazily, which dynamo does not trace.)"""
+    """torch.compile(fullgraph=True) traces the public op (its dispatch, the custom ops'
+    fake kernels, autograd) without a graph break and computes what eager does. The
+    eager call comes first: it computes the layout's tile metadata (host numpy work)."""
+    def attention(a, b, c):
+        return uf.packed_attention(a, b, c, layout, impl="triton")
+
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    eager = pa._triton(*leaves, layout)
+    eager = attention(*leaves)
     g = torch.randn_like(eager)
     eager.backward(g)
     want = [x.grad for x in leaves]
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    compiled = torch.compile(lambda a, b, c: pa._triton(a, b, c, layout), fullgraph=True,
-                             **compile_kw)
+    compiled = torch.compile(attention, fullgraph=True, **compile_kw)
     out = compiled(*leaves)
     out.backward(g)
     assert torch.equal(out, eager)

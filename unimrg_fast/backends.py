@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import sys
 import logging
 import os
 import re
@@ -56,10 +57,19 @@ def _memo(probe: Callable[[], "Probe"]) -> Callable[[], "Probe"]:
     @functools.wraps(probe)
     def cached() -> "Probe":
         if probe.__name__ not in _probe_results:
-            _probe_results[probe.__name__] = probe()
+            _probe_results[probe.__name__] = Probe(*_run_probe(probe))
         return _probe_results[probe.__name__]
 
     return cached
+
+
+@torch.compiler.assume_constant_result
+def _run_probe(probe: Callable[[], "Probe"]) -> Tuple[bool, Optional[str], str]:
+    """A probe's outcome as plain constants. torch.compile runs it at trace time (a probe
+    imports packages, which would graph-break a compiled op that runs before any eager
+    call) and keeps the result as a constant of the graph."""
+    found = probe()
+    return found.available, found.version, found.detail
 
 
 def _import_probe(module: str, missing: str) -> Probe:
@@ -239,12 +249,15 @@ class Implementation:
 
 
 def _load(target: str) -> Callable:
-    """The function named "module:function". Cached so that, once an op has run eagerly,
-    torch.compile traces the dispatch as a dict lookup instead of graph-breaking on
-    importlib."""
+    """The function named "module:function", cached. The package imports every module
+    named in the table (unimrg_fast.ops), so under torch.compile this is a dict lookup
+    and a sys.modules lookup, never an import (which would graph-break)."""
     if target not in _loaded:
         module, _, attr = target.partition(":")
-        _loaded[target] = getattr(importlib.import_module(module), attr)
+        imported = sys.modules.get(module)
+        if imported is None:
+            imported = importlib.import_module(module)
+        _loaded[target] = getattr(imported, attr)
     return _loaded[target]
 
 
@@ -381,7 +394,8 @@ def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = Non
                     why = predicate(device=device, **call)
             if why is None:
                 key = (op, cand.name, device.type if device is not None else None)
-                if key not in _logged_choices:
+                # logged once, from an eager call (torch.compile cannot trace a logger)
+                if key not in _logged_choices and not torch.compiler.is_compiling():
                     _logged_choices.add(key)
                     skipped = "; ".join(reasons)
                     log.info("unimrg_fast: %s uses impl=%r%s", op, cand.name,
