@@ -46,6 +46,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 from typing import Any, Dict, List, Optional
 
@@ -146,6 +147,11 @@ def init(config: Config, device: torch.device) -> Context:
 
 def shutdown(ctx: Context) -> None:
     if ctx.world > 1 and dist.is_initialized():
+        # The run's modules are gone by now, but FSDP / DDP state sits in reference cycles
+        # that may still hold gloo work objects and their tensors; collect them while the
+        # group is alive, not during interpreter teardown (one rank once aborted at exit
+        # with "terminate called without an active exception" after a complete run).
+        gc.collect()
         dist.destroy_process_group()
 
 
