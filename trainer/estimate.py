@@ -72,7 +72,7 @@ RECIPE_GPUS = 8                # the released recipe's data-parallel GPUs
 # ops (unimrg_fast.hf) add to the fast path.
 PATHS = {"fast": ("triton", None), "fast-hf-decoder": ("triton", "reference"),
          "plain": ("reference", None)}
-PATH_LABELS = {"fast": "fast (fused Triton)", "fast-hf-decoder": "fast, HF decoder ops",
+PATH_LABELS = {"fast": "fast (fused Triton)", "fast-hf-decoder": "fast, HF decoder ops (--no-fused-decoder)",
                "plain": "plain (PyTorch reference)"}
 BUS_BANDWIDTH = 400e9          # bytes/s, a stated assumption (see the module docstring)
 ANSWER_TOKENS = (32, 512)      # DESIGN.md section 5: real understanding answers
@@ -419,6 +419,7 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
                     f"{BUS_BANDWIDTH / 1e9:.0f} GB/s, never overlapped (an upper bound)"
                     if gpus > 1 else ""))
     lo, hi = recipe["paper_hours"]
+    width = max(len(label) for label in PATH_LABELS.values())   # the figures line up
     for path in PATHS:
         entry = r["paths"].get(path)
         if entry is None:
@@ -427,7 +428,7 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
         if PATHS[path][0] == "triton" and r["device"] == "cpu":
             label = label.replace("fused Triton", "Triton interpreter")
         if "error" in entry:
-            lines.append(f"  {label:<27} not timed: {entry['error']}")
+            lines.append(f"  {label:<{width}} not timed: {entry['error']}")
             continue
         step_s = entry["step_s"] * scale
         hours = iterations * (micro * step_s + reduce_s) / 3600
@@ -440,7 +441,7 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
             meets = hours < recipe["target_hours"]
             verdict = (f"; target < {recipe['target_hours']:g} h: "
                        f"{'MET' if meets else 'NOT MET'}")
-        lines.append(f"  {label:<27} {step_s:.3f} s/step{mem} -> projected {_hours(hours)} for "
+        lines.append(f"  {label:<{width}} {step_s:.3f} s/step{mem} -> projected {_hours(hours)} for "
                      f"the whole recipe{verdict}")
     lines.append("  not modelled: Harmon's MAR-H encoder / decoder and VAE around the LLM "
                  "(a ViT, projector and diffusion MLP stand in), data loading, evaluation, "
