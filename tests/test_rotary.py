@@ -277,11 +277,16 @@ def test_tables_requiring_grad_are_fine_without_grad_mode(seed, poison):
     assert_rel(y, float64_oracle(x, cos, sin, torch.zeros_like(y))[0], 1e-5, "y")
 
 
-def test_public_op_dispatches_to_triton(seed):
+def test_public_op_dispatches_to_triton(seed, monkeypatch):
+    # the reference gives the same fp32 bits here, so count kernel launches instead
     x = make_x(1, 2, 5, 8)
     cos, sin = make_tables((5, 8))
+    calls = []
+    real = rot._rotate
+    monkeypatch.setattr(rot, "_rotate", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = rot.rotary_embedding(x, cos, sin, impl="triton")
-    assert torch.equal(y, rot._triton(x, cos, sin))
+    assert calls == [1]
+    assert torch.equal(y, real(x, cos, sin, torch.float32, rot._layout_of(x), backward=False))
 
 
 def test_interpreter_big_tiles(seed, poison):
@@ -316,20 +321,34 @@ LAYOUT_CASES = [  # (name, x maker): every kind of x the kernel reads in place o
     ("one_head", lambda: torch.randn(2, 7, 1, 16).transpose(1, 2)),
     ("T0", lambda: torch.randn(2, 0, 3, 16).transpose(1, 2)),
     ("H0", lambda: torch.randn(2, 7, 0, 16).transpose(1, 2)),
+    # dense, but D is not innermost: the output must still have unit-stride rows
+    ("d_outer", lambda: torch.randn(2, 3, 16, 7).transpose(-1, -2)),
+    ("expanded_heads", lambda: torch.randn(2, 1, 7, 16).expand(2, 3, 7, 16)),
 ]
+
+
+@pytest.mark.parametrize("make", [m for _, m in LAYOUT_CASES], ids=[n for n, _ in LAYOUT_CASES])
+def test_every_layout_matches_float64(seed, poison, make):
+    x = make().requires_grad_()
+    cos, sin = make_tables((x.shape[2], x.shape[3]))
+    y, dx = check_triton(x, cos, sin)
+    assert y.stride(-1) == 1 or y.shape[-1] <= 1
 
 
 @pytest.mark.parametrize("make", [m for _, m in LAYOUT_CASES], ids=[n for n, _ in LAYOUT_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fake_kernels_give_the_real_layout(seed, poison, make, dtype):
     # what torch.compile traces with must be what runs: shape, dtype AND strides of y
-    # and dx; and the layout is torch.empty_like's (the eager contract)
+    # and dx; and a dense x with unit-stride rows is kept as it is (torch.empty_like's
+    # layout: the eager contract)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = make().to(dtype)
     cos, sin = make_tables((x.shape[2], x.shape[3]), dtype)
     stride = list(rot._layout_of(x))
-    assert tuple(stride) == torch.empty_like(x).stride()
+    if x.stride(-1) == 1 and rot._dense_and_non_overlapping(tuple(x.shape), x.stride()):
+        assert tuple(stride) == x.stride() == torch.empty_like(x).stride()
+    assert stride[-1] == 1 or x.shape[-1] <= 1
     y = rot._fwd_op(x, cos, sin, torch.float32)
     grad_out = torch.randn(y.shape).to(dtype)
     dx = rot._bwd_op(grad_out, cos, sin, dtype, stride)

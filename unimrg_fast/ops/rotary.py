@@ -137,18 +137,19 @@ def _empty(shape, stride, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def _layout_of(x: torch.Tensor) -> Tuple[int, ...]:
     """The strides of the output (and of dx): x's own when x is dense and
-    non-overlapping (HF's q / k: [B, H, T, D] views of the projections' [B, T, H, D]
-    rows, so the attention reads [T, H, D] rows in place), else dense strides that keep
-    the order of x's strides (largest outermost; ties keep the dimension order).
+    non-overlapping with a unit-stride last dim (HF's q / k: [B, H, T, D] views of the
+    projections' [B, T, H, D] rows, so the attention reads [T, H, D] rows in place), else
+    dense strides with D innermost (the kernel stores unit-stride rows) and the other
+    dims in the order of x's strides (largest outermost; ties keep the dimension order).
 
     Computed from x's shape and strides alone, so that the fake kernels under
     torch.compile give the same strides as the real ones."""
     shape, stride = tuple(x.shape), tuple(x.stride())
-    if _dense_and_non_overlapping(shape, stride):
+    if _dense_and_non_overlapping(shape, stride) and (stride[-1] == 1 or shape[-1] <= 1):
         return stride
-    order = sorted(range(len(shape)), key=lambda d: stride[d], reverse=True)   # stable
+    outer = sorted(range(len(shape) - 1), key=lambda d: stride[d], reverse=True)   # stable
     out, step = [0] * len(shape), 1
-    for dim in reversed(order):
+    for dim in reversed(outer + [len(shape) - 1]):
         out[dim] = step
         step *= max(shape[dim], 1)
     return tuple(out)
@@ -239,7 +240,7 @@ def _setup_context(ctx, inputs, output):
     # only what dx needs: the tables, and x's dtype and layout (not x itself, which
     # would keep the projection output alive until the backward)
     ctx.save_for_backward(cos, sin)
-    ctx.x_dtype, ctx.x_stride = x.dtype, _layout_of(x)
+    ctx.x_dtype, ctx.x_stride = x.dtype, output.stride()   # _layout_of(x)
 
 
 def _backward_rule(ctx, grad_out):
