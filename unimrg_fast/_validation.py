@@ -21,6 +21,17 @@ def _dtype_list(dtypes: Iterable[torch.dtype]) -> str:
     return " / ".join(_DTYPE_NAMES.get(d, str(d)) for d in dtypes)
 
 
+def check_out_dtype(out_dtype, default: torch.dtype, dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """An op's output dtype: `out_dtype`, or `default` (what eager promotion of the inputs
+    gives) when it is None; anything but one of `dtypes` is a TypeError."""
+    if out_dtype is None:
+        return default
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in dtypes:
+        raise TypeError(f"out_dtype must be None (the inputs' promoted dtype) or "
+                        f"{_dtype_list(dtypes)}, got {out_dtype!r}")
+    return out_dtype
+
+
 def check_tensor(x, name: str, *, ndim: Optional[int] = None,
                  dtypes: Optional[Sequence[torch.dtype]] = None,
                  device: Optional[torch.device] = None) -> torch.Tensor:

@@ -19,22 +19,12 @@ def interpreted_bf16(dtype: torch.dtype, interpreted: bool) -> bool:
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., I] as [N, I] with unit column stride: a view when every leading dim steps
-    by a whole number of rows of one stride (the reshape is a view), else a contiguous
-    copy. Checked from the strides rather than by trying `view`, so that torch.compile
-    traces it without an exception path."""
+    """x [..., I] as [N, I] with unit column stride: a view where reshape gives one with
+    unit column stride, else a contiguous copy (reshape never raises, so torch.compile
+    traces it without an exception path)."""
     width = x.shape[-1]
-    n = math.prod(x.shape[:-1])
-    if width > 1 and x.stride(-1) != 1:
-        return x.contiguous().view(n, width)
-    expected = None  # the stride the next outer non-trivial dim must have
-    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
-        if size == 1:
-            continue
-        if expected is not None and stride != expected:
-            return x.contiguous().view(n, width)
-        expected = stride * size
-    return x.view(n, width)
+    rows = x.reshape(math.prod(x.shape[:-1]), width)
+    return rows if rows.stride(-1) == 1 or width <= 1 else rows.contiguous()
 
 
 def check_kernel_device(x: torch.Tensor, name: str) -> None:
@@ -59,6 +49,19 @@ def store_dtype(dtype: torch.dtype, interpreted: bool) -> torch.dtype:
     (with torch's rounding) outside the kernel.
     """
     return torch.float32 if interpreted_bf16(dtype, interpreted) else dtype
+
+
+_sm_counts = {}  # device -> multiprocessor count; a dict that torch.compile can read
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessor (SM) count of a CUDA device, asked once; 1 elsewhere (grids
+    sized by it then stay small on the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device]
 
 
 # Shared memory per block (the opt-in maximum, `shared_memory_per_block_optin`) of the

@@ -22,7 +22,6 @@ receive a gradient. No host synchronisation anywhere: shapes alone steer the lau
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -30,7 +29,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import check_kernel_device, store_dtype
+from unimrg_fast.ops._common import check_kernel_device, multiprocessors, store_dtype
 from unimrg_fast.reference.cross_entropy import masked_weighted_reduce
 from unimrg_fast.reference.regression import check_regression_args
 
@@ -192,18 +191,11 @@ def _pick_config(hidden: torch.Tensor, weight: torch.Tensor, channels: int,
                        bwd_num_stages=1, bwd_programs=8)
     # Both kernels stay within 48 KiB of shared memory on sm_75 / sm_80 / sm_90 (41 KiB at
     # most, compiled offline; tests/test_kernel_resources.py checks): every GPU runs them.
-    programs = 4 * _multiprocessors(hidden.device)
+    programs = 4 * multiprocessors(hidden.device)
     if torch.float32 in (hidden.dtype, weight.dtype):
         # exact fp32 ("ieee") dots run on CUDA cores: smaller tiles, fewer registers
         return _Config(64, 64, block_c, 64, 64, bwd_num_warps=4, bwd_programs=programs)
     return _Config(64, 128, block_c, 64, 128, bwd_programs=programs)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(hidden: torch.Tensor, weight: torch.Tensor) -> Tuple[str, str]:

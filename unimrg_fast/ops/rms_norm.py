@@ -32,8 +32,10 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import as_rows, check_kernel_device, store_dtype
-from unimrg_fast.reference.rms_norm import MAX_FUSED_HIDDEN, check_rms_norm_args
+from unimrg_fast.ops._common import as_rows, check_kernel_device, multiprocessors, store_dtype
+from unimrg_fast.reference.rms_norm import check_rms_norm_args
+
+MAX_FUSED_HIDDEN = 65_536   # a whole row is kept in registers
 
 _TILE_ELEMENTS = 8192   # rows per program: as many as fit this many elements (>= 1)
 _INTERPRETER_TILE_ELEMENTS = 65536
@@ -69,7 +71,8 @@ def _rms_norm_fwd_kernel(x_ptr, stride_xn, w_ptr, y_ptr, stride_yn, rstd_ptr, N,
 @triton.jit
 def _rms_norm_bwd_kernel(x_ptr, stride_xn, w_ptr, dy_ptr, stride_dyn, rstd_ptr,
                          dx_ptr, stride_dxn, dw_ptr, N, H, programs,
-                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, NEED_DW: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                         NEED_DX: tl.constexpr, NEED_DW: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     col_ok = cols < H
@@ -85,11 +88,12 @@ def _rms_norm_bwd_kernel(x_ptr, stride_xn, w_ptr, dy_ptr, stride_dyn, rstd_ptr,
         rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
         x_hat = x.to(tl.float32) * rstd[:, None]
         dy = dy.to(tl.float32)
-        wdy = dy * w[None, :]
-        mean = tl.sum(wdy * x_hat, 1) / H
-        dx = rstd[:, None] * (wdy - x_hat * mean[:, None])
-        tl.store(dx_ptr + rows64[:, None] * stride_dxn + cols[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if NEED_DX:   # else dx_ptr is a placeholder: nothing is written
+            wdy = dy * w[None, :]
+            mean = tl.sum(wdy * x_hat, 1) / H
+            dx = rstd[:, None] * (wdy - x_hat * mean[:, None])
+            tl.store(dx_ptr + rows64[:, None] * stride_dxn + cols[None, :],
+                     dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if NEED_DW:
             dw += tl.sum(dy * x_hat, 0)
     if NEED_DW:
@@ -112,23 +116,16 @@ def _tiles(hidden: int, rows: int = 0, interpreted: bool = False):
 def _backward_programs(blocks: int, device: torch.device) -> int:
     """G, the number of dw partial rows: a function of the device only (bitwise
     reproducible results on one GPU), capped by the work."""
-    if device.type == "cuda":
-        per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        per_device = 4   # the interpreter: few programs, each a Python loop
+    # the interpreter: few programs, each a Python loop
+    per_device = 2 * multiprocessors(device) if device.type == "cuda" else 4
     return max(1, min(blocks, per_device))
-
-
-def _check_fused(x: torch.Tensor) -> None:
-    if x.shape[-1] > MAX_FUSED_HIDDEN:
-        raise ValueError(f"rms_norm(impl='triton') keeps a row in registers: H = x.shape[-1] "
-                         f"must be <= {MAX_FUSED_HIDDEN}, got {x.shape[-1]}; use impl='reference'")
 
 
 def triton_accepts(hidden: Optional[int] = None, **_) -> Optional[str]:
     """The backends predicate: "auto" takes the reference for rows too wide for registers."""
     if hidden is not None and hidden > MAX_FUSED_HIDDEN:
-        return f"H = {hidden} > {MAX_FUSED_HIDDEN} (a row must fit in registers)"
+        return (f"x.shape[-1] = {hidden} > {MAX_FUSED_HIDDEN} (a row must fit in "
+                f"registers)")
     return None
 
 
@@ -155,13 +152,14 @@ def _backward(dy: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, rstd: 
     dy = as_rows(dy)
     block_n, block_h, warps = _tiles(h, n, interpreted)
     programs = _backward_programs(triton.cdiv(n, block_n), rows.device)
-    dx = _empty((n, h), store_dtype(rows.dtype, interpreted), rows.device)
+    # a gradient not asked for gets a placeholder pointer (rstd), never written
+    dx = _empty((n, h), store_dtype(rows.dtype, interpreted), rows.device) if need_dx else rstd
     dw_partial = _empty((programs, h), torch.float32, rows.device) if need_dw else rstd
     if n and h and (need_dx or need_dw):
         _rms_norm_bwd_kernel[(programs,)](
             rows, rows.stride(0), weight, dy, dy.stride(0), rstd, dx, dx.stride(0),
             dw_partial, n, h, programs, BLOCK_N=block_n, BLOCK_H=block_h,
-            NEED_DW=need_dw, num_warps=warps)
+            NEED_DX=need_dx, NEED_DW=need_dw, num_warps=warps)
     dw = rows.new_empty((0,), dtype=weight.dtype)
     if need_dw:   # the fixed-order sum of the programs' partials: bitwise reproducible
         dw = (dw_partial.sum(0) if n else torch.zeros(h, device=rows.device)).to(weight.dtype)
@@ -218,7 +216,9 @@ torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_co
 def _triton(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     out = check_rms_norm_args(x, weight, eps=eps, out_dtype=out_dtype)
-    _check_fused(x)
+    too_wide = triton_accepts(x.shape[-1])
+    if too_wide:
+        raise ValueError(f"rms_norm(impl='triton'): {too_wide}; use impl='reference'")
     check_kernel_device(x, "x")
     y, _ = _fwd_op(as_rows(x), weight, float(eps), out)
     return y.view(x.shape)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import check_kernel_device, store_dtype
+from unimrg_fast.ops._common import check_kernel_device, multiprocessors, store_dtype
 from unimrg_fast.reference.rotary import check_rotary_args
 
 # Calls with at least this many (batch, token) rows run with big tiles in the interpreter.
@@ -95,17 +95,6 @@ def _rotary_kernel(x_ptr, stride_xb, stride_xh, stride_xt,
 
 
 # ------------------------------------------------------------------------ launcher
-_sm_counts = {}  # device -> multiprocessor count; a dict that torch.compile can read
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device]
-
-
 def _pick_tiles(batch: int, tokens: int, half: int, device: torch.device,
                 interpreted: bool) -> Tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D2, num_warps). Not autotuned: the kernel is memory bound.
@@ -122,7 +111,7 @@ def _pick_tiles(batch: int, tokens: int, half: int, device: torch.device,
             return 4, block_d2, 1
         return min(triton.next_power_of_2(tokens), max(4, 32768 // block_d2)), block_d2, 1
     block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), 1024 // block_d2))
-    target = 4 * _multiprocessors(device)
+    target = 4 * multiprocessors(device)
     while (block_t > 1 and block_t * block_d2 > 256
            and batch * triton.cdiv(tokens, block_t) < target):
         block_t //= 2

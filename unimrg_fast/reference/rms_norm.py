@@ -13,9 +13,7 @@ from typing import Optional
 
 import torch
 
-from unimrg_fast._validation import FLOAT_DTYPES, check_shape, check_tensor
-
-MAX_FUSED_HIDDEN = 65_536   # the fused kernel keeps a whole row in registers
+from unimrg_fast._validation import FLOAT_DTYPES, check_out_dtype, check_shape, check_tensor
 
 
 def check_rms_norm_args(x, weight, *, eps, out_dtype, dtypes=FLOAT_DTYPES) -> torch.dtype:
@@ -28,12 +26,7 @@ def check_rms_norm_args(x, weight, *, eps, out_dtype, dtypes=FLOAT_DTYPES) -> to
     check_shape(weight, "weight", (x.shape[-1],), "[H] = x.shape[-1]")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if out_dtype is None:
-        return torch.promote_types(x.dtype, weight.dtype)
-    if out_dtype not in dtypes:
-        raise TypeError(f"out_dtype must be None or one of {', '.join(map(str, dtypes))}, "
-                        f"got {out_dtype}")
-    return out_dtype
+    return check_out_dtype(out_dtype, torch.promote_types(x.dtype, weight.dtype), dtypes)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from unimrg_fast._validation import FLOAT_DTYPES, _dtype_list, check_tensor
+from unimrg_fast._validation import FLOAT_DTYPES, check_out_dtype, check_tensor
 
 
 def check_rotary_args(x, cos, sin, *, out_dtype: Optional[torch.dtype] = None,
@@ -41,11 +41,7 @@ def check_rotary_args(x, cos, sin, *, out_dtype: Optional[torch.dtype] = None,
     if sin.shape != cos.shape:
         raise ValueError(f"sin must have the same shape as cos {tuple(cos.shape)}, "
                          f"got {tuple(sin.shape)}")
-    if out_dtype is None:
-        return torch.promote_types(x.dtype, cos.dtype)
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in dtypes:
-        raise TypeError(f"out_dtype must be None or {_dtype_list(dtypes)}, got {out_dtype!r}")
-    return out_dtype
+    return check_out_dtype(out_dtype, torch.promote_types(x.dtype, cos.dtype), dtypes)
 
 
 def _check_table_shape(table: torch.Tensor, name: str, b: int, t: int, d: int) -> None:

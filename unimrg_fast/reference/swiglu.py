@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from unimrg_fast._validation import FLOAT_DTYPES, _dtype_list, check_tensor
+from unimrg_fast._validation import FLOAT_DTYPES, check_out_dtype, check_tensor
 
 
 def check_swiglu_args(gate, up, *, out_dtype: Optional[torch.dtype] = None,
@@ -42,14 +42,7 @@ def check_swiglu_args(gate, up, *, out_dtype: Optional[torch.dtype] = None,
     if up.shape != gate.shape:
         raise ValueError(f"up must have the same shape as gate [..., I] = {tuple(gate.shape)}, "
                          f"got {tuple(up.shape)}")
-    if out_dtype is None:
-        return torch.promote_types(gate.dtype, up.dtype)
-    if not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
-    if out_dtype not in dtypes:
-        raise TypeError(f"out_dtype must be {_dtype_list(dtypes)} or None (the inputs' "
-                        f"promoted dtype), got {out_dtype}")
-    return out_dtype
+    return check_out_dtype(out_dtype, torch.promote_types(gate.dtype, up.dtype), dtypes)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *,
