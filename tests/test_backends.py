@@ -264,3 +264,29 @@ def test_public_op_traces_fullgraph_before_any_eager_call(op, impl, seed):
     torch._dynamo.reset()
     got = torch.compile(lambda: call(impl), fullgraph=True, backend="eager")()
     assert torch.equal(got, call(impl))
+
+
+def test_refresh_retires_graphs_compiled_before_it(monkeypatch):
+    """A graph traced while the probe cache was empty holds the probes' outcomes as
+    constants; after refresh() (a package gone) neither it nor the eager path may use
+    the old outcome."""
+    import sys
+    import types
+
+    spy = types.ModuleType("spy_swiglu")
+    spy.swiglu = lambda gate, up, **_: torch.full_like(gate, 42.0)
+    monkeypatch.setitem(sys.modules, "spy_swiglu", spy)
+    fake_module(monkeypatch, "flash_attn", __version__="9")
+    backends.register(backends.Implementation("swiglu", "spy", "spy_swiglu:swiglu",
+                                              ("flash_attn",)), before="triton")
+    backends.refresh()
+    h = torch.randn(4, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: uf.swiglu(h, h), fullgraph=True, backend="eager")
+    assert (compiled(h) == 42).all() and (compiled(h) == 42).all()
+    absent(monkeypatch, "flash_attn")
+    backends.refresh()
+    want = torch.nn.functional.silu(h) * h
+    assert torch.allclose(compiled(h), want)   # first after the refresh: the caches are empty
+    assert not backends.flash_attn().available
+    assert torch.allclose(uf.swiglu(h, h), want)

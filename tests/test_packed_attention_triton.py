@@ -251,7 +251,7 @@ def _native_triton_on_a_gpu(monkeypatch, smem_limit):
     absent(monkeypatch, "xformers.ops")
     # fresh probe results (restored afterwards): the peers are probed again, as absent
     native = backends.Probe(True, backends.triton().version, "native (simulated)")
-    monkeypatch.setattr(backends, "_probe_results", {"triton": native})
+    monkeypatch.setattr(backends, "_probe_results", {(backends._epoch, "triton"): native})
     monkeypatch.setattr(backends, "triton_interpreted", lambda: False)
     monkeypatch.setattr(pa, "_smem_limit", lambda device: smem_limit)
 

@@ -45,7 +45,11 @@ class Probe:
     detail: str = ""  # why it is missing, or what was found (device name, mode)
 
 
-_probe_results: Dict[str, "Probe"] = {}
+_probe_results: Dict[Tuple[int, str], "Probe"] = {}   # (epoch, probe name) -> outcome
+# Bumped by refresh(). The probes' cache keys include it, so code torch.compile traced
+# (whose probe outcomes are constants of the graph) guards on its value: a graph traced
+# before a refresh() is never reused after it, even one traced while the cache was empty.
+_epoch = 0
 _loaded: Dict[str, Callable] = {}  # "module:function" -> the function (Implementation.load)
 
 
@@ -56,9 +60,10 @@ def _memo(probe: Callable[[], "Probe"]) -> Callable[[], "Probe"]:
 
     @functools.wraps(probe)
     def cached() -> "Probe":
-        if probe.__name__ not in _probe_results:
-            _probe_results[probe.__name__] = Probe(*_run_probe(probe))
-        return _probe_results[probe.__name__]
+        key = (_epoch, probe.__name__)
+        if key not in _probe_results:
+            _probe_results[key] = Probe(*_run_probe(probe))
+        return _probe_results[key]
 
     return cached
 
@@ -196,6 +201,8 @@ PROBES: Dict[str, Callable[[], Probe]] = {
 
 def refresh() -> None:
     """Forgets every probe and logged choice (after installing a package, or in tests)."""
+    global _epoch
+    _epoch += 1
     _probe_results.clear()
     _loaded.clear()
     _logged_choices.clear()
