@@ -17,14 +17,14 @@ difference is the norms, the MLP's activation and the rotary.
 Each timed call is one forward and a backward of a fixed random gradient; the inputs'
 gradients are dropped after it. Before timing, each variant's output is checked against
 the fp32 value. Builders are reused on the CPU at tiny shapes by
-tests/test_benchmark_builders.py.
+tests/test_decoder_bench_builders.py.
 
 Run: python -m pytest benchmarks/test_bench_decoder_ops.py --benchmark-only
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import pytest
 import torch
@@ -256,11 +256,10 @@ def decoder_layer_step(layer, rotary, t: int, h: int, device="cuda", seed=0):
     positions = torch.arange(t, device=device)[None]
     with torch.no_grad():
         cos_sin = rotary(x, positions)
-    autocast = device if device == "cuda" else "cpu"
     params = [p for p in layer.parameters()]
 
     def step():
-        with torch.autocast(autocast, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             out = layer(x, attention_mask=None, position_ids=positions,
                         position_embeddings=cos_sin)
         out = out[0] if isinstance(out, tuple) else out

@@ -485,7 +485,8 @@ def test_backward_in_many_dz_chunks_matches_float64(seed, monkeypatch, dtype):
 
 def test_dz_chunk_rows():
     # whole row blocks within the budget, at least one block, no more than the rows need
-    assert lce._dz_chunk_rows(10_000, 151_936, 2, 128) == (1 << 30) // (151_936 * 2) // 128 * 128
+    assert lce.DZ_CHUNK_BYTES == 1 << 30
+    assert lce._dz_chunk_rows(10_000, 151_936, 2, 128) == 3456   # 3,533 rows fit: 27 blocks
     assert lce._dz_chunk_rows(300, 151_936, 2, 128) == 384
     assert lce._dz_chunk_rows(10_000, 10 ** 9, 4, 64) == 64
 

@@ -150,13 +150,7 @@ class PackedLayout:
         tile_keys = sorted(self._tiles_host)
         for key in tile_keys:
             arrays.extend(self._tiles_host[key])
-        sizes = [a.shape[0] for a in arrays]
-        flat = torch.from_numpy(np.concatenate(arrays).astype(np.int32, copy=False))
-        if device.type == "cuda":
-            flat = flat.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            flat = flat.to(device)
-        parts = torch.split(flat, sizes)
+        parts = arrays_to_device(arrays, device)
         for name, part in zip(_LAYOUT_FIELDS, parts):
             object.__setattr__(self, name, part)
         self._tiles = {}
@@ -298,14 +292,21 @@ class PackedLayout:
             arrays = tile_metadata(h["cu_seqlens"], h["span_bounds"], h["span_modes"],
                                    h["span_sample"], block_q, block_k)
             self._tiles_host[key] = tuple(np.ascontiguousarray(a, dtype=np.int32) for a in arrays)
-            flat = torch.from_numpy(np.concatenate(self._tiles_host[key]))
-            if self.device.type == "cuda":
-                flat = flat.pin_memory().to(self.device, non_blocking=True)
-            elif self.device.type != "cpu":
-                flat = flat.to(self.device)
-            parts = torch.split(flat, [a.shape[0] for a in self._tiles_host[key]])
+            parts = arrays_to_device(self._tiles_host[key], self.device)
             self._tiles[key] = _tile_metadata_from(key, self.num_tokens, parts)
         return self._tiles[key]
+
+
+def arrays_to_device(arrays, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Host int32 arrays as 1-D tensors on `device`, in ONE transfer: concatenated, pinned
+    and copied without making the host wait (a CUDA device), then split."""
+    flat = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.int32).reshape(-1)
+                                            for a in arrays]))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    return torch.split(flat, [int(np.size(a)) for a in arrays])
 
 
 def _rebuild(spans, device: str, tiles_host) -> PackedLayout:

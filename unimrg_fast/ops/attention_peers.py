@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from unimrg_fast.layout import CAUSAL, MODES, NOISE, PackedLayout
+from unimrg_fast.layout import CAUSAL, MODES, NOISE, PackedLayout, arrays_to_device
 from unimrg_fast.reference.attention import _check_inputs
 
 __all__ = ["flash", "xformers", "flex", "flash_accepts", "xformers_accepts", "flex_accepts",
@@ -317,14 +317,9 @@ def block_mask_from_tiles(layout: PackedLayout, block_size: int = 128):
     full = tiles["k_tile_full"].astype(bool)
     parts = [_padded_rows(rows[sel], tiles["k_tile_idx"][sel], num_q, num_k)
              for sel in (~full, full)]
-    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for part in parts for a in part]))
-    if layout.device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(layout.device, non_blocking=True)
-    sizes = [num_q, num_q * num_k] * 2
+    host = [a for part in parts for a in part]   # counts, indices, full ones: one copy
     counts, indices, full_counts, full_indices = (
-        x.view(1, 1, *shape) for x, shape in zip(torch.split(flat, sizes),
-                                                   [(num_q,), (num_q, num_k)] * 2))
+        x.view(1, 1, *a.shape) for x, a in zip(arrays_to_device(host, layout.device), host))
     t = layout.num_tokens
     args = (counts, indices, full_counts, full_indices)
     kwargs = dict(BLOCK_SIZE=block_size, mask_mod=flex_mask_mod(layout))

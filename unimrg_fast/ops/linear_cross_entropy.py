@@ -395,9 +395,10 @@ def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    # fp32 results (the outputs themselves when the inputs are fp32); rows no chunk
-    # touches with a target (ignored rows) stay exactly zero.
-    dh = torch.zeros((n, h_dim) if compute_dh else (0,), dtype=torch.float32, device=dev)
+    # fp32 results (the outputs themselves when the inputs are fp32). Every row of dh is
+    # written by its chunk (order is a permutation of the rows); ignored rows get dz = 0,
+    # hence exact zeros.
+    dh = _empty((n, h_dim) if compute_dh else (0,), torch.float32, dev)
     dw = torch.zeros((vocab, h_dim) if compute_dw and n == 0 else (0,), dtype=torch.float32,
                      device=dev)
     db = torch.zeros((vocab,) if compute_db else (0,), dtype=torch.float32, device=dev)
@@ -440,7 +441,7 @@ def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
             if compute_dw:
                 # rows past the count are ignored: zero, not read (0 * NaN = NaN in dW)
                 valid = torch.arange(first, first + rows, device=dev) < count
-                h_rows = torch.where(valid[:, None], hidden.index_select(0, at), 0.0)
+                h_rows = hidden.index_select(0, at).masked_fill_(~valid[:, None], 0.0)
                 part = _mm_f32(dz.t(), h_rows)
                 dw = part if first == 0 else dw.add_(part)
         if g_scale is not None:

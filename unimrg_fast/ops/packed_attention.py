@@ -519,8 +519,8 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, token_sample, token_span, s
             num_stages=cfg.kv_stages)
         if group > 1:
             shape = (num_tokens, num_kv_heads, group, head_dim)
-            dk = dk.view(shape).sum(2).to(store)
-            dv = dv.view(shape).sum(2).to(store)
+            dk = dk.view(shape).sum(2)   # rounded once, to k's dtype, below
+            dv = dv.view(shape).sum(2)
     if compute_dq:
         dq = _empty((num_tokens, num_heads, head_dim), store, dev)
         num_q_tiles = q_tile_ptr.shape[0] - 1
