@@ -391,6 +391,26 @@ def test_tiles_match_brute_force(seed, block_q, block_k):
 
 
 @needs_tiles
+def test_tiles_host_matches_tiles_and_copies_nothing_to_the_device(monkeypatch):
+    import unimrg_fast.layout as layout_module
+
+    meta = PackedLayout.from_spans(PICTURE_SAMPLES, pad_to=15).to("meta")
+    on_cpu = PackedLayout.from_spans(PICTURE_SAMPLES, pad_to=15).tiles(2, 3)
+    copies = []
+    real = layout_module.arrays_to_device
+    monkeypatch.setattr(layout_module, "arrays_to_device",
+                        lambda arrays, device: copies.append(device) or real(arrays, device))
+    host = meta.tiles_host(2, 3)
+    assert copies == []  # flex's BlockMask builder wants the host arrays only
+    assert meta.tiles_host(2, 3)["q_tile_ptr"] is not host["q_tile_ptr"]  # fresh read-only views
+    assert not host["k_tile_idx"].flags.writeable
+    for name in TileMetadata.FIELDS:
+        assert host[name].dtype == np.int32, name
+        assert host[name].tolist() == getattr(on_cpu, name).tolist(), name
+    assert meta.tiles(2, 3).q_tile_ptr.device.type == "meta" and copies == [meta.device]
+
+
+@needs_tiles
 def test_tiles_of_the_picture_pack():
     # PICTURE cut into 2 x 2 tiles (F: full, P: partial, .: not visited):
     #        k0 k1 k2 k3 k4 k5

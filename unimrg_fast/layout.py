@@ -206,10 +206,10 @@ class PackedLayout:
 
     def tiles_host(self, block_q: int, block_k: int) -> Dict[str, np.ndarray]:
         """The host (numpy, int32, read-only) twins of `tiles(block_q, block_k)`'s arrays,
-        by TileMetadata.FIELDS name, without any sync."""
-        self.tiles(block_q, block_k)
+        by TileMetadata.FIELDS name: computed on the host (and cached) without copying
+        anything to the device."""
         out = {}
-        for name, array in zip(TileMetadata.FIELDS, self._tiles_host[(block_q, block_k)]):
+        for name, array in zip(TileMetadata.FIELDS, self._host_tiles(block_q, block_k)):
             out[name] = array.view()
             out[name].flags.writeable = False
         return out
@@ -281,20 +281,26 @@ class PackedLayout:
 
     def tiles(self, block_q: int, block_k: int) -> TileMetadata:
         """Tile metadata for (block_q, block_k), computed on the host once and cached."""
+        key = (block_q, block_k)
+        if key not in self._tiles:
+            parts = arrays_to_device(self._host_tiles(block_q, block_k), self.device)
+            self._tiles[key] = _tile_metadata_from(key, self.num_tokens, parts)
+        return self._tiles[key]
+
+    def _host_tiles(self, block_q: int, block_k: int) -> Tuple[np.ndarray, ...]:
+        """The int32 host arrays of the tile metadata, in TileMetadata.FIELDS order, cached."""
         for name, value in (("block_q", block_q), ("block_k", block_k)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         key = (block_q, block_k)
-        if key not in self._tiles:
+        if key not in self._tiles_host:
             from unimrg_fast.packing import tile_metadata
 
             h = self._host
             arrays = tile_metadata(h["cu_seqlens"], h["span_bounds"], h["span_modes"],
                                    h["span_sample"], block_q, block_k)
             self._tiles_host[key] = tuple(np.ascontiguousarray(a, dtype=np.int32) for a in arrays)
-            parts = arrays_to_device(self._tiles_host[key], self.device)
-            self._tiles[key] = _tile_metadata_from(key, self.num_tokens, parts)
-        return self._tiles[key]
+        return self._tiles_host[key]
 
 
 def arrays_to_device(arrays, device: torch.device) -> Tuple[torch.Tensor, ...]:

@@ -231,7 +231,7 @@ def _triton(gate: torch.Tensor, up: torch.Tensor, *,
     refused (TypeError) and the result is rounded once from fp32. Autocast does not
     apply: like F.silu and `*`, the op computes in its inputs' dtypes.
     """
-    out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype, float64=False)
+    out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype)
     check_kernel_device(gate, "gate")
     y = _fwd_op(as_rows(gate), as_rows(up), out_dtype)
     return y.view(gate.shape)

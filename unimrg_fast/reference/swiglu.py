@@ -23,18 +23,18 @@ from unimrg_fast._validation import FLOAT_DTYPES, check_out_dtype, check_tensor
 
 
 def check_swiglu_args(gate, up, *, out_dtype: Optional[torch.dtype] = None,
-                      float64: bool = True) -> torch.dtype:
+                      allow_float64: bool = False) -> torch.dtype:
     """Every argument check of swiglu, shared by all its implementations.
 
     gate and up: tensors of the same shape [..., I] (rank >= 1, any size, zero included)
-    on the same device, each float32 / float16 / bfloat16 (also float64 when `float64`;
-    the fused kernel passes False). Their dtypes may differ.
+    on the same device, each float32 / float16 / bfloat16. Their dtypes may differ.
+    allow_float64: the reference computes in float64 when given it; the kernel does not.
     out_dtype: None, or one of those dtypes.
 
     Returns the output dtype: out_dtype, or what eager broadcasting gives,
     torch.promote_types(gate.dtype, up.dtype).
     """
-    dtypes = FLOAT_DTYPES + ((torch.float64,) if float64 else ())
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
     check_tensor(gate, "gate", dtypes=dtypes)
     check_tensor(up, "up", dtypes=dtypes, device=gate.device)
     if gate.dim() < 1:
@@ -57,7 +57,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *,
     Returns:
         [..., I] in out_dtype. Gradients reach gate and up through autograd.
     """
-    out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype)
+    out_dtype = check_swiglu_args(gate, up, out_dtype=out_dtype, allow_float64=True)
     if torch.float64 in (gate.dtype, up.dtype):
         # oracle mode: no rounding of silu(gate) to a narrower gate dtype
         gate, up = gate.double(), up.double()
