@@ -483,6 +483,46 @@ def test_backward_in_many_dz_chunks_matches_float64(seed, monkeypatch, dtype):
     assert torch.equal(got["hidden"][ignored], torch.zeros_like(got["hidden"][ignored]))
 
 
+def test_dw_accumulates_in_place_where_the_fp32_output_product_adds_correctly(monkeypatch):
+    # dW's later chunks add into the fp32 accumulator (no [V, H] product of their own) by
+    # addmm.dtype_out where a one-off probe shows it exists AND sums right; elsewhere by
+    # addmm_ on upcast operands. CPU torch has no addmm.dtype_out: the probe says no.
+    monkeypatch.setattr(lce, "_ADDMM_F32_WORKS", {})
+    cpu = torch.device("cpu")
+    assert lce._addmm_f32_works(cpu, torch.float16) is False
+    a = torch.randn(9, 5).half().t()  # column-major, like dz.t()
+    b = torch.randn(9, 7).half()
+    acc = torch.randn(5, 7)
+    want = acc.double() + a.double() @ b.double()
+    assert lce._add_mm_f32_(acc, a, b) is acc
+    torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-6)
+
+    calls = []
+
+    def emulated(acc, a, b):  # what cuBLAS does: fp32 sums of the 16-bit products
+        calls.append(a.dtype)
+        acc.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(lce, "_addmm_f32_out", emulated)
+    monkeypatch.setattr(lce, "_ADDMM_F32_WORKS", {})
+    acc = torch.zeros(5, 7)
+    lce._add_mm_f32_(acc, a, b)
+    assert calls == [torch.float16, torch.float16]  # the probe, then the product
+    torch.testing.assert_close(acc.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+    lce._add_mm_f32_(acc, a, b)
+    assert len(calls) == 3  # probed once per (device, dtype)
+
+    def overwrites(acc, a, b):  # an overload that ignored the accumulator (beta = 0)
+        acc.copy_(a.float() @ b.float())
+
+    monkeypatch.setattr(lce, "_addmm_f32_out", overwrites)
+    monkeypatch.setattr(lce, "_ADDMM_F32_WORKS", {})
+    acc = torch.ones(5, 7)
+    lce._add_mm_f32_(acc, a, b)
+    assert lce._ADDMM_F32_WORKS == {(cpu, torch.float16): False}
+    torch.testing.assert_close(acc.double(), 1 + a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+
+
 def test_dz_chunk_rows():
     # whole row blocks within the budget, at least one block, no more than the rows need
     assert lce.DZ_CHUNK_BYTES == 1 << 30
@@ -577,6 +617,31 @@ def test_gpu_no_host_sync_and_bounded_memory():
     chunk = lce._dz_chunk_rows(n, v, 2, lce._pick_config(torch.bfloat16, False, n).block_m)
     bound = ((n * h + v * h) * (4 + 2) + n * h * (4 + 2) + min(chunk, n) * v * 2
              + 64 * n * 4 + (8 << 20))
+    assert extra <= bound, f"peak extra memory {extra / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_dw_chunks_add_in_place(monkeypatch):
+    # bf16 on CUDA takes addmm.dtype_out (torch >= 2.8): no chunk after the first makes
+    # an fp32 [V, H] product of its own, so 8 chunks peak like one plus their dz.
+    n, h, v = 4096, 1536, 32000
+    block_m = lce._pick_config(torch.bfloat16, False, n).block_m
+    monkeypatch.setattr(lce, "DZ_CHUNK_BYTES", (n // 8) * v * 2)
+    assert lce._dz_chunk_rows(n, v, 2, block_m) <= n // 8
+    inputs = make_inputs(n, h, v, torch.bfloat16, device=DEV, ignore_frac=0.1)
+    w = inputs["weight"].requires_grad_()
+    assert lce._addmm_f32_works(w.device, torch.bfloat16)
+    fused(inputs["hidden"], w, inputs["target"]).backward()  # compile first
+    w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused(inputs["hidden"], w, inputs["target"]).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # fp32 dW and its bf16 copy, one chunk of dz and gathered rows, O(N) bookkeeping; a
+    # second fp32 [V, H] (v * h * 4 = 197 MB) would break the bound
+    bound = v * h * (4 + 2) + (n // 8) * (v + h) * 2 + 64 * n * 4 + (8 << 20)
     assert extra <= bound, f"peak extra memory {extra / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
 
 

@@ -376,6 +376,50 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.mm(a, b).float()
 
 
+def _addmm_f32_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with 16-bit a, b and fp32 acc, by cuBLAS in one call (beta = 1, the
+    output aliasing acc): torch's addmm.dtype_out, CUDA only, torch >= 2.8."""
+    torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+
+
+_ADDMM_F32_WORKS: dict = {}  # (device, dtype) -> bool, filled by _addmm_f32_works
+
+
+def _addmm_f32_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `_addmm_f32_out` runs on this device and dtype AND adds in place correctly,
+    tried once on a 2 x 3 product of small integers (exact in every dtype). Anything
+    else (no such overload, no kernel for the device, a wrong sum) means no: the caller
+    then falls back to a separate product and an add."""
+    key = (device, dtype)
+    if key not in _ADDMM_F32_WORKS:
+        a = torch.tensor([[1.0, 2.0, -1.0, 0.0], [3.0, -2.0, 1.0, 4.0]], device=device)
+        b = torch.arange(12, dtype=torch.float32, device=device).view(4, 3) - 5.0
+        acc = torch.full((2, 3), 0.5, device=device)
+        want = acc + a @ b
+        try:
+            # a column-major, as dz.t() is in the backward
+            _addmm_f32_out(acc, a.to(dtype).t().contiguous().t(), b.to(dtype))
+            works = bool(torch.equal(acc, want))
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+            works = False
+        _ADDMM_F32_WORKS[key] = works
+    return _ADDMM_F32_WORKS[key]
+
+
+def _add_mm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place, acc fp32, the products accumulated in fp32. The point is
+    what is NOT allocated: dW's chunks would each make an fp32 [V, H] product (0.9 GB at
+    the 1.5B recipe's V = 151,936, H = 1,536) only to add it and throw it away."""
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype != torch.float32 and _addmm_f32_works(a.device, a.dtype):
+            _addmm_f32_out(acc, a, b)
+        elif a.dtype == torch.float32 or not a.is_cuda:
+            acc.addmm_(a.float(), b.float())
+        else:  # a CUDA torch without addmm.dtype_out: 16-bit product, rounded once
+            acc.add_(torch.mm(a, b).float())
+    return acc
+
+
 def _dz_chunk_rows(num_rows: int, vocab: int, itemsize: int, block_m: int) -> int:
     """Rows per dz chunk: within DZ_CHUNK_BYTES, a whole number of row blocks."""
     rows = DZ_CHUNK_BYTES // max(1, vocab * itemsize) // block_m * block_m
@@ -442,8 +486,10 @@ def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
                 # rows past the count are ignored: zero, not read (0 * NaN = NaN in dW)
                 valid = torch.arange(first, first + rows, device=dev) < count
                 h_rows = hidden.index_select(0, at).masked_fill_(~valid[:, None], 0.0)
-                part = _mm_f32(dz.t(), h_rows)
-                dw = part if first == 0 else dw.add_(part)
+                if first == 0:
+                    dw = _mm_f32(dz.t(), h_rows)
+                else:
+                    _add_mm_f32_(dw, dz.t(), h_rows)
         if g_scale is not None:
             for acc in (dh, dw, db):
                 acc.mul_(g_scale)
