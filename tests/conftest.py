@@ -16,6 +16,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_report_header(config):
+    if HAS_CUDA:
+        return ("lanes: CUDA visible, Triton compiles for the GPU; the CPU lane is checked on "
+                "the interpreter (CUDA_VISIBLE_DEVICES= pytest tests -m 'not gpu')")
+    return "lanes: no CUDA device, Triton on the interpreter; gpu tests skip"
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
