@@ -3,7 +3,12 @@
 # that each fits a 10-minute limit (each slice first builds the package in place: a fresh
 # machine is bare, and nothing is fetched from a registry):
 #
-#   bash benchmarks/gpu_session.sh SLICE [LOG_DIR]
+#   bash benchmarks/gpu_session.sh SLICE[,SLICE...] [LOG_DIR]
+#
+# Several slices, comma-separated, run in one command after one build (a machine start
+# costs ~60 s of device time per command): e.g. `estimate,tests,decoder` took ~5 minutes
+# by the wall times below. A failing slice does not stop the next ones; the command
+# exits 1 if any failed.
 #
 #   tests       the GPU lane of the tests (pytest -m gpu)
 #   losses      loss / head benchmarks        -> benchmarks/results/<tag>-losses.json
@@ -28,17 +33,21 @@
 # that folder exists (carry it); without them their benchmark rows are skipped, not failed.
 set -euo pipefail
 
-slice=${1:?"usage: bash benchmarks/gpu_session.sh tests|losses|attention|decoder|train-step|trainer|estimate|probe [LOG_DIR]"}
+slices=${1:?"usage: bash benchmarks/gpu_session.sh SLICE[,SLICE...] [LOG_DIR]; slices: tests, losses, attention, decoder, train-step, trainer, estimate, probe"}
 logs=${2:-${OUT:-benchmarks/results}}
 tag=${RESULTS_TAG:-h200-$(date +%Y%m%d)}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-case "$slice" in
-tests | losses | attention | decoder | train-step | trainer | estimate | probe) ;;
-*)
-    echo "unknown slice '$slice': tests, losses, attention, decoder, train-step, trainer, estimate or probe" >&2
-    exit 2 ;;
-esac
+IFS=, read -r -a slice_list <<<"$slices"
+[ ${#slice_list[@]} -gt 0 ] || { echo "no slice named" >&2; exit 2; }
+for slice in "${slice_list[@]}"; do   # all checked before the build: a typo costs nothing
+    case "$slice" in
+    tests | losses | attention | decoder | train-step | trainer | estimate | probe) ;;
+    *)
+        echo "unknown slice '$slice': tests, losses, attention, decoder, train-step, trainer, estimate or probe" >&2
+        exit 2 ;;
+    esac
+done
 mkdir -p "$logs" benchmarks/results
 
 build() {
@@ -92,5 +101,23 @@ run_slice() {
     esac
 }
 
-# each slice ends with its wall time, so that the next session can plan its device budget
-{ build && run_slice && echo "slice $slice took ${SECONDS}s"; } 2>&1 | tee "$logs/gpu-$slice.log"
+build 2>&1 | tee "$logs/gpu-build.log"
+failed=()
+for slice in "${slice_list[@]}"; do
+    # each slice ends with its wall time, so that the next session can plan its device budget
+    # (a subshell with its own -e, outside any `if` / `&&`: bash ignores -e there, and a
+    # slice of several commands would then go on past a failed one)
+    start=$SECONDS
+    set +e
+    (set -e; run_slice; echo "slice $slice took $((SECONDS - start))s") 2>&1 | tee "$logs/gpu-$slice.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -ne 0 ]; then
+        echo "slice $slice FAILED (exit $rc) after $((SECONDS - start))s" | tee -a "$logs/gpu-$slice.log"
+        failed+=("$slice")
+    fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed slices: ${failed[*]}"
+    exit 1
+fi

@@ -1,4 +1,5 @@
 """README.md's usage snippet runs as written, and its test command is what CI runs."""
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +23,34 @@ def test_ci_runs_the_readme_test_command():
     assert block is not None, "README.md must keep its test command between the markers"
     assert "pytest tests" in block.group(1) and "pytest benchmarks --benchmark-only" in block.group(1)
     assert "test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_gpu_session_runs_several_slices_and_a_failed_command_fails_its_slice(tmp_path):
+    """Several slices in one command (one machine start): each logs on its own, a slice
+    stops at its first failed command (the trainer slice runs three), the next slice still
+    runs, and the command exits 1 naming the failed ones. Python is a stub here: it logs
+    its arguments and fails the first trainer run."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    f'echo "$*" >> {calls}\n'
+                    'if [ "$1 $2" = "-m trainer" ] && [ "$3" = "--fast-kernels" ]; then exit 3; fi\n')
+    stub.chmod(0o755)
+    logs = tmp_path / "logs"
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "trainer,estimate",
+                          str(logs)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(stub)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "failed slices: trainer" in run.stdout
+    lines = calls.read_text().splitlines()
+    trainer_runs = [line for line in lines if "trainer" in line and "torch.distributed" in line]
+    assert trainer_runs == []  # the slice stopped at its failed first command
+    assert any("--estimate" in line for line in lines)  # the next slice ran
+    assert sum("setup.py" in line for line in lines) == 1  # one build for both
+    assert "FAILED (exit 3)" in (logs / "gpu-trainer.log").read_text()
+    assert "slice estimate took" in (logs / "gpu-estimate.log").read_text()
 
 
 def test_gpu_session_script_parses_and_names_its_slices():
