@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_session.sh SLICE[,SLICE...] [LOG_DIR]
 #
 # Several slices, comma-separated, run in one command after one build (a machine start
-# costs ~60 s of device time per command): e.g. `estimate,tests,decoder` took ~5 minutes
-# by the wall times below. A failing slice does not stop the next ones; the command
+# costs ~60 s of device time per command): e.g. `estimate,tests,decoder` (~4 minutes
+# for the first two by their last wall times; decoder not timed yet). A failing slice does not stop the next ones; the command
 # exits 1 if any failed.
 #
 #   tests       the GPU lane of the tests (pytest -m gpu)
