@@ -150,6 +150,9 @@ CASES = {
                                       dict(reduction="none", label_smoothing=0.25, ignore_index=-1)),
     "fp32-N1-V-below-block": (1, 17, 9, torch.float32, dict(bias=True, ignore_frac=0.0),
                               dict(z_loss=0.01)),
+    # p = 1 exactly: a z-loss folded into p's factor cancelled against the one-hot's 1
+    "fp32-one-class-zloss": (13, 17, 1, torch.float32, dict(bias=True, ignore_frac=0.2),
+                             dict(reduction="sum", z_loss=1e-3)),
     "fp16-mean-weights-softcap": (40, 48, 100, torch.float16, dict(token_weight=True, bias=True),
                                   dict(softcap=2.0, label_smoothing=0.05)),
     "bf16-none-zloss": (23, 32, 61, torch.bfloat16, dict(), dict(reduction="none", z_loss=1e-2)),
@@ -216,6 +219,28 @@ def test_ignored_rows_are_never_read(seed):
     assert_close("loss", out, out64, 1e-5)
     for name in ("hidden", "weight", "bias"):
         assert_close(f"d{name}", got[name], want[name], 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_token_weight_on_ignored_rows_stays_out(seed, dtype, bad):
+    # A weight of 1 / (labelled tokens) is inf for a sample without labels: the reduction
+    # masks the row, but its upstream gradient is 0 * inf = NaN. fp16's backward scales
+    # the gradients by their max; taken over every row, that NaN reached all of them.
+    inputs = make_inputs(40, 24, 70, dtype, bias=True, token_weight=True, ignore_frac=0.4)
+    ignored = inputs["target"] == -100
+    assert ignored.any() and not ignored.all()
+    clean = {k: t.clone() for k, t in inputs.items()}
+    inputs["token_weight"][ignored] = bad
+    grads = ["hidden", "weight", "bias"]
+    for reduction in ("mean", "sum"):
+        out, got = run(fused, inputs, grads, reduction=reduction, z_loss=1e-3)
+        out64, want = run(f64_loss, {k: t.double() if t.is_floating_point() else t
+                                     for k, t in clean.items()}, grads,
+                          reduction=reduction, z_loss=1e-3)
+        assert_close(f"{reduction} loss", out, out64, TOL[dtype])
+        for name in grads:
+            assert_close(f"{reduction} d{name}", got[name], want[name], TOL[dtype])
 
 
 @pytest.mark.skipif(not backends.triton_interpreted(), reason="counts the interpreter's dots")
@@ -483,10 +508,10 @@ def test_backward_in_many_dz_chunks_matches_float64(seed, monkeypatch, dtype):
     assert torch.equal(got["hidden"][ignored], torch.zeros_like(got["hidden"][ignored]))
 
 
-def test_dw_accumulates_in_place_where_the_fp32_output_product_adds_correctly(monkeypatch):
+def test_dw_accumulates_in_place_where_the_fp32_output_product_exists(monkeypatch):
     # dW's later chunks add into the fp32 accumulator (no [V, H] product of their own) by
-    # addmm.dtype_out where a one-off probe shows it exists AND sums right; elsewhere by
-    # addmm_ on upcast operands. CPU torch has no addmm.dtype_out: the probe says no.
+    # addmm.dtype_out where a one-off dispatch probe finds it; elsewhere by addmm_ on
+    # upcast operands. CPU torch has no addmm.dtype_out kernel: the probe says no.
     monkeypatch.setattr(lce, "_ADDMM_F32_WORKS", {})
     cpu = torch.device("cpu")
     assert lce._addmm_f32_works(cpu, torch.float16) is False
@@ -511,16 +536,8 @@ def test_dw_accumulates_in_place_where_the_fp32_output_product_adds_correctly(mo
     torch.testing.assert_close(acc.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-6)
     lce._add_mm_f32_(acc, a, b)
     assert len(calls) == 3  # probed once per (device, dtype)
-
-    def overwrites(acc, a, b):  # an overload that ignored the accumulator (beta = 0)
-        acc.copy_(a.float() @ b.float())
-
-    monkeypatch.setattr(lce, "_addmm_f32_out", overwrites)
-    monkeypatch.setattr(lce, "_ADDMM_F32_WORKS", {})
-    acc = torch.ones(5, 7)
-    lce._add_mm_f32_(acc, a, b)
-    assert lce._ADDMM_F32_WORKS == {(cpu, torch.float16): False}
-    torch.testing.assert_close(acc.double(), 1 + a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+    lce._add_mm_f32_(torch.zeros(5, 7), a.float(), b.float())
+    assert len(calls) == 3  # fp32 operands take addmm_ as they are
 
 
 def test_dz_chunk_rows():
@@ -643,6 +660,12 @@ def test_gpu_dw_chunks_add_in_place(monkeypatch):
     # second fp32 [V, H] (v * h * 4 = 197 MB) would break the bound
     bound = v * h * (4 + 2) + (n // 8) * (v + h) * 2 + 64 * n * 4 + (8 << 20)
     assert extra <= bound, f"peak extra memory {extra / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+    # the sums: the same dW as one chunk (fp32 sums in another order, one bf16 rounding)
+    chunked = w.grad.float()
+    w.grad = None
+    monkeypatch.setattr(lce, "DZ_CHUNK_BYTES", 1 << 30)
+    fused(inputs["hidden"], w, inputs["target"]).backward()
+    assert_close("dW, 8 chunks vs 1", chunked, w.grad.float(), 2e-3)
 
 
 @pytest.mark.gpu

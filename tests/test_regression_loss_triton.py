@@ -31,8 +31,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 def float64_oracle(hidden, weight, target, bias, token_weight, reduction, grad_out):
     """Loss and analytic gradients in float64 on upcast inputs, written out explicitly
     (no autograd, no shared helper): p = h W^T + b, l_i = w_i mean_c (p - t)^2."""
-    h = hidden.detach().reshape(-1, hidden.shape[-1]).double()
-    n, c = h.shape[0], weight.shape[0]
+    n, c = target.numel() // weight.shape[0], weight.shape[0]
+    h = hidden.detach().reshape(n, hidden.shape[-1]).double()
     p = h @ weight.detach().double().t()
     if bias is not None:
         p = p + bias.detach().double()
@@ -62,7 +62,7 @@ def make_inputs(n, h, c, *, dtype=torch.float32, bias=False, token_weight=False,
                 device="cpu"):
     rows = tuple(lead or (n,))
     hidden = torch.randn(*rows, h, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(c, h, device=device) * h ** -0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(c, h, device=device) * max(h, 1) ** -0.5).to(dtype).requires_grad_()
     b = torch.randn(c, device=device).to(dtype).requires_grad_() if bias else None
     target = torch.randn(*rows, c, device=device).to(dtype)
     tw = torch.rand(rows, device=device).reshape(-1) + 0.25 if token_weight else None
@@ -104,6 +104,7 @@ CASES = [  # (n, H, C, bias, token_weight): ragged against the interpreter's 16-
     (23, 33, 16, True, False),   # C exactly one block (the only block-multiple size here)
     (1, 17, 3, True, True),      # one row
     (18, 5, 1, False, False),    # C = 1, H < one tile
+    (9, 0, 3, True, True),       # H = 0: only the bias reaches the prediction
 ]
 
 

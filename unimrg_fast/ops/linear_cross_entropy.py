@@ -228,12 +228,13 @@ def _lce_dz_kernel(h_ptr, stride_hn, stride_hh, w_ptr, stride_wv, stride_wh, b_p
     z = _logits_tile(h_ptr, stride_hn, stride_hh, w_ptr, stride_wv, stride_wh, b_ptr, stride_b,
                      rows, row_ok, cols.to(tl.int64), col_ok, H, softcap,
                      BLOCK_M, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION)
-    # dl/dz = p (1 + 2 z_loss lse) - (1 - e) [j = y] - e / V
+    # dl/dz = p - (1 - e) [j = y] - e / V + 2 z_loss lse p. The z-loss term is added on
+    # its own: folded into p's factor, (1 + 2 z_loss lse) p - 1 cancels most of its digits
+    # where p rounds to 1 (a one-class head, a very confident row).
     p = tl.exp(z - lse[:, None])
-    dz = p * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
     is_y = cols[None, :] == y[:, None]
-    dz -= tl.where(is_y, (g * (1.0 - label_smoothing))[:, None], 0.0)
-    dz -= (g * (label_smoothing / V))[:, None]
+    q = p - tl.where(is_y, 1.0 - label_smoothing, 0.0) - label_smoothing / V
+    dz = g[:, None] * q + (g * (2.0 * z_loss) * lse)[:, None] * p
     if HAS_SOFTCAP:
         t = z / softcap  # = tanh(x / c)
         dz *= 1.0 - t * t
@@ -386,23 +387,19 @@ _ADDMM_F32_WORKS: dict = {}  # (device, dtype) -> bool, filled by _addmm_f32_wor
 
 
 def _addmm_f32_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `_addmm_f32_out` runs on this device and dtype AND adds in place correctly,
-    tried once on a 2 x 3 product of small integers (exact in every dtype). Anything
-    else (no such overload, no kernel for the device, a wrong sum) means no: the caller
-    then falls back to a separate product and an add."""
+    """Whether `_addmm_f32_out` runs for this device and dtype, tried once on a 2 x 3
+    product (column-major a, as dz.t() is). No such overload or no kernel for the device
+    raises at dispatch, so the answer needs no host sync; that its sums are right is the
+    GPU lane's test_gpu_dw_chunks_add_in_place."""
     key = (device, dtype)
     if key not in _ADDMM_F32_WORKS:
-        a = torch.tensor([[1.0, 2.0, -1.0, 0.0], [3.0, -2.0, 1.0, 4.0]], device=device)
-        b = torch.arange(12, dtype=torch.float32, device=device).view(4, 3) - 5.0
-        acc = torch.full((2, 3), 0.5, device=device)
-        want = acc + a @ b
+        acc = torch.zeros(2, 3, device=device)
+        a = torch.ones(4, 2, dtype=dtype, device=device).t()
         try:
-            # a column-major, as dz.t() is in the backward
-            _addmm_f32_out(acc, a.to(dtype).t().contiguous().t(), b.to(dtype))
-            works = bool(torch.equal(acc, want))
+            _addmm_f32_out(acc, a, torch.ones(4, 3, dtype=dtype, device=device))
+            _ADDMM_F32_WORKS[key] = True
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-            works = False
-        _ADDMM_F32_WORKS[key] = works
+            _ADDMM_F32_WORKS[key] = False
     return _ADDMM_F32_WORKS[key]
 
 
@@ -458,7 +455,14 @@ def _backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
         # fp32's exponent range and fp32 products take dz as is, so only fp16 pays.
         g_scale = None
         if hidden.dtype == torch.float16:
-            g_scale = g.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+            # over the counted rows only: an ignored row's g can be 0 * inf = NaN (a token
+            # weight of 1 / 0 for a sample without labels); the kernel never reads it, but
+            # a NaN scale would reach every gradient. Row r is counted iff its position
+            # in `order` is below the count (a scatter, no host sync).
+            counted = torch.empty(n, dtype=torch.bool, device=dev)
+            counted[order.long()] = torch.arange(n, device=dev) < count
+            g_scale = torch.where(counted, g.abs(), 0.0).amax()
+            g_scale = g_scale.clamp_min(torch.finfo(torch.float32).tiny)
             g = g / g_scale
         dz_dtype = store_dtype(hidden.dtype, interpreted)
         chunk = _dz_chunk_rows(n, vocab, dz_dtype.itemsize, cfg.block_m)
@@ -647,7 +651,10 @@ def linear_cross_entropy_with_stats(hidden: torch.Tensor, weight: torch.Tensor,
     device (no host sync) counting non-ignored rows whose first argmax of the logits
     (capped when softcap is set) equals the target. The Triton path tracks the argmax
     inside its forward loop; other implementations recompute the logits without
-    gradient, in row chunks.
+    gradient, in row chunks. Each takes the argmax of the logits it computes: the kernel's
+    are accumulated in fp32, the others' are rounded to the compute dtype (as the plain
+    path's loss sees them), so in fp16 / bf16 a row whose top two logits lie within one
+    rounding step may count differently. A logged metric only; loss and gradients agree.
     """
     name, fn = backends.resolve("linear_cross_entropy", impl, device=hidden.device
                                 if isinstance(hidden, torch.Tensor) else None)

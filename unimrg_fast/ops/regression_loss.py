@@ -263,7 +263,8 @@ def _backward(grad_mse: torch.Tensor, residual: torch.Tensor, hidden: torch.Tens
         return dh.to(hidden.dtype), dw, db, dt.to(target.dtype)
 
     cfg = _pick_config(hidden, weight, channels, interpreted)
-    h_blocks = triton.cdiv(h_dim, cfg.bwd_block_h) if (compute_dh or compute_dw) else 1
+    # at least one H block: with H = 0 the programs still write db and dt
+    h_blocks = max(1, triton.cdiv(h_dim, cfg.bwd_block_h)) if (compute_dh or compute_dw) else 1
     c_blocks = triton.cdiv(channels, cfg.block_c) if (compute_dw or compute_db or compute_dt) else 1
     row_blocks = triton.cdiv(n, cfg.bwd_block_n)
     groups = max(1, min(row_blocks, triton.cdiv(cfg.bwd_programs, h_blocks * c_blocks)))
