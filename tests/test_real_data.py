@@ -664,8 +664,10 @@ def test_a_json_list_with_a_byte_order_mark_reads_as_without(tmp_path, dataset_d
 
 
 @pytest.mark.parametrize("content", [b'[{"id": "a", "image": "a.png"}, {"id": "b", "ima',
-                                     b'[{"id": "a"}] [', b'["caf\xe9"]', b'\xef\xbb\xbf[1,'],
-                         ids=["truncated", "trailing", "not-utf8", "bom-truncated"])
+                                     b'[{"id": "a"}] [', b'["caf\xe9"]', b'\xef\xbb\xbf[1,',
+                                     b'[' + b'[' * 100_000],
+                         ids=["truncated", "trailing", "not-utf8", "bom-truncated",
+                              "nested-past-the-stack"])
 def test_a_broken_json_list_is_a_config_error_naming_data(tmp_path, dataset_dir, content):
     path = dataset_dir / "train.json"
     path.write_bytes(content)
@@ -677,6 +679,18 @@ def test_a_broken_json_list_is_a_config_error_naming_data(tmp_path, dataset_dir,
     config = small_config(tmp_path, data=str(path), llm=str(llm))
     with pytest.raises(ConfigError, match="--data"):   # what train() builds before step 1
         RealSource(config, factory_for(tmp_path))
+
+
+def test_a_line_nested_past_the_parsers_stack_is_bad_json_not_a_crash(tmp_path, dataset_dir):
+    # json.loads raises RecursionError (not a ValueError) on "[[[[..." deep enough
+    lines = (dataset_dir / "train.jsonl").read_text().splitlines(keepends=True)
+    lines.insert(1, "[" * 100_000 + "\n")
+    (dataset_dir / "train.jsonl").write_text("".join(lines))
+    assert RecordStore(str(dataset_dir / "train.jsonl")).get(1) is None
+    items = items_of(dataset_for(tmp_path, dataset_dir))
+    skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
+    assert skips["bad_json"] == EXPECTED_SKIPS["bad_json"] + 1
+    assert any(isinstance(i, Sample) for i in items)
 
 
 def test_records_of_unexpected_shapes_are_skipped_never_fatal(tmp_path, dataset_dir,

@@ -45,6 +45,7 @@ def test_help_explains_every_flag_recipe_and_family():
     (["--num-heads", "3"], "--num-heads", "multiple of --num-kv-heads"),
     (["--warmup", "1.5"], "--warmup", "[0.0, 1.0)"),
     (["--betas", "0.9"], "--betas", "two numbers in [0, 1)"),
+    (["--betas", "0.9,abc"], "--betas", "two numbers in [0, 1)"),
     (["--llm", "/no/such/dir"], "--llm", "no such directory"),
     (["--device", "tpu"], "--device", "auto, cpu, cuda"),
     (["--max-skipped-steps", "-1"], "--max-skipped-steps", "an int >= 0"),

@@ -324,7 +324,11 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError("--lr", f"must be > 0, got {self.lr!r}")
         if isinstance(self.betas, str):
-            self.betas = tuple(float(b) for b in self.betas.split(","))
+            try:
+                self.betas = tuple(float(b) for b in self.betas.split(","))
+            except ValueError:
+                raise ConfigError("--betas", f"must be two numbers in [0, 1), e.g. 0.9,0.95; "
+                                             f"got {self.betas!r}") from None
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
                                            for b in self.betas):

@@ -92,6 +92,8 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
                 _, end = decoder.raw_decode(text, pos)
             except ValueError as exc:   # JSONDecodeError
                 raise broken(pos, str(exc).split(":")[0]) from None
+            except RecursionError:      # nesting deeper than the decoder's stack
+                raise broken(pos, "nested too deeply to parse") from None
             buffer += text[pos:end].encode("utf-8")
             offsets.append(len(buffer))
             pos = _skip_space(text, end)
@@ -146,8 +148,8 @@ class RecordStore:
         """Record `index` parsed; None when its JSON Lines line does not parse."""
         try:
             return json.loads(self.raw(index))
-        except ValueError:   # JSONDecodeError, UnicodeDecodeError
-            return None
+        except (ValueError, RecursionError):   # JSONDecodeError, UnicodeDecodeError; a
+            return None                        # line like "[[[[..." nested past the stack
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
