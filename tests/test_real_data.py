@@ -8,6 +8,7 @@ import collections
 import io
 import json
 import math
+import multiprocessing
 import os
 import shlex
 from pathlib import Path
@@ -459,6 +460,43 @@ def test_training_on_real_data_gives_finite_losses(tmp_path, dataset_dir, family
         {f"skipped/{r}" for r in EXPECTED_SKIPS} | {"skipped/surplus"}
     assert {k[len("skipped/"):] for k in last if k.startswith("skipped/")} <= \
         set(realdata.SKIP_REASONS), "a skip reason SKIP_REASONS does not list"
+    # the data workers stopped with the run, not at some later garbage collection
+    assert multiprocessing.active_children() == []
+
+
+def test_the_data_workers_stop_when_train_fails_and_no_global_rng_is_drawn(
+        tmp_path, dataset_dir, monkeypatch):
+    import gc
+
+    from trainer import loop
+
+    def fail_at_step_2(*args, **kwargs):   # the first optimizer step, then a crash
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    calls, original = [], loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", fail_at_step_2)
+    llm = _tiny_llm(tmp_path)
+    config = small_config(tmp_path, llm=str(llm), data=str(dataset_dir / "train.jsonl"),
+                          num_workers=2, steps=3, pack_tokens=256)
+    gc.disable()   # the workers must stop without the collector's help
+    try:
+        with pytest.raises(RuntimeError, match="boom") as info:
+            train(config)
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
+    del info
+    # starting the workers draws their base seed from the loader's own generator: a
+    # resumed run, whose RNG states were just restored, would otherwise be a draw ahead
+    source = _source(tmp_path, dataset_dir, workers=2)
+    before = torch.get_rng_state()
+    source.next_sample("und")
+    assert torch.equal(torch.get_rng_state(), before)
+    source.close()
+    assert multiprocessing.active_children() == []
 
 
 def _source(tmp_path, dataset_dir, workers, schedule="interleaved", state=None, shuffle=True):

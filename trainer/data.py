@@ -382,6 +382,11 @@ class TrainData:
         """Records / samples of the real data set skipped so far, by reason."""
         return dict(self.real.skipped) if self.real is not None else {}
 
+    def close(self) -> None:
+        """Stops the real data's worker processes (nothing to do for synthetic data)."""
+        if self.real is not None:
+            self.real.close()
+
     def step(self) -> List[Pack]:
         return [pack for packs in self.step_by_stream() for pack in packs]
 

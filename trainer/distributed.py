@@ -171,6 +171,9 @@ class ShardedData:
     def skipped(self) -> Dict[str, int]:
         return self.inner.skipped
 
+    def close(self) -> None:
+        self.inner.close()
+
     def step(self) -> List[Pack]:
         packs = []
         for group in self.inner.step_by_stream():

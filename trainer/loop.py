@@ -233,17 +233,18 @@ def train(config: Config) -> Optional[Path]:
         ckpt.check_compatible(saved["config"], config, saved["step"], resume_from)
         ckpt.check_world(saved, distributed.env_world_size(), resume_from)
     ctx = distributed.init(config, resolve_device(config))
-    try:
-        return _train(config, ctx, resume_from)
-    finally:
-        distributed.shutdown(ctx)
+    with contextlib.ExitStack() as cleanup:   # last in, first out: data workers, then group
+        cleanup.callback(distributed.shutdown, ctx)
+        return _train(config, ctx, resume_from, cleanup)
 
 
-def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]) -> Optional[Path]:
+def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path],
+           cleanup: contextlib.ExitStack) -> Optional[Path]:
     wall = time.perf_counter()
     device = ctx.device
     umm, text, images, factory, impl, autocast = build_run(config, device)
     data = distributed.ShardedData(config, factory, text.pad_id, ctx)
+    cleanup.callback(data.close)   # the real data's workers stop when train() ends, however
     held = held_out(config, factory, text.pad_id)
     if resume_from is not None:
         run_dir = ckpt.run_dir_of(resume_from)

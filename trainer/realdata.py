@@ -447,9 +447,12 @@ class RealSource:
         probe_targets(paths, self.dataset.store, d.active_tasks, d.seg_colour)
         if d.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Its own generator: starting the workers draws their base seed, which from the
+        # global one would happen after a resume restored the RNG states (one draw ahead).
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
-            prefetch_factor=4 if d.num_workers else None)
+            prefetch_factor=4 if d.num_workers else None,
+            generator=torch.Generator().manual_seed(d.seed))
         self.dataset.tagged = True
         self.readers = max(1, d.num_workers)
         self.in_order = d.schedule == "interleaved"
@@ -515,6 +518,14 @@ class RealSource:
                 yield item
             else:
                 self.skipped[item.reason] += 1
+
+    def close(self) -> None:
+        """Stops the worker processes now, not whenever the garbage collector reaches the
+        run's frames (a finished or failed train() leaves them in reference cycles). A
+        sample asked for later starts the readers again from the beginning."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def _take(self) -> object:
         """The next item, its reader's position noted (and whether its record, so far,
