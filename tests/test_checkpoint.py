@@ -356,6 +356,40 @@ def test_saving_a_step_again_never_deletes_the_live_copy_first(tmp_path, monkeyp
     assert ckpt.read_state(ckpt.latest(run_dir))["step"] == 2
 
 
+@pytest.mark.parametrize("killed_at", ["between the re-save's renames", "after sealing"])
+def test_a_checkpoint_sealed_under_a_hidden_name_is_restored_on_resume(tmp_path, monkeypatch,
+                                                                      killed_at):
+    """A kill after seal() wrote COMPLETE but before the renames finished leaves a whole
+    checkpoint under a hidden name; `--resume auto` puts it back (the newest copy)."""
+    run_dir = tmp_path / "run"
+    _tiny_saves(tmp_path, run_dir, [2] if killed_at.startswith("between") else [])
+    real_rename = ckpt.os.rename
+
+    def rename(src, dst):   # the kill: the sealed .tmp is never renamed in
+        if Path(src).name == f".{ckpt.PREFIX}00000002{ckpt.TMP}":
+            raise Killed(src)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)   # nothing runs after it
+    with pytest.raises(Killed):
+        # a re-save: step 2's new copy is a schedule step further than the old one
+        _tiny_saves(tmp_path, run_dir, [1, 2] if killed_at.startswith("between") else [2])
+    monkeypatch.undo()
+    root = run_dir / "checkpoints"
+    assert "step-00000002" not in {p.name for p in root.iterdir()}
+    assert ckpt.latest(run_dir) in (None, root / "step-00000001")
+    found = ckpt.resolve("auto", str(run_dir))
+    assert found == root / "step-00000002"
+    # the sealed new copy, not the old one: its schedule went one step further
+    want = 2 if killed_at.startswith("between") else 1
+    assert ckpt.read_state(found)["scheduler"]["last_epoch"] == want
+    _tiny_saves(tmp_path, run_dir, [4])   # the next save prunes stale temporaries only
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)][-2:] == ["step-00000002",
+                                                                         "step-00000004"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
 class _FullFile:
     """A file on a full disk: every write fails with ENOSPC."""
 

@@ -105,10 +105,31 @@ def latest(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def restore_sealed(run_dir: Path) -> None:
+    """Puts back a whole checkpoint that a kill left under a hidden name: after seal()
+    wrote COMPLETE into `.step-N.tmp` but before its rename, or (a re-save of step N)
+    between renaming the live copy to `.step-N.old` and the new one in. With `step-N`
+    missing, the sealed new copy wins, else the old one. resolve() calls it before it
+    looks for the latest checkpoint of a run directory (`auto` would miss the step, and
+    the run's next save would prune it as a stale temporary); not prune() itself: a
+    resume from an explicit earlier checkpoint abandons what came later. Every rank of a
+    torchrun run may call it at once: a rename another rank made first fails, and is
+    skipped."""
+    root = Path(run_dir) / DIRNAME
+    for tmp in sorted(root.glob(f".{PREFIX}*{TMP}")) + sorted(root.glob(f".{PREFIX}*{OLD}")):
+        final = root / tmp.name[1:-len(TMP if tmp.name.endswith(TMP) else OLD)]
+        if not final.exists() and (tmp / COMPLETE).is_file():
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                pass
+
+
 def resolve(resume: str, resume_dir: Optional[str]) -> Path:
     """The checkpoint directory named by --resume PATH|auto (and --resume-dir). RunConfig
     has checked the flags themselves (auto comes with --resume-dir, the paths exist)."""
     if resume == "auto":
+        restore_sealed(Path(resume_dir))
         found = latest(Path(resume_dir))
         if found is None:
             raise ConfigError("--resume", f"no complete checkpoint in {resume_dir!r} "
@@ -117,6 +138,8 @@ def resolve(resume: str, resume_dir: Optional[str]) -> Path:
     path = Path(resume)
     if (path / COMPLETE).is_file():
         return path
+    if path.is_dir():
+        restore_sealed(path)
     if path.is_dir() and latest(path) is not None:   # a run directory: its latest
         return latest(path)
     raise ConfigError("--resume", f"{resume!r} is neither a complete checkpoint (a "
