@@ -176,6 +176,31 @@ def test_forward_half_precision(dtype, tol, hq, hkv):
     assert_close(lse, ref_lse, 1e-5, f"lse {dtype} (fp32 scores of {dtype} inputs)")
 
 
+def test_lse_under_autocast_is_fp32_scores_of_the_rounded_operands():
+    # autocast casts a matmul's fp32 operands down: an lse computed under it came back
+    # bf16, ~1e-3 off, with gradients to match
+    layout, samples = random_layout(31, num_samples=3, pad=True)
+    q, k, v = make_qkv(layout.num_tokens, 4, 2, 24, torch.float32, 5, requires_grad=True)
+    g = torch.Generator().manual_seed(6)
+    g_out = torch.randn(layout.num_tokens, 4, 24, generator=g, dtype=torch.float64)
+    g_lse = torch.randn(4, layout.num_tokens, generator=g, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = packed_attention(q, k, v, layout, return_lse=True)
+        got = torch.autograd.grad((out.double() * g_out).sum() + (lse.double() * g_lse).sum(),
+                                  (q, k), retain_graph=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    rounded = [x.detach().bfloat16().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = attention64(*rounded, rule_mask(samples), 24 ** -0.5)
+    assert_close(lse, ref_lse, 1e-5, "lse (fp32 scores of the bf16 operands)")
+    want = torch.autograd.grad((ref_lse * g_lse).sum(), rounded[:2])
+    only_lse = torch.autograd.grad((lse.double() * g_lse).sum(), (q, k))
+    for name, a, e in zip(("dq", "dk"), only_lse, want):
+        # one bf16 rounding: the gradient flows back through autocast's cast of q / k
+        # (it was ~1e-2 off with the scores themselves in bf16)
+        assert_close(a, e, 3e-3, f"{name} through lse")
+    assert all(torch.isfinite(x).all() for x in got)
+
+
 # --------------------------------------------------------------------------- backward
 def _grads(q, k, v, fn, g_out, g_lse):
     out, lse = fn(q, k, v)

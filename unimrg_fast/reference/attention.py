@@ -81,9 +81,17 @@ def _per_sample(q, k, v, layout, scale, group, return_lse):
                                              attn_mask=mask, scale=scale)
         outs.append(out[0].transpose(0, 1))                    # [L, Hq, D]
         if return_lse:
-            scores = torch.matmul(qs.float(), ks.float().transpose(1, 2)) * scale   # [Hq, L, L]
-            scores = scores.masked_fill(~mask, float("-inf"))
-            lses.append(torch.logsumexp(scores, dim=-1))       # [Hq, L]
+            # fp32 scores of the operands SDPA multiplied (autocast's dtype, under autocast):
+            # with autocast on, the matmul would cast the fp32 copies back down, giving a
+            # 16-bit lse where the contract (and the kernel) give fp32
+            no_autocast = (torch.autocast(q.device.type, enabled=False)
+                           if torch.amp.is_autocast_available(q.device.type)
+                           else contextlib.nullcontext())   # e.g. meta tensors
+            with no_autocast:
+                qf, kf = qs.to(out.dtype).float(), ks.to(out.dtype).float()
+                scores = torch.matmul(qf, kf.transpose(1, 2)) * scale   # [Hq, L, L]
+                scores = scores.masked_fill(~mask, float("-inf"))
+                lses.append(torch.logsumexp(scores, dim=-1))   # [Hq, L]
         start = end
 
     out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
