@@ -201,6 +201,21 @@ def test_streaming_packer_state_round_trip_pops_the_same_packs(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_a_state_from_a_larger_packer_rejects_what_no_longer_fits(impl):
+    # every id still leaves exactly once: the too-long one was kept pending forever
+    big = packing.StreamingPacker(max_tokens=100, max_packs=1, impl=impl)
+    big.add(["x", "y"], [80, 30])
+    small = packing.StreamingPacker(max_tokens=50, impl=impl)
+    small.load_state_dict(big.state_dict())
+    assert small.pending == 1 and small.rejected == ["x"]
+    assert small.pop_packs() == [["y"]] and small.pending == 0
+    before = small.state_dict()
+    with pytest.raises(ValueError, match=r"lengths\[1\] must be >= 1"):
+        small.load_state_dict({"ids": ["a", "b"], "lengths": [3, 0], "rejected": []})
+    assert small.state_dict() == before   # all or nothing
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_streaming_packer_overflow_goes_first(impl):
     packer = packing.StreamingPacker(max_tokens=10, max_packs=1, impl=impl)
     packer.add(["a", "b", "big"], [6, 6, 11])

@@ -128,11 +128,16 @@ class StreamingPacker:
                 "rejected": list(self.rejected)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores state_dict() (all or nothing on error). The buffer goes through add's
+        rules: a state saved by a packer with a larger max_tokens rejects the samples
+        that no longer fit, instead of keeping them pending forever."""
         if len(state["ids"]) != len(state["lengths"]):
             raise ValueError(f"state's ids and lengths must have the same length, got "
                              f"{len(state['ids'])} and {len(state['lengths'])}")
-        self._ids, self._lengths = list(state["ids"]), list(state["lengths"])
-        self.rejected = list(state["rejected"])
+        fresh = StreamingPacker(self.max_tokens, self.max_packs, impl=self.impl)
+        fresh.rejected = list(state["rejected"])
+        fresh.add(state["ids"], state["lengths"])
+        self._ids, self._lengths, self.rejected = fresh._ids, fresh._lengths, fresh.rejected
 
     def add(self, sample_ids: Sequence[Hashable], lengths: Sequence[int] | np.ndarray) -> None:
         """Buffers samples (ids of any kind, lengths >= 1); all or none of them on error."""
