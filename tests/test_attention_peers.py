@@ -195,6 +195,9 @@ def test_varlen_peers_need_cuda_and_flash_needs_half_precision():
     assert "float16 / bfloat16" in peers.flash_accepts(device=CUDA, layout=layout, dtype=torch.float32)
     assert peers.flash_accepts(device=CUDA, layout=layout, dtype=torch.bfloat16) is None
     assert "deterministic" in peers.xformers_accepts(device=CUDA, layout=layout, deterministic=True)
+    for accepts in (peers.flash_accepts, peers.xformers_accepts):   # their lse has no grad
+        assert "not differentiable" in accepts(device=CUDA, layout=layout, lse_grad=True)
+        assert accepts(device=CUDA, layout=layout, lse_grad=False) is None
     assert peers.flex_accepts(device=CUDA, layout=layout) is None
     assert peers.flex_accepts(device=CPU, layout=layout) is None
     assert peers.flex_accepts(device=torch.device("meta"), layout=layout) is not None
@@ -244,6 +247,31 @@ def test_auto_skips_flash_for_head_dims_above_256(fake_flash, monkeypatch):
     assert backends.resolve("packed_attention", "auto", head_dim=264, **call)[0] == "xformers"
     with pytest.raises(ValueError, match=r"impl='flash'.*D <= 256, got q's D = 264"):
         backends.resolve("packed_attention", "flash", head_dim=264, **call)
+
+
+def test_auto_passes_flash_by_when_the_lse_needs_a_gradient(fake_flash, monkeypatch):
+    """flash's lse is its saved statistics, outside autograd: a loss on it would lose
+    that gradient term silently. packed_attention tells `accepts` when it would."""
+    FakeXformers(monkeypatch)
+    call = dict(device=CUDA, layout=_layout(CAUSAL_ONLY), dtype=torch.bfloat16)
+    assert backends.resolve("packed_attention", "auto", lse_grad=False, **call)[0] == "flash"
+    assert backends.resolve("packed_attention", "auto", lse_grad=True,
+                            **call)[0] in ("triton", "reference")   # never xformers either
+    with pytest.raises(ValueError, match=r"impl='flash'.*lse is not differentiable"):
+        backends.resolve("packed_attention", "flash", lse_grad=True, **call)
+
+    seen, real = [], backends.resolve
+    monkeypatch.setattr(backends, "resolve",
+                        lambda *a, **kw: seen.append(kw["lse_grad"]) or real(*a, **kw))
+    layout = _layout(CAUSAL_ONLY)
+    t = layout.num_tokens
+    q, k, v = (torch.randn(t, 2, 8) for _ in range(3))
+    uf.packed_attention(q, k, v, layout, return_lse=True)              # no gradient wanted
+    uf.packed_attention(q.requires_grad_(), k, v, layout)               # no lse wanted
+    uf.packed_attention(q, k, v, layout, return_lse=True)               # both
+    with torch.no_grad():
+        uf.packed_attention(q, k, v, layout, return_lse=True)
+    assert seen == [False, False, True, False]
 
 
 def test_explicit_flash_on_a_layout_it_cannot_express_raises_the_reason(fake_flash):

@@ -84,7 +84,11 @@ def varlen_mask_kind(layout: PackedLayout) -> Tuple[Optional[bool], Optional[str
     return _varlen_kind_of_spans(layout.spans)
 
 
-def _varlen_accepts(package: str, device, layout, dtype=None, extra=None) -> Optional[str]:
+def _varlen_accepts(package: str, device, layout, dtype=None, extra=None,
+                    lse_grad: Optional[bool] = None) -> Optional[str]:
+    if lse_grad:   # both return their saved statistics, outside autograd
+        return (f"{package}'s lse is not differentiable (return_lse=True with inputs that "
+                f"need gradients); impl='triton' or 'reference' differentiate it")
     if device is None or torch.device(device).type != "cuda":
         where = "no device given" if device is None else f"tensors on {torch.device(device).type}"
         return f"{package} runs on CUDA tensors only ({where})"
@@ -110,26 +114,29 @@ def _flash_head_dim(head_dim) -> Optional[str]:
 
 def flash_accepts(device: Optional[torch.device] = None, layout: Optional[PackedLayout] = None,
                   dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None,
-                  **_) -> Optional[str]:
+                  lse_grad: Optional[bool] = None, **_) -> Optional[str]:
     """None when flash_attn_varlen_func computes this call exactly, else why not.
 
-    `dtype` and `head_dim` are optional: when the caller passes them, float32 and head
-    dims above 256 are refused here (so "auto" falls back) instead of failing inside
-    the call."""
+    `dtype`, `head_dim` and `lse_grad` are optional: when the caller passes them, float32,
+    head dims above 256 and a differentiable lse (return_lse with inputs that need
+    gradients: flash's lse gets none) are refused here, so "auto" falls back instead of
+    failing inside the call or dropping the lse's gradient."""
     return _varlen_accepts("flash-attn", device, layout, dtype,
-                           lambda dtype: _flash_dtype(dtype) or _flash_head_dim(head_dim))
+                           lambda dtype: _flash_dtype(dtype) or _flash_head_dim(head_dim),
+                           lse_grad)
 
 
 def xformers_accepts(device: Optional[torch.device] = None,
                      layout: Optional[PackedLayout] = None,
-                     deterministic: Optional[bool] = None, **_) -> Optional[str]:
+                     deterministic: Optional[bool] = None, lse_grad: Optional[bool] = None,
+                     **_) -> Optional[str]:
     """None when xformers' BlockDiagonal(Causal)Mask computes this call exactly, else why not.
 
-    `deterministic` is optional: when the caller passes True, it is refused here
-    (xformers has no deterministic backward)."""
+    `deterministic` and `lse_grad` are optional: when the caller passes True, they are
+    refused here (xformers has no deterministic backward, and its lse no gradient)."""
     extra = ((lambda _dtype: "xformers has no deterministic backward (deterministic=True)")
              if deterministic else None)
-    return _varlen_accepts("xformers", device, layout, None, extra)
+    return _varlen_accepts("xformers", device, layout, None, extra, lse_grad)
 
 
 def flex_accepts(device: Optional[torch.device] = None, layout: Optional[PackedLayout] = None,

@@ -717,8 +717,12 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     # honour them (flash-attn has no fp32, xformers no deterministic backward, Triton's
     # tiles may not fit the GPU's shared memory) instead of failing in the call.
     is_tensor = isinstance(q, torch.Tensor)
+    # lse_grad: flash-attn's and xformers' lse carry no gradient; a loss on it would
+    # silently lose that term
+    lse_grad = bool(return_lse and torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v)))
     _, fn = backends.resolve("packed_attention", impl, device=q.device if is_tensor else None,
                              layout=layout, dtype=q.dtype if is_tensor else None,
                              head_dim=q.shape[-1] if is_tensor and q.dim() == 3 else None,
-                             deterministic=deterministic)
+                             deterministic=deterministic, lse_grad=lse_grad)
     return fn(q, k, v, layout, scale=scale, return_lse=return_lse, deterministic=deterministic)
