@@ -4,6 +4,7 @@ folder, so nothing is downloaded. Random teachers rarely produce a SAM mask that
 UniMRG thresholds, so the rendering path is also driven by hand-made masks."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -596,6 +597,42 @@ def test_thin_and_extreme_images_never_stop_the_run(tmp_path, models, capsys):
     printed = capsys.readouterr().out
     assert "depth: 0 written, 4 already present, 1 failed" in printed, printed
     assert "strip.png (depth): ValueError" in printed, printed
+
+
+def test_long_names_odd_bytes_and_failed_writes_never_stop_the_run(tmp_path, models, capsys,
+                                                                   monkeypatch):
+    """A 249-character output name is legal, but the temporary file next to it used to be
+    named after it and overran the 255-byte limit: the run died, and every rerun again. A
+    write that fails for one image is that image's failure; a full disk stops the run. A
+    name that is not UTF-8 is printed escaped, not as an UnicodeEncodeError."""
+    root = tmp_path / "tuning_data"
+    long_name = "a" * 245 + ".jpg"
+    for i, name in enumerate([long_name, "b.png", "c.png"]):
+        save_noise(root / name, 20, 30, seed=i)
+    (root / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"not a jpeg")
+    real_write = prep.write_png
+
+    def refuses_c(path, array):
+        if path.name == "c.png":
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real_write(path, array)
+
+    monkeypatch.setattr(prep, "write_png", refuses_c)
+    assert prep.main(["--images", str(root), "--depth-model", str(models["depth"]), "--tasks",
+                      "depth", "--device", "cpu", "--batch-size", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "tuning_data_depth"
+    assert sorted(p.name for p in out.iterdir()) == sorted([long_name[:-4] + ".png", "b.png"])
+    assert "depth: 2 written, 0 already present, 1 failed" in printed, printed
+    assert "c.png (depth): PermissionError" in printed, printed
+    assert "caf\\xe9.jpg" in printed, printed
+
+    def disk_full(path, array):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(prep, "write_png", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(root, models, tasks="depth", batch_size=1)
 
 
 def test_sam_leaves_out_only_the_image_it_cannot_take(tmp_path, models):

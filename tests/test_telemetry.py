@@ -25,6 +25,10 @@ def test_peak_table_knows_hopper_and_ampere_only():
     assert telemetry.peak_flops("NVIDIA H200") == 989e12
     assert telemetry.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert telemetry.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    # the PCIe / NVL cards are slower than the SXM part their family name matches
+    assert telemetry.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert telemetry.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert telemetry.peak_flops("NVIDIA H200 NVL") == 835e12
     assert telemetry.peak_flops("NVIDIA GeForce RTX 3090") is None
     assert telemetry.peak_flops(None) is None
 

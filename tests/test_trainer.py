@@ -341,6 +341,21 @@ def test_run_directory_holds_every_output(tmp_path, capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """The name is a second-resolution stamp: a run whose exists() check came just before
+    another run's mkdir crashed with FileExistsError. mkdir itself is the test now."""
+    import pathlib
+
+    config = small_config(tmp_path)
+    config.run.name = "same-second"   # what two stamps of one second give
+    first = report.make_run_dir(config)
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: False)   # the race's view
+    second = report.make_run_dir(config)
+    third = report.make_run_dir(config)
+    assert len({first, second, third}) == 3 and all(p.is_dir() for p in (first, second, third))
+    assert second.name == first.name + "-2" and third.name == first.name + "-3"
+
+
 def test_checkpoint_reloads_into_a_fresh_model(tmp_path):
     config = small_config(tmp_path, family="flow", steps=2)
     run_dir = train(config)

@@ -28,6 +28,7 @@ import argparse
 import collections
 import concurrent.futures as cf
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -296,6 +297,28 @@ def _why(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _collect(writes: List[Tuple[Path, cf.Future]], summary, task: str) -> None:
+    """Waits for PNG writes. One that fails (a name the file system cannot hold, a
+    permission) counts as that image's failure, as a failed inference does; a full disk
+    or quota stops the run (every later write would fail too)."""
+    for rel, future in writes:
+        try:
+            future.result()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            summary.failed[task][rel.as_posix()] = _why(exc)
+            continue
+        summary.written[task] += 1
+
+
+def _printable(text: str) -> str:
+    """A file name as the terminal can print it: bytes that are not UTF-8 (they reach
+    Python as surrogates, e.g. a Latin-1 'café.jpg') as \\x escapes, not an
+    UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _infer_each(infer: Callable, good: List[tuple]) -> Tuple[List[tuple], Dict[str, str]]:
     """[(rel, image)] -> ([(rel, image, result)], {rel: why}). A batch the teacher fails on
     is retried image by image: one image it cannot take (a 1-pixel-wide strip, an extreme
@@ -339,7 +362,7 @@ def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
 
     out_root = p.out_dirs[task]
     bar = tqdm(total=len(rels), desc=task, unit="img", disable=not progress, dynamic_ncols=True)
-    writes: List[cf.Future] = []
+    writes: List[Tuple[Path, cf.Future]] = []
     with cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="prepare-io") as pool:
         for batch in _decoded_batches(pool, p.root, rels, batch_size):
             good = [(rel, image) for rel, image, _ in batch if image is not None]
@@ -348,9 +371,7 @@ def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
                     summary.skipped[rel.as_posix()] = error
             done, failed = _infer_each(infer, good) if good else ([], {})
             summary.failed[task].update(failed)
-            for future in writes:  # the previous batch's PNGs; raises if one failed
-                future.result()
-                summary.written[task] += 1
+            _collect(writes, summary, task)   # the previous batch's PNGs
             writes = []
             for rel, image, result in done:
                 try:
@@ -358,14 +379,12 @@ def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
                 except Exception as exc:  # noqa: BLE001 - as a failed inference
                     summary.failed[task][rel.as_posix()] = _why(exc)
                     continue
-                writes.append(pool.submit(write_png, output_path(out_root, rel), array))
+                writes.append((rel, pool.submit(write_png, output_path(out_root, rel), array)))
             bar.update(len(batch))
             if summary.skipped or summary.failed[task]:
                 bar.set_postfix(skipped=len(summary.skipped), failed=len(summary.failed[task]),
                                 refresh=False)
-        for future in writes:
-            future.result()
-            summary.written[task] += 1
+        _collect(writes, summary, task)
     bar.close()
 
 
@@ -503,16 +522,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} unreadable image(s):")
         for rel, why in sorted(summary.skipped.items())[:20]:
-            print(f"  {rel}: {why}")
+            print(_printable(f"  {rel}: {why}"))
         if len(summary.skipped) > 20:
             print(f"  ... and {len(summary.skipped) - 20} more")
     failures = sorted((rel, task, why) for task, by_rel in summary.failed.items()
                       for rel, why in by_rel.items())
     if failures:
-        print(f"the teachers could not take {len(failures)} image(s) (left out; a rerun tries "
-              f"them again):")
+        print(f"no target could be made for {len(failures)} image(s) (the teacher could not "
+              f"take them, or their PNG could not be written; left out, a rerun tries them "
+              f"again):")
         for rel, task, why in failures[:20]:
-            print(f"  {rel} ({task}): {why}")
+            print(_printable(f"  {rel} ({task}): {why}"))
         if len(failures) > 20:
             print(f"  ... and {len(failures) - 20} more")
     return 0

@@ -28,12 +28,15 @@ def make_run_dir(config: Config) -> Path:
     parent = Path(config.run.out)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = config.run.name or f"{stamp}-{config.data.recipe}-{config.model.family}"
+    parent.mkdir(parents=True, exist_ok=True)
     path, n = parent / name, 1
-    while path.exists():  # two runs in one second: never reuse a directory
-        n += 1
-        path = parent / f"{name}-{n}"
-    path.mkdir(parents=True)
-    return path
+    while True:   # two runs in one second: never reuse a directory; mkdir is the test
+        try:      # (checking exists() first raced with another run's mkdir)
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = parent / f"{name}-{n}"
 
 
 def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
@@ -43,7 +46,8 @@ def atomic_write(path: Path, write, *, fsync: bool = True) -> None:
     open file, e.g. ENOSPC, names no file). fsync=False: no wait for the disk, for
     files a later run can make again."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # a short name of its own: `.{path.name}...` overran NAME_MAX (255) for long names
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".atomic-", suffix=".tmp")
     except OSError as exc:
         raise _naming(exc, path)
     try:

@@ -41,8 +41,11 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-# Dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
-PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+# Dense bf16 peak FLOP/s (no sparsity: half the datasheets' sparse figures), by a
+# substring of torch.cuda.get_device_name(), first match wins: the PCIe / NVL cards
+# before the SXM figure their family name would otherwise give them.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
+             ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 
 
 def peak_flops(device_name: Optional[str]) -> Optional[float]:
