@@ -166,6 +166,30 @@ def test_held_out_scenes_are_disjoint_from_training_scenes():
         assert eval_scene_seed(seed, 0) > train_scene_seed(100_000, 10 ** 9)
 
 
+def test_held_out_samples_too_long_for_a_pack_are_refused_not_left_out(tmp_path):
+    """The evaluation packed its samples with a StreamingPacker and never looked at what
+    it rejected: a held-out sample longer than a pack vanished from the per-task losses,
+    and a question that outgrew a pack while decoding stopped growing (scored wrong)."""
+    from trainer import data as data_module
+    from trainer.config import ConfigError
+    from trainer.evaluate import held_out
+
+    config = small_config(tmp_path)
+    _, text, images, cond = build_model(config)
+    factory = SampleFactory(config, text, images, cond)
+    with pytest.raises(ConfigError, match=r"--pack-tokens.*held-out \w+ sample holds \d+ "
+                                          r"tokens, more than 40"):
+        data_module.eval_packs(factory, list(TASKS), 2, 40, text.pad_id)
+    questions = data_module.eval_questions(factory, config.data.eval_questions)
+    # the longest pack greedy decoding builds: a question and all but its answer's last token
+    fits = max(q.length + len(text.encode(q.qa.answer)) - 1 for q in questions)
+    config.data.pack_tokens, config.data.eval_scenes = fits, 0   # questions only
+    held_out(config, factory, text.pad_id)   # exactly fits
+    config.data.pack_tokens = fits - 1
+    with pytest.raises(ConfigError, match="held-out question with its answer"):
+        held_out(config, factory, text.pad_id)
+
+
 def test_non_finite_loss_stops_naming_step_and_task(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = model_module.UMM.loss

@@ -320,12 +320,8 @@ class PackStream:
         sample = (self.source(task) if self.source is not None
                   else self.factory.train_sample(task, self.counts[task]))
         self.counts[TASKS[sample.task]] = self.counts.get(TASKS[sample.task], 0) + 1
+        refuse_longer_than_a_pack(f"{TASKS[sample.task]} sample", sample.length, self.pack_tokens)
         self.packer.add([self.next_id], [sample.length])
-        if self.packer.rejected:
-            raise ConfigError("--pack-tokens", f"a {TASKS[sample.task]} sample holds "
-                                               f"{sample.length} tokens, more than "
-                                               f"{self.pack_tokens}; use --pack-tokens >= "
-                                               f"{sample.length}")
         self.pending[self.next_id] = sample
         self.next_id += 1
 
@@ -432,6 +428,14 @@ def eval_questions(factory: SampleFactory, count: int) -> List[Sample]:
     return out
 
 
+def refuse_longer_than_a_pack(what: str, length: int, pack_tokens: int) -> None:
+    """A ConfigError naming --pack-tokens for a sample that cannot fit one pack: a packer
+    would reject it, and a training step or an evaluation would go on without it."""
+    if length > pack_tokens:
+        raise ConfigError("--pack-tokens", f"a {what} holds {length} tokens, more than "
+                                           f"{pack_tokens}; use --pack-tokens >= {length}")
+
+
 def eval_packs(factory: SampleFactory, tasks: Sequence[str], num_scenes: int,
                pack_tokens: int, pad_id: int) -> List[Pack]:
     """Held-out samples of every task for per-task losses: one per task and scene, with
@@ -444,6 +448,9 @@ def eval_packs(factory: SampleFactory, tasks: Sequence[str], num_scenes: int,
             samples.append(factory.make(task, eval_scene_seed(seed, i), rng))
     if not samples:
         return []
+    for sample in samples:
+        refuse_longer_than_a_pack(f"held-out {TASKS[sample.task]} sample", sample.length,
+                                  pack_tokens)
     packer = StreamingPacker(pack_tokens)
     packer.add(range(len(samples)), [s.length for s in samples])
     channels = factory.config.model.latent_channels if factory.family != "ar" else 0

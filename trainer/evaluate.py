@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from trainer.config import TASKS, Config
-from trainer.data import Pack, Sample, SampleFactory, build_pack, eval_packs, eval_questions
+from trainer.data import (Pack, Sample, SampleFactory, build_pack, eval_packs, eval_questions,
+                          refuse_longer_than_a_pack)
 from unimrg_fast.packing import pack_first_fit_decreasing
 
 
@@ -30,6 +31,10 @@ class HeldOut:
 def held_out(config: Config, factory: SampleFactory, pad_id: int) -> HeldOut:
     d = config.data
     questions = eval_questions(factory, d.eval_questions) if "und" in d.active_tasks else []
+    for q in questions:   # greedy decoding packs the question with all but its answer's
+        answer = len(factory.text.encode(q.qa.answer))   # last token (greedy_answers)
+        refuse_longer_than_a_pack("held-out question with its answer",
+                                  q.length + max(0, answer - 1), d.pack_tokens)
     packs = eval_packs(factory, d.active_tasks, d.eval_scenes, d.pack_tokens, pad_id)
     return HeldOut(questions, packs)
 
