@@ -151,6 +151,35 @@ def test_set_impl_switches_back_and_forth(ids):
     assert_same_run(run(fused, ids), want, 1e-5, "switched back")
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_fused_model_pickles_and_loads_in_a_fresh_process(family, ids, tmp_path):
+    """The fused classes are made at run time; pickle finds them by name in unimrg_fast.hf
+    (torch.save of a whole model, multiprocessing). A fresh process that has fused
+    nothing loads one and runs it with the fused kernels."""
+    import pickle
+    import subprocess
+    import sys
+
+    fused = tiny_decoder(family)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    want = run(fused, ids)[0]
+    back = pickle.loads(pickle.dumps(fused))
+    assert type(back.norm) is type(fused.norm)
+    assert torch.equal(run(back, ids)[0], want)
+    torch.save({"model": fused, "ids": ids, "want": want}, tmp_path / "model.pt")
+    script = ("import torch, unimrg_fast.backends as b\n"
+              f"d = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+              "m = d['model']\n"
+              "assert type(m.norm).__name__.startswith('Fused'), type(m.norm)\n"
+              "out = m(input_ids=d['ids']).last_hidden_state\n"
+              "assert torch.equal(out.detach(), d['want']), (out - d['want']).abs().max()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(AttributeError, match="has no attribute 'FusedQwen2Nothing'"):
+        uf.hf.FusedQwen2Nothing
+
+
 def test_a_non_silu_mlp_keeps_its_own_code():
     model = tiny_decoder(act="gelu")
     counts = uf.hf.fuse_decoder_ops(model, impl="triton")

@@ -129,14 +129,34 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
-def _swap(module: nn.Module, part: str) -> None:
-    cls = type(module)
+def _fused_class(cls: type, part: str) -> type:
+    """The fused subclass of a decoder class, made once. It is named `Fused<Name>` in this
+    module, where pickle looks it up (see __getattr__ below)."""
     if cls not in _subclasses:
         _subclasses[cls] = type(f"Fused{cls.__name__}", (_MIXINS[part], cls),
                                 {"__module__": __name__})
-    module.__class__ = _subclasses[cls]
     if part == "Attention":
         _wrap_rotary(importlib.import_module(cls.__module__))
+    return _subclasses[cls]
+
+
+def _swap(module: nn.Module, part: str) -> None:
+    module.__class__ = _fused_class(type(module), part)
+
+
+def __getattr__(name: str) -> type:
+    """`Fused<Name>` for a decoder class of a family here (PEP 562): pickle finds a fused
+    module's class by that name, also in a process that has fused nothing yet (torch.save
+    of a fused model, a DataLoader worker, multiprocessing)."""
+    base = name[len("Fused"):] if name.startswith("Fused") else ""
+    for family in FAMILIES:
+        for part in _MIXINS:
+            if base.lower() == family + part.lower():
+                modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+                cls = getattr(modeling, base, None)
+                if cls is not None:
+                    return _fused_class(cls, part)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _wrap_rotary(modeling) -> None:
