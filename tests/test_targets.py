@@ -105,6 +105,23 @@ def test_ddpm_int_timestep_and_low_precision(seed):
                "bf16 x_t")
 
 
+def test_out_of_range_timesteps_poison_their_rows_where_the_check_is_skipped(monkeypatch):
+    """On a GPU the range checks are skipped (they would sync the host). a_bar[-1] then
+    read step 999 and s = 1.5 extrapolated, silently; now those rows are NaN."""
+    import importlib
+
+    targets = importlib.import_module("unimrg_fast.targets")
+    monkeypatch.setattr(targets, "check_index_range", lambda *a, **k: None)   # as on CUDA
+    monkeypatch.setattr(targets, "_check_unit_interval", lambda *a, **k: None)
+    x0 = torch.randn(4, 3)
+    out = ddpm_eps_target(x0, timesteps=torch.tensor([-1, 5, 1000, 999]))
+    assert out.noisy[[0, 2]].isnan().all() and out.noisy[[1, 3]].isfinite().all()
+    want = ddpm_eps_target(x0[[1, 3]], eps=out.target[[1, 3]], timesteps=torch.tensor([5, 999]))
+    assert torch.equal(out.noisy[[1, 3]], want.noisy)
+    out = flow_matching_target(x0, timesteps=torch.tensor([1.5, 0.25, -0.1, 1.0]))
+    assert out.noisy[[0, 2]].isnan().all() and out.noisy[[1, 3]].isfinite().all()
+
+
 def test_ddpm_errors():
     x0 = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"timesteps must hold values in \[0, 1000\)"):

@@ -160,7 +160,10 @@ def ddpm_eps_target(x0: torch.Tensor, *, eps: Optional[torch.Tensor] = None,
         t = timesteps
     noise = _noise(x0, eps, generator)
     math_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    a = a_bar[t]  # [B] float64
+    # On a GPU the range check above is skipped (no host sync): an out-of-range step reads
+    # no wrapped-around a_bar[-1] but NaN, which poisons its row's loss (DESIGN.md 4).
+    a = torch.where((t >= 0) & (t < num_steps), a_bar[t.clamp(0, num_steps - 1)],
+                    float("nan"))  # [B] float64
     sqrt_a = _per_row(a.sqrt().to(math_dtype), x0)
     sqrt_1ma = _per_row((1.0 - a).sqrt().to(math_dtype), x0)
     noisy = sqrt_a * x0.to(math_dtype) + sqrt_1ma * noise.to(math_dtype)
@@ -208,6 +211,7 @@ def flow_matching_target(x0: torch.Tensor, *, eps: Optional[torch.Tensor] = None
                              f"x0's dim 0), got {tuple(timesteps.shape)}")
         _check_unit_interval(timesteps, "timesteps")
         s = timesteps.float()
+        s = torch.where((s >= 0) & (s <= 1), s, float("nan"))   # GPU: NaN, not extrapolation
     noise = _noise(x0, eps, generator)
     math_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     s_row = _per_row(s.to(math_dtype), x0)
