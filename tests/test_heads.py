@@ -75,3 +75,21 @@ def test_specs_feed_joint_loss(impl, seed):
 def test_bad_sizes(cls, args):
     with pytest.raises(ValueError, match="must be >= 1"):
         cls(*args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(softcap=0.0), "softcap must be None or a finite float > 0"),   # all-zero logits
+    (dict(softcap=-2.0), "softcap must be None or a finite float > 0"),  # acted as +2
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(z_loss=-1.0), "z_loss"),
+    (dict(impl="bogus"), "impl='bogus' is not an implementation of linear_cross_entropy"),
+])
+def test_lm_head_refuses_bad_loss_options_when_made(kwargs, match):
+    # forward() (sampling) used them unchecked; only the loss refused them, later
+    with pytest.raises(ValueError, match=match):
+        LMHead(8, 11, **kwargs)
+
+
+def test_regression_head_refuses_an_unknown_impl_when_made():
+    with pytest.raises(ValueError, match="impl='fast' is not an implementation of regression_loss"):
+        RegressionHead(8, 4, impl="fast")
