@@ -51,6 +51,22 @@ def test_mar_trains_with_a_local_vae(tmp_path):
                            steps=1))
 
 
+def test_a_patch_that_differs_from_the_vaes_factor_names_patch(tmp_path):
+    # image size 20 is a multiple of --patch 4 but not of the VAE's 8: the VAE loaded
+    # fine, yet the error used to say "--image-tokenizer: cannot load"
+    from trainer.tokenizers import VAELatents
+
+    path = _tiny_vae(tmp_path, factor_blocks=4)   # downsampling 8
+    for size in (16, 20):
+        with pytest.raises(ConfigError, match="--patch: must match the image tokenizer.*"
+                                              "which has 8; got 4"):
+            train(small_config(tmp_path, family="mar", image_tokenizer=path, image_size=size,
+                               latent_channels=4, steps=1))
+    with pytest.raises(ValueError, match="image_size 20 is not a multiple of the VAE's "
+                                         "downsampling factor 8"):
+        VAELatents(path, 20).encode(torch.zeros(1, 20, 20, 3, dtype=torch.uint8))
+
+
 def test_missing_tokenizer_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--image-tokenizer: for --family mar this must be the "
                                           "directory of a diffusers AutoencoderKL"):

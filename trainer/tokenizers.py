@@ -360,22 +360,29 @@ class VAELatents:
         cfg = self.vae.config
         self.image_size = image_size
         self.patch = 2 ** (len(cfg.block_out_channels) - 1)  # the VAE's downsampling factor
-        if image_size % self.patch:
-            raise ValueError(f"image_size {image_size} is not a multiple of the VAE's "
-                             f"downsampling factor {self.patch}")
+        # Not refused here: the trainer compares --patch with self.patch first, naming the
+        # flag to change (a loading error would blame --image-tokenizer, which loaded fine);
+        # encode / decode refuse a size the factor does not divide.
         self.channels = int(cfg.latent_channels)
         self.num_tokens = (image_size // self.patch) ** 2
         self.scale = float(cfg.scaling_factor)
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
 
+    def _check_size(self) -> None:
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE's "
+                             f"downsampling factor {self.patch}")
+
     @torch.no_grad()
     def encode(self, images) -> torch.Tensor:
+        self._check_size()
         x = as_unit_tensor(images, self.image_size).permute(0, 3, 1, 2)   # [B, 3, S, S]
         z = (self.vae.encode(x).latent_dist.mean - self.shift) * self.scale  # [B, C, h, w]
         return z.flatten(2).transpose(1, 2).contiguous()                   # [B, h*w, C]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check_size()
         side = self.image_size // self.patch
         z = latents.transpose(1, 2).reshape(latents.shape[0], self.channels, side, side)
         x = self.vae.decode(z / self.scale + self.shift).sample               # [B, 3, S, S]
