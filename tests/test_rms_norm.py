@@ -102,6 +102,23 @@ def test_half_weight_and_fp32_rows(seed, poison):
     assert_rel(y, check_gradients(x, w, y, 1e-6, 1e-5, 2e-3), 1e-5, "y")
 
 
+def test_strided_and_expanded_weights(seed, poison):
+    # the kernels read the weight at unit stride; a column of a stacked [H, L] weight and
+    # an expanded scalar were read wrongly (the expanded one past its end)
+    x = (torch.randn(6, 40, device=DEVICE) * 3).requires_grad_()
+    stacked = (torch.rand(40, 3, device=DEVICE) + 0.5).requires_grad_()
+    scalar = (torch.rand((), device=DEVICE) + 0.5).requires_grad_()
+    for w in (stacked[:, 1], scalar.expand(40)):
+        assert not w.is_contiguous()
+        y = fused(x, w)
+        g = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), g)
+        want_y, want_dx, want_dw = oracle(x, w, 1e-6, g)
+        assert_rel(y, want_y, 2e-6, "y")
+        assert_rel(dx, want_dx, 2e-6, "dx")
+        assert_rel(dw, want_dw, 2e-6, "dw")
+
+
 def test_strided_rows_are_read_in_place_and_transposed_ones_copied(seed, poison):
     base = torch.randn(11, 64, device=DEVICE)
     in_place = (base[:, :40], base[::2])              # row strides 64 and 128

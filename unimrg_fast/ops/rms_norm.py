@@ -220,7 +220,9 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
     if too_wide:
         raise ValueError(f"rms_norm(impl='triton'): {too_wide}; use impl='reference'")
     check_kernel_device(x, "x")
-    y, _ = _fwd_op(as_rows(x), weight, float(eps), out)
+    # the kernels read the weight at unit stride: a column of a stacked [H, L] tensor or
+    # an expanded scalar would be read wrongly (or past its end); a no-op when contiguous
+    y, _ = _fwd_op(as_rows(x), weight.contiguous(), float(eps), out)
     return y.view(x.shape)
 
 
