@@ -101,6 +101,28 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, on
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.fixture(scope="module")
+def one_process_four_packs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist4")
+    _launch(_flags(out, "one", packs_per_step=4), 1)
+    return _result(out / "one")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_packs_per_rank_accumulate_with_the_sync_held_back(tmp_path, one_process_four_packs,
+                                                               parallel):
+    """Several micro-batches per rank: DDP's no_sync() / FSDP2's set_requires_gradient_sync
+    hold the gradient sync back until the last one. The other tests use one pack per rank,
+    where that path never runs."""
+    _launch(_flags(tmp_path, "two", packs_per_step=2, parallel=parallel), 2)
+    losses, weights = _result(tmp_path / "two")
+    ref_losses, ref_weights = one_process_four_packs
+    assert len(losses) == len(ref_losses) == STEPS
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_fsdp_with_the_fused_kernels_tracks_the_plain_one_process_run(tmp_path, one_process):
     """--fast-kernels under FSDP2: every fused op (attention, losses, the decoder's norms /
     MLP / rotary swapped in by uf.hf) runs inside fully_shard's all-gathered layers. The
