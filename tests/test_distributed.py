@@ -81,19 +81,31 @@ def _result(run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The reference: a plain one-process run (no --parallel) of 2 packs per step."""
-    out = tmp_path_factory.mktemp("dist")
-    _launch(_flags(out, "one", packs_per_step=2), 1)
-    return _result(out / "one")
+def one_process_runs(tmp_path_factory):
+    """The references: plain one-process runs (no --parallel), by packs per step, each
+    made once."""
+    runs = {}
+
+    def run(packs: int):
+        if packs not in runs:
+            out = tmp_path_factory.mktemp(f"dist{packs}")
+            _launch(_flags(out, "one", packs_per_step=packs), 1)
+            runs[packs] = _result(out / "one")
+        return runs[packs]
+
+    return run
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, one_process,
-                                                                    parallel):
-    _launch(_flags(tmp_path, "two", packs_per_step=1, parallel=parallel), 2)
-    losses, weights = _result(tmp_path / "two")
-    ref_losses, ref_weights = one_process
+@pytest.fixture(scope="module")
+def one_process(one_process_runs):
+    """The one-process run of 2 packs per step."""
+    return one_process_runs(2)
+
+
+def _assert_same_run(result, reference) -> None:
+    """Same losses and final weights, up to the float reassociation of a gradient
+    all-reduce."""
+    (losses, weights), (ref_losses, ref_weights) = result, reference
     assert len(losses) == len(ref_losses) == STEPS
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
     assert weights.keys() == ref_weights.keys()
@@ -101,26 +113,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, on
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.fixture(scope="module")
-def one_process_four_packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist4")
-    _launch(_flags(out, "one", packs_per_step=4), 1)
-    return _result(out / "one")
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_packs_per_rank_accumulate_with_the_sync_held_back(tmp_path, one_process_four_packs,
-                                                               parallel):
-    """Several micro-batches per rank: DDP's no_sync() / FSDP2's set_requires_gradient_sync
-    hold the gradient sync back until the last one. The other tests use one pack per rank,
-    where that path never runs."""
-    _launch(_flags(tmp_path, "two", packs_per_step=2, parallel=parallel), 2)
-    losses, weights = _result(tmp_path / "two")
-    ref_losses, ref_weights = one_process_four_packs
-    assert len(losses) == len(ref_losses) == STEPS
-    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5)
-    for name, value in weights.items():
-        torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+@pytest.mark.parametrize("per_rank", [1, 2])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, one_process_runs,
+                                                                    parallel, per_rank):
+    """per_rank 2: several micro-batches per rank, whose gradient sync DDP's no_sync() /
+    FSDP2's set_requires_gradient_sync hold back until the last one."""
+    _launch(_flags(tmp_path, "two", packs_per_step=per_rank, parallel=parallel), 2)
+    _assert_same_run(_result(tmp_path / "two"), one_process_runs(2 * per_rank))
 
 
 def test_fsdp_with_the_fused_kernels_tracks_the_plain_one_process_run(tmp_path, one_process):
