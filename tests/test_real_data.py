@@ -187,6 +187,19 @@ def test_conversations_give_every_turn_without_the_image_token():
     assert conversation_turns({"conversations": [{"from": "gpt", "value": "x"}]}) == []
 
 
+def test_chat_template_roles_and_consecutive_questions():
+    # user / assistant (any case) dropped every turn, and with it the und task, silently;
+    # a second human turn in a row overwrote the first (usually the instruction)
+    record = {"conversations": [
+        {"from": "User", "value": "<image>\nDescribe the shapes."},
+        {"from": "user", "value": "Which is on top?"},
+        {"from": "ASSISTANT", "value": "The red one."},
+        {"from": "system", "value": "ignored"},
+        {"from": "Human", "value": "And below?"}, {"from": "GPT", "value": "Blue."}]}
+    assert [(t.question, t.answer) for t in conversation_turns(record)] == [
+        ("Describe the shapes.\nWhich is on top?", "The red one."), ("And below?", "Blue.")]
+
+
 def test_samples_carry_the_preprocessed_images_and_answer_only_labels(tmp_path, dataset_dir):
     items = items_of(dataset_for(tmp_path, dataset_dir))
     samples = {(s.source.split(":")[1], TASKS[s.task]): s for s in items if isinstance(s, Sample)}
@@ -424,6 +437,14 @@ def test_missing_folders_exit_2_naming_the_flag(tmp_path, dataset_dir, capsys, b
     err = capsys.readouterr().err
     assert flag in err and words in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flag", ["--depth-dir", "--mask-dir"])
+def test_a_target_folder_that_is_the_image_folder_is_refused(dataset_dir, flag):
+    images = str(dataset_dir / "tuning_data")
+    given = {"depth_dir": images} if flag == "--depth-dir" else {"mask_dir": images}
+    with pytest.raises(DataPathError, match=f"{flag}: .*is the image folder itself"):
+        resolve(str(dataset_dir / "train.jsonl"), tasks=("depth", "seg"), **given)
 
 
 def test_depth_folder_is_not_needed_without_the_depth_task(tmp_path, dataset_dir):
@@ -681,6 +702,13 @@ def test_targets_are_looked_up_as_the_release_does(tmp_path, dataset_dir):
     assert target_path(str(depth), "c.png") == os.path.join(str(depth), "c.jpg")
     assert target_path(str(depth), "a.png") == os.path.join(str(depth), "a.png")
     assert target_path(str(depth), "nope.png") is None
+    # a path outside the image folder has no target: joined to the depth folder, both
+    # named the photo itself (an absolute path drops the root; tuning_data_depth/../x)
+    outside = dataset_dir / "elsewhere.png"
+    Image.fromarray(depth_image(8, 8)).save(outside)
+    for rel in (str(outside), "../elsewhere.png", "sub/../../elsewhere.png", ".."):
+        assert target_path(str(depth), rel) is None, rel
+    assert target_path(str(depth), "sub/../a.png") == os.path.join(str(depth), "sub/../a.png")
     items = items_of(dataset_for(tmp_path, dataset_dir))
     skips = collections.Counter(i.reason for i in items if isinstance(i, Skipped))
     assert "missing_depth" not in skips and "missing_mask" not in skips, skips

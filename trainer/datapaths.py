@@ -54,7 +54,14 @@ def target_names(rel: str) -> List[str]:
 
 def target_path(root: str, rel: str) -> Optional[str]:
     """The target of the image at relative path `rel` under `root`: the image's own name
-    first, then .png (what prepare writes), then .jpg; None if there is none."""
+    first, then .png (what prepare writes), then .jpg; None if there is none. An image
+    path that is absolute or leaves its folder ("../x.png") has none: joined to the target
+    root it would name the image itself (os.path.join drops the root for an absolute
+    path, and tuning_data/../x.png is tuning_data_depth/../x.png), a photo as its own
+    depth map; prepare makes targets only for images inside the folder."""
+    norm = os.path.normpath(rel)
+    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return None
     for name in target_names(rel):
         path = os.path.join(root, name)
         if os.path.isfile(path):
@@ -156,6 +163,9 @@ def resolve(data: str, images: Optional[str] = None, depth_dir: Optional[str] = 
             raise DataPathError(flag, f"no such folder {path!r} for the {task} targets; make "
                                       f"it with `{command}` or pass {flag} DIR (or leave "
                                       f"{task} out with --tasks)")
+        if os.path.realpath(path) == os.path.realpath(root):   # every photo its own target
+            raise DataPathError(flag, f"{path!r} is the image folder itself; the {task} "
+                                      f"targets live in a folder of their own")
         folders[task] = path
     if "seg" in tasks and seg_colour is not None:
         _check_seg_style(images, folders["seg"], seg_colour)

@@ -193,8 +193,14 @@ def load_image(path: str):
         return image.copy()
 
 
+# LLaVA's roles and the chat-template names other exports use, any capitalisation
+ASKS, ANSWERS = ("human", "user"), ("gpt", "assistant")
+
+
 def conversation_turns(record: dict) -> List[scenes.QA]:
-    """Every human -> gpt pair of a LLaVA record, "<image>" removed from the questions."""
+    """Every human -> gpt pair of a LLaVA record, "<image>" removed from the questions
+    (user / assistant, in any case, are the same roles). Human turns in a row make one
+    question, joined by newlines: the first usually holds the instruction."""
     turns, question = [], None
     messages = record.get("conversations")
     if not isinstance(messages, list):   # absent, null, or a number / string by mistake
@@ -203,9 +209,11 @@ def conversation_turns(record: dict) -> List[scenes.QA]:
         if not isinstance(message, dict) or not isinstance(message.get("value"), str):
             continue
         who = message.get("from")
-        if who == "human":
-            question = message["value"].replace(IMAGE_TOKEN, "").strip()
-        elif who == "gpt" and question is not None:
+        who = who.lower() if isinstance(who, str) else who
+        if who in ASKS:
+            text = message["value"].replace(IMAGE_TOKEN, "").strip()
+            question = text if question is None else f"{question}\n{text}".strip()
+        elif who in ANSWERS and question is not None:
             answer = message["value"].strip()
             if answer:
                 turns.append(scenes.QA(question, answer, "real"))
