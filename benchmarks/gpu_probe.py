@@ -11,10 +11,11 @@ speed up next (the benchmarks are what claims are made from; this is for diagnos
     attention  packed attention, Triton vs reference, the benchmark's UniMRG packs
     flex       FlexAttention on the 16k pack, its compile time printed (slow: minutes)
 
-Every figure is a median of triton.testing.do_bench (CUDA events) after a warm-up.
+Every figure is a median of CUDA-event timings of single calls after a warm-up (bench).
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,10 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROWS = []  # (section, name, ms, extra) for the table printed last
 
 
-def bench(fn, warmup=5, rep=30) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+def bench(fn, warmup=3, reps=10) -> float:
+    """Median ms of `reps` calls, each timed by CUDA events, after `warmup` calls. Counts,
+    not milliseconds: triton.testing.do_bench takes a time budget in ms, and for a call
+    longer than its budget (a 460 ms train step at rep=5) it timed a single sample."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def record(section, name, ms, extra=""):
@@ -55,7 +68,7 @@ def profile():
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-        ms = bench(step, warmup=1, rep=5)
+        ms = bench(step, warmup=1, reps=5)
         record("step", f"train step impl={impl}", ms,
                f"{info['model_flops'] / ms / 1e9:.0f} TFLOP/s model")
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -131,7 +144,8 @@ def flex():
     samples = draw_umm_pack(16384, seed=0)
     layout = PackedLayout.from_spans(samples, pad_to=16384, device="cuda")
     pairs = layout.attended_pairs(len(samples))
-    q, k, v, go = make_inputs(layout, 12, 2, 128, torch.bfloat16, True)
+    # forward only, inputs without gradients: the mode Triton's forward row is timed in
+    q, k, v, go = make_inputs(layout, 12, 2, 128, torch.bfloat16, False)
     mask = peers.build_flex_block_mask(layout)
     t0 = time.time()
     peers.flex_with_block_mask(q, k, v, mask)

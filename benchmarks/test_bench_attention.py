@@ -29,8 +29,9 @@ FlashAttention's own benchmarks also count recomputing Q K^T in the backward
 TFLOP/s read lower than theirs for the same time. Ratios do not depend on this.
 
 Group "attention-metadata": what a pack costs before attention runs, 64k tokens:
-PackedLayout.from_spans(...) + .tiles(128, 64) (host, one transfer) vs flex's
-create_block_mask (GPU), both timed to completion.
+PackedLayout.from_spans(...) + both tile sets a call builds (.tiles of the forward / dq
+and the dk / dv tile sizes, `packed_attention.tile_sizes`; host, one transfer each) vs
+flex's create_block_mask (GPU, both directions too), both timed to completion.
 
 Compiling flex (one compile per pack size, head count and grad mode) happens in the
 warm-up; a full run takes minutes. Run a subset with -k, e.g. -k "64k and fwd+bwd".
@@ -207,9 +208,15 @@ def test_bench_attention_metadata_64k(benchmark, gpu_bench, impl):
     num_tokens = 65536
     samples = draw_umm_pack(num_tokens, seed=0, variant="unimrg")
     if impl == "layout+tiles":
+        from unimrg_fast.ops.packed_attention import tile_sizes
+
+        # both tile sets a call builds on a new layout (forward / dq and dk / dv), as
+        # flex's block mask holds both directions
+        fwd, kv = tile_sizes(torch.bfloat16, HEAD_DIM, num_tokens, torch.device("cuda"))
+
         def build():
             layout = PackedLayout.from_spans(samples, pad_to=num_tokens, device="cuda")
-            return layout.tiles(128, 64)
+            return layout.tiles(*fwd), layout.tiles(*kv)
         role = "fused"
     else:
         from unimrg_fast.ops.attention_peers import build_flex_block_mask

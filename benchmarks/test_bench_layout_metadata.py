@@ -51,15 +51,25 @@ def _skip_if_unavailable(impl: str) -> None:
 @pytest.mark.benchmark(group="layout-metadata")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bench_tile_metadata_64k(benchmark, impl):
+    """Both tile sets packed_attention builds on a new layout (forward / dq and dk / dv,
+    an H100 / H200's tiles for bf16 at head dim 128): the per-pack host cost."""
+    import torch
+
+    from unimrg_fast.ops.packed_attention import tile_sizes
+
     _skip_if_unavailable(impl)
     arrays = umm_pack()
-    tiles = benchmark(packing.tile_metadata, *arrays, 128, 64, impl=impl)
+    sizes = tile_sizes(torch.bfloat16, 128, PACK_TOKENS)
+    both = benchmark(lambda: [packing.tile_metadata(*arrays, bq, bk, impl=impl)
+                              for bq, bk in sizes])
     benchmark.extra_info.update(role="baseline" if impl == "numpy" else "fused",
                                 num_tokens=int(arrays[0][-1]), num_samples=len(arrays[0]) - 1,
-                                num_spans=len(arrays[2]), visible_tiles=len(tiles.k_tile_idx),
-                                full_tiles=int(tiles.k_tile_full.sum()))
-    assert len(tiles.q_tile_ptr) == PACK_TOKENS // 128 + 1
-    assert 0 < tiles.k_tile_full.sum() < len(tiles.k_tile_idx)
+                                num_spans=len(arrays[2]), tile_sizes=[list(t) for t in sizes],
+                                visible_tiles=[len(t.k_tile_idx) for t in both],
+                                full_tiles=[int(t.k_tile_full.sum()) for t in both])
+    for (bq, _), tiles in zip(sizes, both):
+        assert len(tiles.q_tile_ptr) == PACK_TOKENS // bq + 1
+        assert 0 < tiles.k_tile_full.sum() < len(tiles.k_tile_idx)
 
 
 @pytest.mark.benchmark(group="packing")

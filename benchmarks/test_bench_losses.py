@@ -6,6 +6,9 @@
     regression-head       reference (baseline) | fused (fused)
     joint-loss-unimrg     reference (baseline) | fused (fused)
 
+The regression and joint-loss groups run under bf16 autocast, as the trainer does
+(`as_the_trainer_runs`): the reference is then the trainer's plain path, bf16 matmuls.
+
 Every timed call is one training step of the loss alone: forward, `loss.backward()`,
 then the gradients are dropped (`p.grad = None`, no synchronisation), so each call
 allocates its gradients afresh and the peak-memory figure counts them while the
@@ -348,15 +351,28 @@ def linear_ce_step(x: LinearCEInputs, variant: str, fn: Optional[Callable] = Non
     return make_step(lambda: fn(x.hidden, x.weight, x.target), x.params)
 
 
-def regression_step(x: RegressionInputs, impl: str):
-    return make_step(lambda: uf.regression_loss(x.hidden, x.weight, x.target, bias=x.bias,
-                                                impl=impl), x.params)
+def as_the_trainer_runs(device: torch.device, autocast: Optional[bool] = None):
+    """bf16 autocast, the trainer's setting (on by default on CUDA, where the benchmarks
+    run). Without it the regression reference (the plain path's math) upcasts hidden,
+    weight and bias to fp32 and multiplies in fp32: a baseline doing other work than the
+    trainer's plain path, with two fp32 [N, H] copies in its memory figure."""
+    enabled = torch.device(device).type == "cuda" if autocast is None else autocast
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def joint_loss_step(pack: UniMRGPack, impl: str):
-    return make_step(lambda: uf.joint_loss(pack.hidden, pack.heads, pack.num_tasks,
-                                           task_weights=pack.task_weights, impl=impl).total,
-                     pack.params)
+def regression_step(x: RegressionInputs, impl: str, autocast: Optional[bool] = None):
+    def loss():
+        with as_the_trainer_runs(x.hidden.device, autocast):
+            return uf.regression_loss(x.hidden, x.weight, x.target, bias=x.bias, impl=impl)
+    return make_step(loss, x.params)
+
+
+def joint_loss_step(pack: UniMRGPack, impl: str, autocast: Optional[bool] = None):
+    def loss():
+        with as_the_trainer_runs(pack.hidden.device, autocast):
+            return uf.joint_loss(pack.hidden, pack.heads, pack.num_tasks,
+                                 task_weights=pack.task_weights, impl=impl).total
+    return make_step(loss, pack.params)
 
 
 # ======================================================================== benchmarks

@@ -98,6 +98,28 @@ def test_regression_steps_run_and_agree():
     assert_same(fused, reference, "regression")
 
 
+def test_the_regression_baseline_multiplies_in_bf16_as_the_trainer_does():
+    """Without autocast the reference upcast everything to fp32 (two fp32 [N, H] copies
+    and fp32 matmuls), a baseline doing other work than the trainer's plain path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    x = bench.make_regression_inputs(37, 24, 5, torch.bfloat16, CPU, seed=2)
+    for autocast, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
+        with MatmulDtypes() as mode:
+            run_once(bench.regression_step(x, "reference", autocast=autocast))
+        assert mode.seen == want, (autocast, mode.seen)
+
+
 def tiny_pack(seed=4):
     return bench.make_unimrg_pack(64, 24, CPU, F32, vocab=50, codes=40, channels=5,
                                   text_rows=10, code_rows=16, depth_rows=12, pixel_rows=12,

@@ -435,6 +435,18 @@ def _config_of(dtype: torch.dtype, head_dim: int, num_tokens: int, device: torch
                                  head_dim=head_dim)
 
 
+def tile_sizes(dtype: torch.dtype, head_dim: int, num_tokens: int,
+               device: Optional[torch.device] = None) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The two (block_q, block_k) tile sets a GPU call builds with `layout.tiles` on each
+    new layout: the forward / dq one and the dk / dv one (both, even for a forward-only
+    call). `device`: the GPU whose shared memory picks the tiles (None: an H100's). For
+    benchmarks that time the per-pack metadata."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    limit = _smem_limit(device) if device is not None else None
+    cfg = _pick_config(dtype, block_d, False, num_tokens, limit, head_dim=head_dim)
+    return (cfg.fwd_block_m, cfg.fwd_block_n), (cfg.kv_block_m, cfg.kv_block_n)
+
+
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
     return interpreted_bf16(dtype, interpreted)
 
