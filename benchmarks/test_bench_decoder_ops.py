@@ -81,14 +81,13 @@ def make_rotary_case(t: int, heads: int, kv_heads: int, head_dim: int, device="c
 
 # ------------------------------------------------------------------- implementations
 def eager_rms_norm(x, w, eps=1e-6):
-    """Qwen2RMSNorm's forward, then the cast the next (autocast) matmul does."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (w * normed.to(x.dtype)).to(DTYPE)
+    """Qwen2RMSNorm's forward (the reference twin is its formula), then the cast the next
+    (autocast) matmul does."""
+    return uf.reference.rms_norm(x, w, eps=eps, out_dtype=DTYPE)
 
 
 def eager_swiglu(gate, up):
-    return torch.nn.functional.silu(gate) * up
+    return uf.reference.swiglu(gate, up)   # HF's act_fn(gate) * up
 
 
 def eager_rotary(q, k, cos, sin):

@@ -515,12 +515,16 @@ def test_a_stored_config_loads_after_its_paths_are_gone(tmp_path):
         assert loaded.to_dict() == stored
 
 
-def test_rng_states_live_in_one_file_per_rank_and_load_back(tmp_path):
+def test_rng_states_live_in_one_file_per_rank_and_load_back(tmp_path, monkeypatch):
     """Rank 0's RNG states are in rng-00000.pt only (not again in state.pt); load returns
-    them, and a checkpoint without its rank's file is refused naming the file."""
+    the states the save took, and a checkpoint without its rank's file is refused naming
+    the file."""
     run_dir = tmp_path / "run"
-    torch.manual_seed(123)
+    taken, real = [], ckpt.rng_state
+    monkeypatch.setattr(ckpt, "rng_state", lambda: taken.append(real()) or taken[-1])
     _tiny_saves(tmp_path, run_dir, [1])
+    monkeypatch.undo()
+    torch.manual_seed(0)   # the live state moves on: load must not read it
     path = ckpt.latest(run_dir)
     assert "rng" not in ckpt.read_state(path)
     config = small_config(tmp_path)
@@ -528,8 +532,9 @@ def test_rng_states_live_in_one_file_per_rank_and_load_back(tmp_path):
     optimizer, schedule = build_optimizer(model, config, torch.device("cpu"))
     kw = dict(model=model, optimizer=optimizer, scheduler=schedule)
     state = ckpt.load(path, **kw)
-    saved = torch.load(path / "rng-00000.pt", weights_only=False)
-    assert torch.equal(state["rng"]["torch"], saved["torch"])
+    assert len(taken) == 1 and not torch.equal(taken[0]["torch"], torch.get_rng_state())
+    assert torch.equal(state["rng"]["torch"], taken[0]["torch"])
+    assert repr(state["rng"]["numpy"]) == repr(taken[0]["numpy"])
     (path / "rng-00000.pt").unlink()
     with pytest.raises(ckpt.CheckpointError, match="rng-00000.pt"):
         ckpt.load(path, **kw)

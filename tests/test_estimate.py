@@ -106,7 +106,25 @@ def test_the_fast_path_with_the_models_own_decoder_ops_is_reported_beside_it():
     reduce_s = 2 * 7 / 8 * 4 * 1.5e9 / 400e9
     line = next(l for l in text.splitlines() if "fast, HF decoder ops" in l)
     assert f"projected {10_000 * (0.6 * 1.1 + reduce_s) / 3600:.2f} h" in line   # 1 micro-batch
-    assert estimate.PATHS["fast-hf-decoder"] == ("triton", "reference")
+    on_cpu = estimate.report("unimrg-harmon-1.5b", recipe, "qwen2.5-1.5b", 16, 10_000, 8,
+                             {**result, "device": "cpu"})
+    assert sum("on the Triton interpreter" in l for l in on_cpu.splitlines()) == 2   # fast ones
+
+
+@pytest.mark.parametrize("path, decoder_fused", [("fast", True), ("fast-hf-decoder", False)])
+def test_the_fast_paths_differ_only_in_the_decoder_ops(monkeypatch, path, decoder_fused):
+    """Timed on the tiny preset: both fast paths run fused attention; only "fast" runs the
+    fused RMSNorm / SwiGLU / rotary in the decoder."""
+    from trainer_helpers import DECODER_OPS, count_kernel_calls
+
+    calls = count_kernel_calls(monkeypatch)
+    recipe = estimate.ESTIMATE_RECIPES["unimrg-harmon-1.5b"]
+    out = estimate.estimate("tiny", recipe, 2, None, [path], warmup=0, timed=1,
+                            checkpointing=False)
+    assert "step_s" in out["paths"][path], out["paths"]
+    assert calls["packed_attention"] > 0
+    decoder = [calls[name] for name in DECODER_OPS]
+    assert all(decoder) if decoder_fused else not any(decoder), calls
 
 
 @pytest.mark.parametrize("args, flag", [

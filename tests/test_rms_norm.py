@@ -72,10 +72,12 @@ def test_matches_float64(fn, dtype, shape, seed, poison):
     dx, dw = torch.autograd.grad(y, (x, w), grad_out)
     want_y, want_dx, want_dw = oracle(x, w, eps, grad_out)
     tol = TOL[dtype]
-    assert_rel(y, want_y, tol, "y")
+    # the kernel computes from the 16-bit rows in fp32 and rounds once, to y's / dw's
+    # dtype; the reference (HF's formula) rounds the normalised rows to x's dtype first
+    assert_rel(y, want_y, TOL[y.dtype] if fn is fused else tol, "y")
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
     assert_rel(dx, want_dx, tol, "dx")
-    assert_rel(dw, want_dw, tol, "dw")
+    assert_rel(dw, want_dw, TOL[dw.dtype] if fn is fused else tol, "dw")
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])

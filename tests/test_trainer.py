@@ -2,7 +2,6 @@
 recipe learns, the fused and the plain path agree, packs are a function of the seed, a
 step with a non-finite loss or gradient is skipped (weights and AdamW untouched) and too
 many in a row stop the run cleanly, and the run directory holds what it promises."""
-import importlib
 import json
 import math
 
@@ -18,7 +17,7 @@ from trainer.config import TASKS, Config
 from trainer.data import (SampleFactory, TrainData, eval_scene_seed, train_scene_seed)
 from trainer.loop import NonFiniteLoss, optimizer_step, train
 from trainer.model import build_model
-from trainer_helpers import small_config, train_rows
+from trainer_helpers import DECODER_OPS, count_kernel_calls, small_config, train_rows
 from unimrg_fast import backends
 from unimrg_fast.specs import JointLossOutput
 
@@ -106,21 +105,12 @@ def test_fast_and_plain_paths_agree(tmp_path, family):
 def test_no_fused_decoder_keeps_the_models_own_decoder_ops(tmp_path, monkeypatch, fused_decoder):
     """--fast-kernels runs the fused RMSNorm / SwiGLU / rotary in the decoder; with
     --no-fused-decoder those are the model's own while attention stays fused."""
-    calls = dict.fromkeys(["rms_norm", "swiglu", "rotary", "packed_attention"], 0)
-    for name in calls:
-        module = importlib.import_module(f"unimrg_fast.ops.{name}")
-
-        def spy(*a, _real=module._triton, _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(module, "_triton", spy)
-    monkeypatch.setattr(backends, "_loaded", {})   # resolve loads the spies, then forgets them
+    calls = count_kernel_calls(monkeypatch)
     config = small_config(tmp_path, fast_kernels=True, fused_decoder=fused_decoder, steps=1,
                           eval_questions=0, eval_scenes=0)
     train(config)
     assert calls["packed_attention"] > 0
-    decoder = [calls[name] for name in ("rms_norm", "swiglu", "rotary")]
+    decoder = [calls[name] for name in DECODER_OPS]
     assert all(decoder) if fused_decoder else not any(decoder), calls
 
 

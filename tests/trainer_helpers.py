@@ -20,3 +20,25 @@ def small_config(tmp_path, **overrides):
 def train_rows(run_dir: Path):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["event"] == "train"]
+
+
+DECODER_OPS = ("rms_norm", "swiglu", "rotary")
+
+
+def count_kernel_calls(monkeypatch, ops=DECODER_OPS + ("packed_attention",)):
+    """{op: calls of unimrg_fast.ops.<op>._triton} from now on, for the ops named."""
+    import importlib
+
+    from unimrg_fast import backends
+
+    calls = dict.fromkeys(ops, 0)
+    for name in ops:
+        module = importlib.import_module(f"unimrg_fast.ops.{name}")
+
+        def spy(*a, _real=module._triton, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, "_triton", spy)
+    monkeypatch.setattr(backends, "_loaded", {})   # resolve loads the spies, then forgets them
+    return calls

@@ -446,10 +446,15 @@ def eval_packs(factory: SampleFactory, tasks: Sequence[str], num_scenes: int,
         for task in tasks:
             rng = np.random.default_rng((_SAMPLE_SALT, seed, TASK_ID[task], EVAL_SEED_OFFSET + i))
             samples.append(factory.make(task, eval_scene_seed(seed, i), rng))
-    if not samples:
-        return []
+    return pack_all(factory, samples, pack_tokens, pad_id, "held-out")
+
+
+def pack_all(factory: SampleFactory, samples: Sequence[Sample], pack_tokens: int, pad_id: int,
+             kind: str) -> List[Pack]:
+    """Every sample in a pack (first-fit decreasing, as many packs as needed); a sample
+    longer than a pack is a ConfigError naming --pack-tokens, never left out."""
     for sample in samples:
-        refuse_longer_than_a_pack(f"held-out {TASKS[sample.task]} sample", sample.length,
+        refuse_longer_than_a_pack(f"{kind} {TASKS[sample.task]} sample", sample.length,
                                   pack_tokens)
     packer = StreamingPacker(pack_tokens)
     packer.add(range(len(samples)), [s.length for s in samples])

@@ -68,12 +68,11 @@ ESTIMATE_RECIPES = {
 }
 RECIPE_GPUS = 8                # the released recipe's data-parallel GPUs
 # --paths: name -> (impl of attention and the losses, impl of the decoder's RMSNorm /
-# SwiGLU / rotary; None: the same). "fast-hf-decoder" isolates what the fused decoder
-# ops (unimrg_fast.hf) add to the fast path.
-PATHS = {"fast": ("triton", None), "fast-hf-decoder": ("triton", "reference"),
-         "plain": ("reference", None)}
-PATH_LABELS = {"fast": "fast (fused Triton)", "fast-hf-decoder": "fast, HF decoder ops (--no-fused-decoder)",
-               "plain": "plain (PyTorch reference)"}
+# SwiGLU / rotary (None: the same), label). "fast-hf-decoder" isolates what the fused
+# decoder ops (unimrg_fast.hf) add to the fast path.
+PATHS = {"fast": ("triton", None, "fast (fused Triton)"),
+         "fast-hf-decoder": ("triton", "reference", "fast, HF decoder ops (--no-fused-decoder)"),
+         "plain": ("reference", None, "plain (PyTorch reference)")}
 BUS_BANDWIDTH = 400e9          # bytes/s, a stated assumption (see the module docstring)
 ANSWER_TOKENS = (32, 512)      # DESIGN.md section 5: real understanding answers
 PROMPT_TOKENS = (8, 48)        # and generation prompts
@@ -159,8 +158,7 @@ def main(argv: List[str]) -> int:
 def _packs(config, factory, pad_id: int, samples: int):
     """One micro-batch: `samples` samples of the recipe's task cycle with real-data text
     lengths, packed first-fit decreasing into --pack-tokens packs (host packs)."""
-    from trainer.data import build_pack
-    from unimrg_fast.packing import StreamingPacker
+    from trainer.data import pack_all
 
     cycle = config.data.task_cycle
     rng = np.random.default_rng(0)
@@ -171,17 +169,7 @@ def _packs(config, factory, pad_id: int, samples: int):
         sample = factory.train_sample(task, counts.get(task, 0))
         batch.append(with_text_length(sample, rng, factory.text.vocab_size))
         counts[task] = counts.get(task, 0) + 1
-    longest = max(s.length for s in batch)
-    if longest > config.data.pack_tokens:
-        from trainer.config import ConfigError
-
-        raise ConfigError("--pack-tokens", f"a sample of this micro-batch holds {longest:,} "
-                                           f"tokens; use --pack-tokens >= {longest}")
-    packer = StreamingPacker(config.data.pack_tokens)
-    packer.add(range(len(batch)), [s.length for s in batch])
-    channels = config.model.latent_channels if factory.family != "ar" else 0
-    return [build_pack([batch[i] for i in group], config.data.pack_tokens, pad_id,
-                       factory.cond_tokens, channels) for group in packer.pop_packs()]
+    return pack_all(factory, batch, config.data.pack_tokens, pad_id, "micro-batch")
 
 
 def with_text_length(sample, rng: np.random.Generator, vocab_size: int):
@@ -274,7 +262,7 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     # a host copy, so the timed paths' peak memory is a training run's
     weights = host_copy(model.state_dict())
     for path in paths:
-        impl, model.decoder_impl = PATHS[path]
+        impl, model.decoder_impl, _ = PATHS[path]
         if impl == "triton" and not backends.triton().available:
             out["paths"][path] = {"error": f"Triton unavailable: {backends.triton().detail}"}
             continue
@@ -419,14 +407,14 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
                     f"{BUS_BANDWIDTH / 1e9:.0f} GB/s, never overlapped (an upper bound)"
                     if gpus > 1 else ""))
     lo, hi = recipe["paper_hours"]
-    width = max(len(label) for label in PATH_LABELS.values())   # the figures line up
-    for path in PATHS:
+    interpreted = r["device"] == "cpu"
+    labels = {path: label + (" on the Triton interpreter" if impl == "triton" and interpreted
+                             else "") for path, (impl, _, label) in PATHS.items()}
+    width = max(len(label) for label in labels.values())   # the figures line up
+    for path, label in labels.items():
         entry = r["paths"].get(path)
         if entry is None:
             continue
-        label = PATH_LABELS[path]
-        if PATHS[path][0] == "triton" and r["device"] == "cpu":
-            label = label.replace("fused Triton", "Triton interpreter")
         if "error" in entry:
             lines.append(f"  {label:<{width}} not timed: {entry['error']}")
             continue

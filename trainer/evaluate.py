@@ -25,18 +25,20 @@ from unimrg_fast.packing import pack_first_fit_decreasing
 @dataclasses.dataclass
 class HeldOut:
     questions: List[Sample]
+    answers: List[List[int]]   # each question's answer as token ids (greedy decoding's target)
     packs: List[Pack]
 
 
 def held_out(config: Config, factory: SampleFactory, pad_id: int) -> HeldOut:
     d = config.data
     questions = eval_questions(factory, d.eval_questions) if "und" in d.active_tasks else []
-    for q in questions:   # greedy decoding packs the question with all but its answer's
-        answer = len(factory.text.encode(q.qa.answer))   # last token (greedy_answers)
+    answers = [factory.text.encode(q.qa.answer) for q in questions]
+    # greedy decoding packs each question with all but the last token of its answer
+    for q, answer in zip(questions, answers):
         refuse_longer_than_a_pack("held-out question with its answer",
-                                  q.length + max(0, answer - 1), d.pack_tokens)
+                                  q.length + max(0, len(answer) - 1), d.pack_tokens)
     packs = eval_packs(factory, d.active_tasks, d.eval_scenes, d.pack_tokens, pad_id)
-    return HeldOut(questions, packs)
+    return HeldOut(questions, answers, packs)
 
 
 def _extended(sample: Sample, extra: List[int]) -> Sample:
@@ -87,7 +89,7 @@ def evaluate(model, held: HeldOut, factory: SampleFactory, text, device, impl: s
     result: Dict[str, Any] = {}
     with autocast():
         if held.questions:
-            refs = [text.encode(q.qa.answer) for q in held.questions]
+            refs = held.answers
             answers = greedy_answers(model, held.questions, [len(r) for r in refs], text,
                                      factory.config.data.pack_tokens, device, impl,
                                      factory.cond_tokens)

@@ -232,7 +232,7 @@ class UMM(nn.Module):
         # The decoder's RMSNorm / SwiGLU / rotary follow the run's impl (uf.hf), unless
         # decoder_impl names another ("reference": --no-fused-decoder and --estimate's
         # "fast-hf-decoder" path keep the model's own).
-        self.decoder_impl: Optional[str] = None
+        self.decoder_impl: Optional[str] = None if config.run.fused_decoder else "reference"
         self._decoder_applied = "reference"
         uf.hf.fuse_decoder_ops(self.llm, impl="reference")
         self.vit.requires_grad_(False)
@@ -428,8 +428,6 @@ def build_model(config: Config):
     else:
         images = PatchLatents(m.image_size, m.patch, m.latent_channels, seed=config.data.seed)
     model = UMM(llm, vit, vocab, m.family, config, vit_size)
-    if not config.run.fused_decoder:   # --no-fused-decoder: HF's own norm / MLP / rotary
-        model.decoder_impl = "reference"
     if lm_weight is not None:
         with torch.no_grad():
             model.lm_head.weight.copy_(lm_weight)

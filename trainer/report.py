@@ -125,8 +125,7 @@ def save_checkpoint(run_dir: Path, weights: Dict[str, Any], config: Config,
                     step: int, image_tokenizer, name: str = CHECKPOINT) -> Path:
     """The trainable weights (distributed.full_trainable_state: everything but the frozen
     ViT) + config + step, atomically."""
-    state = {"step": step, "config": config.to_dict(),
-             "model": {k: v.detach().cpu() for k, v in weights.items()}}
+    state = {"step": step, "config": config.to_dict(), "model": dict(weights)}
     if hasattr(image_tokenizer, "state_dict"):
         state["image_tokenizer"] = image_tokenizer.state_dict()
     path = run_dir / name

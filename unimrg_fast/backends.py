@@ -386,11 +386,10 @@ def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = Non
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a string, got {type(impl).__name__}")
     table = implementations(op)
-    names = [i.name for i in table]
     if impl == "auto":
         forced = forced_impl(op)
         if forced is not None:
-            return _explicit(op, forced, table, names, device, call, source=f"{ENV_IMPL}")
+            return _explicit(op, forced, table, device, call, source=f"{ENV_IMPL}")
         reasons = []
         for cand in table:
             if not cand.auto:
@@ -410,13 +409,22 @@ def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = Non
                 return cand.name, cand.load()
             reasons.append(f"{cand.name}: {why}")
         raise RuntimeError(f"no implementation of {op} can run this call: " + "; ".join(reasons))
-    return _explicit(op, impl, table, names, device, call, source="impl")
+    return _explicit(op, impl, table, device, call, source="impl")
 
 
-def _explicit(op, impl, table, names, device, call, source) -> Tuple[str, Callable]:
-    if impl not in names:
+def check_impl_name(op: str, impl: str, source: str = "impl", allow_auto: bool = True,
+                    table: Optional[List[Implementation]] = None) -> None:
+    """ValueError unless `impl` names an entry of `op`'s table (or is "auto", where
+    allowed), naming `source`: resolve's check (with the table it holds), and the heads'
+    when they are made."""
+    names = [i.name for i in (table if table is not None else implementations(op))]
+    if impl not in names and not (allow_auto and impl == "auto"):
         raise ValueError(f"{source}={impl!r} is not an implementation of {op}; "
                          f"choose one of {', '.join(['auto'] + names)}")
+
+
+def _explicit(op, impl, table, device, call, source) -> Tuple[str, Callable]:
+    check_impl_name(op, impl, source, allow_auto=False, table=table)   # refuses op=auto too
     cand = next(i for i in table if i.name == impl)
     why = cand.unavailable_reason(device)
     if why is not None:

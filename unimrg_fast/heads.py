@@ -25,14 +25,6 @@ from unimrg_fast.reference.cross_entropy import check_ce_options
 from unimrg_fast.specs import CEHeadSpec, RegressionHeadSpec
 
 
-def _check_impl_name(op: str, impl: str) -> None:
-    """A head's impl, checked when the head is made rather than at its first loss."""
-    names = ["auto"] + [i.name for i in backends.implementations(op)]
-    if impl not in names:
-        raise ValueError(f"impl={impl!r} is not an implementation of {op}; choose one of "
-                         f"{', '.join(names)}")
-
-
 class LMHead(nn.Module):
     """Linear head H -> V scored by cross-entropy (DESIGN.md 3.1).
 
@@ -53,7 +45,7 @@ class LMHead(nn.Module):
         # the loss would refuse bad options at its first call, but forward() (sampling)
         # would use them: softcap = 0 gives all-zero logits, a negative one acts as |c|
         check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
-        _check_impl_name("linear_cross_entropy", impl)
+        backends.check_impl_name("linear_cross_entropy", impl)
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype))
                      if bias else None)
@@ -105,7 +97,7 @@ class RegressionHead(nn.Module):
         super().__init__()
         if hidden_size < 1 or out_channels < 1:
             raise ValueError(f"hidden_size and out_channels must be >= 1, got {hidden_size}, {out_channels}")
-        _check_impl_name("regression_loss", impl)
+        backends.check_impl_name("regression_loss", impl)
         self.weight = nn.Parameter(torch.empty(out_channels, hidden_size, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))
                      if bias else None)

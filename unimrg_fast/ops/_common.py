@@ -18,13 +18,17 @@ def interpreted_bf16(dtype: torch.dtype, interpreted: bool) -> bool:
     return interpreted and dtype == torch.bfloat16
 
 
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when its last dim is strided: the kernels' loads assume a
+    unit stride there (a dim of size <= 1 has no stride to speak of)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., I] as [N, I] with unit column stride: a view where reshape gives one with
     unit column stride, else a contiguous copy (reshape never raises, so torch.compile
     traces it without an exception path)."""
-    width = x.shape[-1]
-    rows = x.reshape(math.prod(x.shape[:-1]), width)
-    return rows if rows.stride(-1) == 1 or width <= 1 else rows.contiguous()
+    return unit_last(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))
 
 
 def check_kernel_device(x: torch.Tensor, name: str) -> None:

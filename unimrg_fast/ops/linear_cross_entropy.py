@@ -412,8 +412,8 @@ def _add_mm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
             _addmm_f32_out(acc, a, b)
         elif a.dtype == torch.float32 or not a.is_cuda:
             acc.addmm_(a.float(), b.float())
-        else:  # a CUDA torch without addmm.dtype_out: 16-bit product, rounded once
-            acc.add_(torch.mm(a, b).float())
+        else:  # a CUDA torch without addmm.dtype_out: a separate product, as before
+            acc.add_(_mm_f32(a, b))
     return acc
 
 

@@ -42,7 +42,7 @@ from unimrg_fast import backends
 from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
 from unimrg_fast.ops._common import (effective_limit, first_that_fits, interpreted_bf16,
                                      smem_needed, smem_per_block as _smem_limit,
-                                     store_dtype as _store_dtype)
+                                     store_dtype as _store_dtype, unit_last)
 # The argument checks are the reference's own, so the two paths cannot drift apart.
 from unimrg_fast.reference.attention import _check_inputs as check_attention_args
 
@@ -435,16 +435,19 @@ def _config_of(dtype: torch.dtype, head_dim: int, num_tokens: int, device: torch
                                  head_dim=head_dim)
 
 
+def _tile_keys(cfg: _Config) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The (block_q, block_k) of the two tile sets a call builds with `layout.tiles`: the
+    forward / dq one and the dk / dv one (both, even for a forward-only call)."""
+    return (cfg.fwd_block_m, cfg.fwd_block_n), (cfg.kv_block_m, cfg.kv_block_n)
+
+
 def tile_sizes(dtype: torch.dtype, head_dim: int, num_tokens: int,
                device: Optional[torch.device] = None) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """The two (block_q, block_k) tile sets a GPU call builds with `layout.tiles` on each
-    new layout: the forward / dq one and the dk / dv one (both, even for a forward-only
-    call). `device`: the GPU whose shared memory picks the tiles (None: an H100's). For
-    benchmarks that time the per-pack metadata."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    limit = _smem_limit(device) if device is not None else None
-    cfg = _pick_config(dtype, block_d, False, num_tokens, limit, head_dim=head_dim)
-    return (cfg.fwd_block_m, cfg.fwd_block_n), (cfg.kv_block_m, cfg.kv_block_n)
+    """`_tile_keys` of a GPU call on each new layout. `device`: the GPU whose shared
+    memory picks the tiles (None: an H100's). For benchmarks that time the per-pack
+    metadata."""
+    device = device if device is not None else torch.device("cpu")   # cpu: no smem limit
+    return _tile_keys(_config_of(dtype, head_dim, num_tokens, device, False)[1])
 
 
 def _upcast(dtype: torch.dtype, interpreted: bool) -> bool:
@@ -676,11 +679,10 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # Any token / head strides are fine; the head dim must be contiguous.
-    q, k, v = (x if x.stride(2) == 1 or head_dim == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (unit_last(x) for x in (q, k, v))
 
     _, cfg = _config_for(q, backends.triton_interpreted())
-    fwd = layout.tiles(cfg.fwd_block_m, cfg.fwd_block_n)
-    kv = layout.tiles(cfg.kv_block_m, cfg.kv_block_n)
+    fwd, kv = (layout.tiles(*key) for key in _tile_keys(cfg))
     out, lse = _fwd_op(q, k, v, layout.token_sample, layout.token_span, layout.span_modes,
                        fwd.q_tile_ptr, fwd.k_tile_idx, fwd.k_tile_full,
                        kv.k_tile_ptr, kv.q_tile_idx, kv.q_tile_full, scale,

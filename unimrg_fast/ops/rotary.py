@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from unimrg_fast import backends
-from unimrg_fast.ops._common import check_kernel_device, multiprocessors, store_dtype
+from unimrg_fast.ops._common import check_kernel_device, multiprocessors, store_dtype, unit_last
 from unimrg_fast.reference.rotary import check_rotary_args
 
 # Calls with at least this many (batch, token) rows run with big tiles in the interpreter.
@@ -165,17 +165,11 @@ def _table_strides(table: torch.Tensor) -> Tuple[int, int]:
     return (table.stride(0) if table.shape[0] > 1 else 0), table.stride(1)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """t, or a copy when its last dim is strided (the kernel's loads assume unit stride).
-    HF's q / k, cos, sin and their gradients are unit-stride: the copy is a fallback."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype,
             stride: Tuple[int, ...], backward: bool) -> torch.Tensor:
     """The rotation (backward=False) or its transpose of x [B, H, T, D], written into a
     fresh [B, H, T, D] tensor of `out_dtype` with the given strides."""
-    x, cos, sin = _unit_last(x), _unit_last(cos), _unit_last(sin)
+    x, cos, sin = unit_last(x), unit_last(cos), unit_last(sin)
     interpreted = backends.triton_interpreted()
     # interpreted bf16 outputs are written in fp32 and rounded to nearest outside
     out = _empty(x.shape, stride, store_dtype(out_dtype, interpreted), x.device)

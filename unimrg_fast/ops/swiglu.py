@@ -26,7 +26,6 @@ hence no atomics, no autotuning and no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -168,25 +167,19 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg
 # -------------------------------------------------------- custom ops and autograd
 # torch.library custom ops (rather than a bare autograd.Function) so that torch.compile
 # traces through the activation without graph breaks: the fake kernels give it the
-# output shapes, register_autograd wires the backward op. The entry point hands the ops
-# [N, I] rows (`as_rows`: a view for row-strided inputs, so that autograd saves that
-# view or the one copy); the ops apply `as_rows` again themselves, a no-op for such
-# rows, so that any layout they are handed reaches the kernels with unit column stride.
-# Their outputs are [N, I] and always new tensors.
+# output shapes, register_autograd wires the backward op. The ops take [N, I] rows with
+# unit column stride (the entry point's `as_rows`: a view for row-strided inputs, so that
+# autograd saves that view or the one copy), as rms_norm's do. Their outputs are [N, I]
+# and always new tensors.
 @torch.library.custom_op("unimrg_fast::swiglu_fwd", mutates_args=())
 def _fwd_op(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """-> y [N, I] contiguous in out_dtype, = silu(gate) * up."""
-    return _forward(as_rows(gate), as_rows(up), out_dtype)
-
-
-def _rows_shape(x: torch.Tensor) -> Tuple[int, int]:
-    """The [N, I] shape `as_rows(x)` has (x itself for the rows the entry point passes)."""
-    return math.prod(x.shape[:-1]), x.shape[-1]
+    return _forward(gate, up, out_dtype)
 
 
 @_fwd_op.register_fake
 def _(gate, up, out_dtype):
-    return gate.new_empty(_rows_shape(gate), dtype=out_dtype)
+    return gate.new_empty(gate.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("unimrg_fast::swiglu_bwd", mutates_args=())
@@ -194,13 +187,13 @@ def _bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, compute_dg: 
             compute_du: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (dgate, dup) [N, I] contiguous in gate's / up's dtypes; a gradient not asked for
     is empty [0]."""
-    return _backward(dy, as_rows(gate), as_rows(up), compute_dg, compute_du)
+    return _backward(dy, gate, up, compute_dg, compute_du)
 
 
 @_bwd_op.register_fake
 def _(dy, gate, up, compute_dg, compute_du):
-    return (gate.new_empty(_rows_shape(gate) if compute_dg else (0,)),
-            up.new_empty(_rows_shape(up) if compute_du else (0,)))
+    return (gate.new_empty(gate.shape if compute_dg else (0,)),
+            up.new_empty(up.shape if compute_du else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -214,9 +207,7 @@ def _backward_rule(ctx, dy):
     if dy is None or not (need_dg or need_du):
         return None, None, None
     dg, du = _bwd_op(dy, gate, up, need_dg, need_du)
-    # [N, I] rows; back to the inputs' shapes should the op be handed [..., I]
-    return (dg.view(gate.shape) if need_dg else None, du.view(up.shape) if need_du else None,
-            None)
+    return (dg if need_dg else None, du if need_du else None, None)
 
 
 torch.library.register_autograd(_fwd_op, _backward_rule, setup_context=_setup_context)
