@@ -71,9 +71,13 @@ def test_specs_feed_joint_loss(impl, seed):
     assert _rel(out.total, per_head.sum()) < 1e-5
 
 
-@pytest.mark.parametrize("cls,args", [(LMHead, (0, 10)), (LMHead, (8, 0)), (RegressionHead, (8, 0))])
-def test_bad_sizes(cls, args):
-    with pytest.raises(ValueError, match="must be >= 1"):
+@pytest.mark.parametrize("cls,args,name", [
+    (LMHead, (0, 10), "hidden_size"), (LMHead, (8, 0), "vocab_size"),
+    (RegressionHead, (8, 0), "out_channels"), (LMHead, ("8", 10), "hidden_size"),
+    (LMHead, (None, 10), "hidden_size"), (LMHead, (8.0, 10), "hidden_size"),
+    (LMHead, (True, 10), "hidden_size"), (RegressionHead, (8, 4.0), "out_channels")])
+def test_bad_sizes(cls, args, name):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
         cls(*args)
 
 

@@ -150,6 +150,23 @@ def test_task_with_only_ignored_rows_counts_nothing(seed, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_nan_weight_on_a_scored_row_gives_a_nan_loss_not_zero(seed, impl):
+    # The gradients are NaN then; a loss that reads 0 would hide that from the logs (and
+    # from a trainer's non-finite check of the loss). Only an exact 0 weight sum is "empty".
+    h = leaf(6, 4)
+    w, y, t = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 4, 0]), torch.randn(6, 5)
+    tw = torch.ones(6)
+    tw[2] = float("nan")
+    ce = uf.linear_cross_entropy(h, w, y, token_weight=tw, impl=impl)
+    reg = uf.regression_loss(h, w, t, token_weight=tw, impl=impl)
+    out = uf.joint_loss(h, [CEHeadSpec(w, torch.arange(6), y, 0, token_weight=tw)], 2, impl=impl)
+    assert ce.isnan() and reg.isnan() and out.total.isnan()
+    assert out.task_weight_sum[1] == 0   # the empty task still counts 0, not NaN
+    zero = uf.linear_cross_entropy(h, w, y, token_weight=torch.zeros(6), impl=impl)
+    assert zero == 0 and torch.autograd.grad(zero, h)[0].eq(0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_half_precision_pack(seed, impl):
     hidden, heads = make_pack(torch.bfloat16)
     check_pack(hidden, heads, 4, None, tol=2e-2, grad_tol=3e-2, impl=impl)
@@ -326,3 +343,22 @@ def test_traces_under_torch_compile(seed, impl):
     assert torch.equal(got.task_rows, want.task_rows)
     got.total.backward()
     assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
+
+
+def test_fused_losses_and_attention_refuse_a_device_the_kernels_cannot_run_on():
+    # meta stands in for any device that is neither CUDA nor the interpreter's CPU: the
+    # error names the argument instead of coming from deep inside autocast.
+    m = "meta"
+    h, w = torch.randn(3, 4, device=m), torch.randn(7, 4, device=m)
+    y = torch.zeros(3, dtype=torch.long, device=m)
+    q = torch.randn(5, 1, 4, device=m)
+    layout = uf.PackedLayout.from_spans([[(5, "full")]], device=m)
+    calls = {
+        "hidden": lambda: uf.linear_cross_entropy(h, w, y, impl="triton"),
+        "hidden ": lambda: uf.joint_loss(h, [], 1, impl="triton"),
+        "q": lambda: uf.packed_attention(q, q, q, layout, impl="triton"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name.strip()} must be a CUDA tensor for the "
+                                             "Triton kernels, got meta"):
+            call()

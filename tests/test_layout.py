@@ -220,6 +220,8 @@ def test_pad_to_errors(pad_to, exc, match):
                  id="bool_length"),
     pytest.param([[("full", 3)]], TypeError, "sample 0, span 0: length must be an int, got 'full'",
                  id="swapped_pair"),
+    pytest.param([[(3, ["full"])]], ValueError, r"sample 0, span 0: unknown mode \['full'\]",
+                 id="list_mode"),
 ])
 def test_from_spans_validation(samples, exc, match):
     with pytest.raises(exc, match=match):
@@ -463,3 +465,13 @@ def test_static_argument_of_compiled_code():
         got = compiled(q, k, v, lay)
         torch.testing.assert_close(got, eager[name], rtol=1e-6, atol=1e-6,
                                    msg=lambda m: f"layout {name}: {m}")
+
+
+def test_sample_mask_and_host_name_a_bad_argument():
+    layout = PackedLayout.from_spans([[(3, "full")], [(2, "causal")]])
+    for bad in (1.0, True, -1, 2):
+        with pytest.raises(ValueError, match=r"sample must be in \[0, 2\)"):
+            layout.sample_mask(bad)
+    assert torch.equal(layout.sample_mask(np.int64(1)), layout.sample_mask(1))
+    with pytest.raises(ValueError, match="name must be one of .*cu_seqlens.*, got 'nope'"):
+        layout.host("nope")

@@ -51,6 +51,16 @@ def test_cosine_schedule_other_length_and_errors():
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps must be an int >= 1"):
             cosine_alphas_cumprod(bad)
+    for bad in ("0.5", 1.0, None):
+        with pytest.raises(ValueError, match="max_beta must be in"):
+            cosine_alphas_cumprod(7, max_beta=bad)
+
+
+def test_float_num_steps_is_refused_after_the_int_table_is_cached():
+    x0 = torch.randn(3, 2)
+    ddpm_eps_target(x0, num_steps=1000)         # caches the 1000-step table
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 1000.0"):
+        ddpm_eps_target(x0, num_steps=1000.0)
 
 
 # ---------------------------------------------------------------------------- DDPM

@@ -7,6 +7,7 @@ when UNIMRG_FAST_DEBUG=1 asks for them.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -57,6 +58,15 @@ def debug_checks_enabled() -> bool:
     return os.environ.get("UNIMRG_FAST_DEBUG", "0") not in ("", "0", "false", "False")
 
 
+def _values_checkable(x: torch.Tensor) -> bool:
+    """Whether a check may read x's values: on a CPU tensor it is free; on a CUDA one it
+    would sync, so only in debug mode; never on a tensor without data (meta) or while
+    torch.compile traces (a value check would break the graph)."""
+    if x.numel() == 0 or x.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not x.is_cuda or debug_checks_enabled()
+
+
 def check_index_range(x: torch.Tensor, name: str, low: int, high: int,
                       allowed_extra: Optional[int] = None) -> None:
     """Checks low <= x < high (x == allowed_extra is also accepted, e.g. ignore_index).
@@ -66,9 +76,7 @@ def check_index_range(x: torch.Tensor, name: str, low: int, high: int,
     out of bounds, so a bad index is never a silent wrong answer. Skipped while
     torch.compile traces (a value check would break the graph); the poison still holds.
     """
-    if x.numel() == 0 or (x.is_cuda and not debug_checks_enabled()):
-        return
-    if torch.compiler.is_compiling():
+    if not _values_checkable(x):
         return
     bad = (x < low) | (x >= high)
     if allowed_extra is not None:
@@ -78,6 +86,17 @@ def check_index_range(x: torch.Tensor, name: str, low: int, high: int,
         extra = f" or {allowed_extra}" if allowed_extra is not None else ""
         raise ValueError(f"{name} must hold values in [{low}, {high}){extra}; "
                          f"found {x.flatten()[bad.flatten()][0].item()} at index {pos}")
+
+
+def check_sizes(**sizes) -> None:
+    """Each keyword must be an int >= 1 (a bool is not a size): e.g. a head's widths."""
+    for name, value in sizes.items():
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:   # a float, a string, None: not an integer at all
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def check_reduction(reduction: str) -> None:
@@ -114,3 +133,14 @@ def check_token_weight(token_weight: Optional[torch.Tensor], n: int, device: tor
     if token_weight.numel() != n:
         raise ValueError(f"token_weight must have one weight per row ({n} rows), "
                          f"got shape {tuple(token_weight.shape)}")
+    # A negative weight turns a "mean" into a ratio of signed sums (0 / 0 -> 0 when they
+    # cancel): never what a caller meant. Checked where check_index_range checks (free on
+    # CPU tensors, on GPU in debug mode). NaN / inf pass: on an ignored row they are a
+    # legitimate 1 / #labels of a sample with no labels, and contribute nothing.
+    if not _values_checkable(token_weight):
+        return
+    negative = token_weight.reshape(-1) < 0
+    if bool(negative.any()):
+        pos = int(negative.nonzero()[0, 0])
+        raise ValueError(f"token_weight must be >= 0; found {token_weight.reshape(-1)[pos].item()} "
+                         f"at row {pos}")

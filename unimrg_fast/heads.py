@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from unimrg_fast import backends
+from unimrg_fast._validation import check_sizes
 from unimrg_fast.ops import linear_cross_entropy, regression_loss
 from unimrg_fast.reference.cross_entropy import check_ce_options
 from unimrg_fast.specs import CEHeadSpec, RegressionHeadSpec
@@ -40,8 +41,7 @@ class LMHead(nn.Module):
                  softcap: Optional[float] = None, impl: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
-        if hidden_size < 1 or vocab_size < 1:
-            raise ValueError(f"hidden_size and vocab_size must be >= 1, got {hidden_size}, {vocab_size}")
+        check_sizes(hidden_size=hidden_size, vocab_size=vocab_size)
         # the loss would refuse bad options at its first call, but forward() (sampling)
         # would use them: softcap = 0 gives all-zero logits, a negative one acts as |c|
         check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
@@ -95,8 +95,7 @@ class RegressionHead(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int, *, bias: bool = True,
                  impl: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
-        if hidden_size < 1 or out_channels < 1:
-            raise ValueError(f"hidden_size and out_channels must be >= 1, got {hidden_size}, {out_channels}")
+        check_sizes(hidden_size=hidden_size, out_channels=out_channels)
         backends.check_impl_name("regression_loss", impl)
         self.weight = nn.Parameter(torch.empty(out_channels, hidden_size, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype))

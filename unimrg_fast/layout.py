@@ -200,6 +200,8 @@ class PackedLayout:
     # ------------------------------------------------------------- queries
     def host(self, name: str) -> np.ndarray:
         """A read-only host (numpy) copy of one of the int32 arrays, without any sync."""
+        if name not in self._host:
+            raise ValueError(f"name must be one of {', '.join(sorted(self._host))}, got {name!r}")
         array = self._host[name].view()
         array.flags.writeable = False
         return array
@@ -245,7 +247,8 @@ class PackedLayout:
 
     def sample_mask(self, sample: int, device: Optional[torch.device | str] = None) -> torch.Tensor:
         """[L, L] bool mask of one sample (L its length): what per-sample attention needs."""
-        if not 0 <= sample < self.num_samples:
+        if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) \
+                or not 0 <= sample < self.num_samples:
             raise ValueError(f"sample must be in [0, {self.num_samples}), got {sample}")
         start, end = (int(x) for x in self._host["cu_seqlens"][sample: sample + 2])
         return self._mask(start, end, device)
@@ -356,7 +359,7 @@ def _normalise(samples) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
                 raise TypeError(f"sample {s}, span {p}: length must be an int, got {length!r}")
             if length < 1:
                 raise ValueError(f"sample {s}, span {p}: length must be >= 1, got {length}")
-            if mode not in _MODE_IDS:
+            if not isinstance(mode, str) or mode not in _MODE_IDS:
                 raise ValueError(f"sample {s}, span {p}: unknown mode {mode!r}; "
                                  f"expected one of {', '.join(MODES)}")
             spans.append((int(length), _MODE_IDS[mode]))

@@ -81,8 +81,9 @@ class JointLossOutput(NamedTuple):
 def total_from_sums(task_loss_sum: torch.Tensor, task_weight_sum: torch.Tensor,
                     task_weights: torch.Tensor) -> torch.Tensor:
     """sum_t lambda_t * loss_sum_t / weight_sum_t, with 0 (and zero gradient, no NaN)
-    for tasks whose weight sum is 0."""
-    has_rows = task_weight_sum > 0
-    safe = torch.where(has_rows, task_weight_sum, torch.ones_like(task_weight_sum))
-    per_task = torch.where(has_rows, task_loss_sum / safe, torch.zeros_like(task_loss_sum))
+    for tasks whose weight sum is exactly 0; a NaN weight sum (a NaN weight on a scored
+    row) keeps the total NaN, as its gradients are."""
+    empty = task_weight_sum == 0
+    safe = torch.where(empty, torch.ones_like(task_weight_sum), task_weight_sum)
+    per_task = torch.where(empty, torch.zeros_like(task_loss_sum), task_loss_sum / safe)
     return (task_weights.to(per_task.dtype) * per_task).sum()

@@ -61,7 +61,8 @@ def cosine_alphas_cumprod(num_steps: int = DDPM_STEPS, *, max_beta: float = 0.99
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    if not 0.0 < max_beta < 1.0:
+    if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) \
+            or not 0.0 < max_beta < 1.0:
         raise ValueError(f"max_beta must be in (0, 1), got {max_beta!r}")
     # A copy: the cached table must not change under a caller's in-place edit.
     return _cosine_alphas_cumprod_cpu(num_steps, float(max_beta)).to(device, copy=True)
@@ -74,7 +75,9 @@ def _schedule_on(num_steps: int, device: torch.device) -> torch.Tensor:
     """The cosine table, kept on `device` after its first use: a pageable host-to-GPU copy
     on every training step would make the step wait for the GPU. Read-only by convention
     (private; cosine_alphas_cumprod hands callers their own copy)."""
-    key = (num_steps, device)
+    # The type is part of the key: 1000.0 == 1000 would otherwise find the int's table
+    # and skip cosine_alphas_cumprod's check that refuses a float.
+    key = (type(num_steps), num_steps, device)
     if key not in _schedules_on_device:
         _schedules_on_device[key] = cosine_alphas_cumprod(num_steps, device=device)
     return _schedules_on_device[key]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from unimrg_fast import backends
+from unimrg_fast.ops._common import check_kernel_device
 from unimrg_fast.ops.linear_cross_entropy import _triton as _linear_cross_entropy_triton
 from unimrg_fast.ops.regression_loss import _triton as _regression_loss_triton
 from unimrg_fast.reference.joint import score_heads
@@ -25,6 +26,8 @@ from unimrg_fast.specs import HeadSpec, JointLossOutput
 def _triton(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, *,
             task_weights: Optional[Union[torch.Tensor, Sequence[float]]] = None
             ) -> JointLossOutput:
+    if isinstance(hidden, torch.Tensor):
+        check_kernel_device(hidden, "hidden")
     return score_heads(hidden, heads, num_tasks, task_weights=task_weights,
                        ce_fn=_linear_cross_entropy_triton,
                        regression_fn=_regression_loss_triton)

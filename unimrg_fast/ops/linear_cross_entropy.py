@@ -31,7 +31,7 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast._validation import flatten_rows
-from unimrg_fast.ops._common import interpreted_bf16, store_dtype
+from unimrg_fast.ops._common import check_kernel_device, interpreted_bf16, store_dtype
 # The option checks and the weighted reduction are the reference's own, so the two
 # paths cannot drift apart on validation or on the "mean" / all-ignored rules.
 from unimrg_fast.reference.cross_entropy import check_ce_args, masked_weighted_reduce
@@ -586,6 +586,7 @@ def _fused(hidden, weight, target, *, bias, ignore_index, reduction, label_smoot
     h, y = check_ce_args(hidden, weight, target, bias=bias, ignore_index=ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                          softcap=softcap, token_weight=token_weight)
+    check_kernel_device(h, "hidden")
     y = y.contiguous()
 
     dtype = _compute_dtype(h.device, h, weight, bias)

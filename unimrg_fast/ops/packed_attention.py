@@ -40,8 +40,8 @@ import triton.language as tl
 
 from unimrg_fast import backends
 from unimrg_fast.layout import CAUSAL, NOISE, PackedLayout
-from unimrg_fast.ops._common import (effective_limit, first_that_fits, interpreted_bf16,
-                                     smem_needed, smem_per_block as _smem_limit,
+from unimrg_fast.ops._common import (check_kernel_device, effective_limit, first_that_fits,
+                                     interpreted_bf16, smem_needed, smem_per_block as _smem_limit,
                                      store_dtype as _store_dtype, unit_last)
 # The argument checks are the reference's own, so the two paths cannot drift apart.
 from unimrg_fast.reference.attention import _check_inputs as check_attention_args
@@ -670,6 +670,7 @@ def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLay
     deterministic (no atomics). lse is differentiable.
     """
     check_attention_args(q, k, v, layout, scale)
+    check_kernel_device(q, "q")
     head_dim = q.shape[2]
     why = _unsupported_head_dim(head_dim)
     if why is not None:

@@ -25,6 +25,8 @@ def check_ce_options(ignore_index, label_smoothing, z_loss, softcap) -> None:
     """Validates the scalar options of a cross-entropy call (shared with joint_loss)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (target's dtype), got {ignore_index}")
     if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
             or not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
@@ -47,7 +49,8 @@ def _common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def masked_weighted_reduce(per_row: torch.Tensor, valid: Optional[torch.Tensor],
                            weight: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     """w_i * l_i with zeros where not valid, reduced; "mean" divides by sum of valid w
-    and is 0 (zero gradient, no NaN) when that sum is 0. All fp32, no host sync."""
+    and is 0 (zero gradient, no NaN) when that sum is exactly 0 (a NaN sum stays NaN).
+    All fp32, no host sync."""
     n = per_row.shape[0]
     w = (torch.ones_like(per_row) if weight is None
          else weight.reshape(n).to(device=per_row.device, dtype=torch.float32))
@@ -64,8 +67,10 @@ def masked_weighted_reduce(per_row: torch.Tensor, valid: Optional[torch.Tensor],
     if reduction == "sum":
         return total
     den = w_valid.sum()
-    has_weight = den > 0
-    return torch.where(has_weight, total / torch.where(has_weight, den, torch.ones_like(den)), zero)
+    # Only an exact 0 means "nothing scored": a NaN sum (a NaN weight on a scored row) must
+    # give a NaN loss, matching the NaN gradients it gives, not a loss that reads 0.
+    empty = den == 0
+    return torch.where(empty, zero, total / torch.where(empty, torch.ones_like(den), den))
 
 
 def check_ce_args(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing,
