@@ -176,9 +176,14 @@ def test_outputs_mirror_inputs_and_resume_does_nothing(images, models, monkeypat
 def test_leftover_temporary_or_empty_file_is_not_done(images, models):
     out = images.parent / "tuning_data_depth"
     (out / "sub").mkdir(parents=True)
-    # an interrupted write leaves only the temporary file; a power cut may leave 0 bytes
+    # an interrupted write leaves only the temporary file; a power cut may leave 0 bytes,
+    # a partial copy of the folder a cut-off PNG (signature but no IEND chunk)
     (out / ".top.png.x1y2z3.tmp").write_bytes(b"\x89PNG half")
     (out / "sub" / "c.png").write_bytes(b"")
+    prep.write_png(out / "top.png", np.zeros((4, 4), np.uint8))
+    whole = (out / "top.png").read_bytes()
+    assert prep.is_done(out / "top.png")
+    (out / "top.png").write_bytes(whole[: len(whole) // 2])
     summary = run(images, models, tasks="depth")
     assert summary.written == {"depth": len(SIZES)} and summary.existing == {"depth": 0}
     for rel, (h, w) in SIZES.items():
@@ -659,6 +664,26 @@ def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
     (root / "self").symlink_to(root)                                   # and a shorter one
     found = [p.as_posix() for p in prep.list_images(root)]
     assert found == ["coco/train2017/0001.jpg", "coco2017/train2017/0001.jpg", "local.jpg"]
+
+
+def test_fifos_are_not_listed_and_every_pil_format_is(tmp_path):
+    # os.walk lists a FIFO as a file, and Image.open on one blocks forever
+    root = tmp_path / "tuning_data"
+    save_noise(root / "a.png", 8, 8)
+    for name in ("b.gif", "c.bmp", "d.tif", "e.TIFF"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / name)
+    os.mkfifo(root / "pipe.png")
+    found = [p.as_posix() for p in prep.list_images(root)]
+    assert found == ["a.png", "b.gif", "c.bmp", "d.tif", "e.TIFF"], found
+
+
+def test_an_image_beside_another_of_the_same_stem_is_a_clash(tmp_path, models):
+    # x.gif was left out before; its trainer lookup then found x.png's depth map
+    root = tmp_path / "tuning_data"
+    save_noise(root / "x.png", 8, 8)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "x.gif")
+    with pytest.raises(prep.PrepareError, match="x.gif and x.png"):
+        run(root, models, tasks="depth")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -25,6 +25,7 @@ from trainer.config import TASKS, ConfigError
 from trainer.data import TASK_ID, Sample, SampleFactory
 from trainer.datapaths import SEG_STYLE_FILE, DataPathError, resolve, target_path
 from trainer.loop import train
+from trainer.model import HFTextTokenizer
 from trainer.records import RecordStore
 from trainer.realdata import (GREY, REAL_PROMPTS, RealSource, RecordDataset, Skipped,
                               conversation_turns, depth_target, gen_image, pad_to_square,
@@ -717,6 +718,45 @@ def test_targets_are_looked_up_as_the_release_does(tmp_path, dataset_dir):
     assert (np.diff(latents_image(b)[0, :, 0]) < 0).all()     # b.jpg's falling ramp
 
 
+def test_a_target_named_after_another_image_is_not_taken(tmp_path, dataset_dir):
+    # x.gif beside x.png: depth/x.png is x.png's depth map, never x.gif's
+    images, depth = dataset_dir / "tuning_data", dataset_dir / "tuning_data_depth"
+    Image.fromarray(depth_image(24, 24)).save(images / "x.png")
+    Image.fromarray(two_tone(24, 24)).save(images / "x.gif")
+    Image.fromarray(depth_image(24, 24)).save(depth / "x.png")
+    assert target_path(str(depth), "x.gif") == str(depth / "x.png")   # the release's rule
+    assert target_path(str(depth), "x.gif", images=str(images)) is None
+    assert target_path(str(depth), "x.png", images=str(images)) == str(depth / "x.png")
+    # only a candidate that names another image is passed over: c.png's depth c.jpg stays
+    Image.fromarray(depth_image(24, 24)).save(depth / "c.jpg", format="PNG")
+    assert target_path(str(depth), "c.png", images=str(images)) == str(depth / "c.jpg")
+
+
+def test_a_fifo_named_like_an_image_does_not_block_the_probe(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    assert realdata._readable(str(tmp_path / "pipe.png")) is False
+
+
+def test_record_text_that_spells_a_special_token_stays_text(tmp_path):
+    tok = HFTextTokenizer(str(_tiny_llm(tmp_path)))
+    text = "the <|endoftext|> cat"
+    assert tok.eos_id in tok.tok.encode(text, add_special_tokens=False)   # the hazard
+    assert tok.eos_id not in tok.encode(text), tok.encode(text)
+
+
+def test_a_json_object_file_is_a_config_error_naming_data(tmp_path, dataset_dir):
+    records = [r for r in RECORDS if r is not None]
+    path = dataset_dir / "train.json"
+    path.write_text(json.dumps({"data": records}, indent=1))
+    with pytest.raises(ConfigError, match=r"--data: .*must be a list of records, got one JSON "
+                                          r"object \(keys: data\)"):
+        RecordStore(str(path))
+    # JSON Lines in a .json file, first line broken: still JSON Lines, the line counted
+    path.write_text("{broken\n" + "".join(json.dumps(r) + "\n" for r in records))
+    store = RecordStore(str(path))
+    assert store.get(0) is None and store.get(1) == records[0]
+
+
 def all_records(path):
     store = RecordStore(path)
     return [store.get(i) for i in range(len(store))]
@@ -806,6 +846,9 @@ def test_sixteen_bit_grey_images_are_scaled_not_saturated(tmp_path):
     floats = Image.fromarray(np.linspace(-3.0, 7.0, 64, dtype=np.float32).reshape(8, 8))
     out = np.asarray(to_rgb(floats))[..., 0]
     assert (out.min(), out.max()) == (0, 255)                      # other ranges: min-max
+    unit = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(unit)))[..., 0],
+                                  np.rint(unit * 255).astype(np.uint8))   # float in [0, 1]
 
 
 # ------------------------------------------------------------- folders, style, probing

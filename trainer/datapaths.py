@@ -52,17 +52,22 @@ def target_names(rel: str) -> List[str]:
     return list(dict.fromkeys([rel] + [stem + suffix for suffix in TARGET_SUFFIXES]))
 
 
-def target_path(root: str, rel: str) -> Optional[str]:
+def target_path(root: str, rel: str, images: Optional[str] = None) -> Optional[str]:
     """The target of the image at relative path `rel` under `root`: the image's own name
     first, then .png (what prepare writes), then .jpg; None if there is none. An image
     path that is absolute or leaves its folder ("../x.png") has none: joined to the target
     root it would name the image itself (os.path.join drops the root for an absolute
     path, and tuning_data/../x.png is tuning_data_depth/../x.png), a photo as its own
-    depth map; prepare makes targets only for images inside the folder."""
+    depth map; prepare makes targets only for images inside the folder.
+
+    With `images` (the image folder), a renamed candidate that is itself another image
+    there is passed over: for x.gif beside x.png, depth/x.png is x.png's depth map."""
     norm = os.path.normpath(rel)
     if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return None
     for name in target_names(rel):
+        if name != rel and images is not None and os.path.lexists(os.path.join(images, name)):
+            continue
         path = os.path.join(root, name)
         if os.path.isfile(path):
             return path

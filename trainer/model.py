@@ -321,7 +321,10 @@ class HFTextTokenizer:
         self.img_id = self.pad_id                    # image positions are overwritten anyway
 
     def encode(self, text: str) -> List[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        # split_special_tokens: a record's text that spells a special token
+        # ("<|endoftext|>", "<|im_end|>") stays text, never an EOS in mid-answer; the
+        # packer places the real special tokens by id.
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

@@ -37,7 +37,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Every common format PIL decodes: the trainer reads whatever PIL opens, and an image
+# prepare left out (x.gif beside x.png) would have no target of its own.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TASKS = ("depth", "seg")
 SEG_STYLES = ("unimrg", "sgt")
 DEVICES = ("cuda", "cpu")
@@ -87,7 +89,10 @@ def list_images(root: Path, exclude: Sequence[Path] = ()) -> List[Path]:
             kept.append(d)
         dirs[:] = kept
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            # isfile follows links and leaves out FIFOs and devices: os.walk lists them as
+            # files, and opening a FIFO named x.png would block forever
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS) \
+                    and os.path.isfile(os.path.join(folder, name)):
                 found.append(Path(os.path.relpath(os.path.join(folder, name), root)))
     return sorted(found, key=lambda p: p.as_posix())
 
@@ -96,11 +101,23 @@ def output_path(out_root: Path, rel: Path) -> Path:
     return out_root / rel.with_suffix(".png")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the IEND chunk: length, type, CRC
+
+
 def is_done(path: Path) -> bool:
-    """Only the final name counts (never a leftover temporary file); an empty file, what a
-    power cut can leave on some file systems, does not."""
+    """Only the final name counts (never a leftover temporary file), and only a whole PNG:
+    it starts with the signature and ends with the IEND chunk. An empty or cut-off file
+    (a power cut before the data reached the disk, a partial copy of the folder) is redone
+    instead of being skipped as finished and then skipped by the trainer as bad_depth on
+    every epoch. Reads 20 bytes; nothing is decoded."""
     try:
-        return path.is_file() and path.stat().st_size > 0
+        if not path.is_file() or path.stat().st_size < len(PNG_SIGNATURE) + len(PNG_END):
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(len(PNG_SIGNATURE))
+            fh.seek(-len(PNG_END), os.SEEK_END)
+            return head == PNG_SIGNATURE and fh.read() == PNG_END
     except OSError:
         return False
 
@@ -394,7 +411,7 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
             limit: Optional[int] = None, progress: bool = True) -> Summary:
     """Writes the missing depth / segmentation targets of the images under `images`.
 
-    images       the image folder (.jpg .jpeg .png .webp, any nesting)
+    images       the image folder (.jpg .jpeg .png .webp .gif .bmp .tif .tiff, any nesting)
     depth_out    default <images>_depth; 8-bit grey PNGs, min-max normalised per image
     seg_out      default <images>_mask; RGB PNGs in `seg_style` (unimrg: white mask
                  boundaries on black; sgt: masks filled with distinct colours)
@@ -476,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and <images>_mask/ mirror the image folder, one .png per image. Resumable: "
                     "images whose outputs exist are skipped.")
     parser.add_argument("--images", required=True, metavar="DIR",
-                        help="image folder (.jpg .jpeg .png .webp, any nesting)")
+                        help="image folder (.jpg .jpeg .png .webp .gif .bmp .tif .tiff, any "
+                             "nesting)")
     parser.add_argument("--depth-out", metavar="DIR", help="default: <images>_depth")
     parser.add_argument("--seg-out", metavar="DIR", help="default: <images>_mask")
     parser.add_argument("--depth-model", metavar="PATH",

@@ -107,7 +107,8 @@ def _pil(image):
 def to_8bit(image):
     """A grey image of more than 8 bits (WIDE_MODES) -> mode L. PIL's own conversion clips
     at 255, so a 16-bit photo turns white: I;16 is scaled by 255 / 65535; I and F are kept
-    if they already lie in [0, 255], else I in [0, 65535] is scaled as 16 bits and anything
+    if they already lie in [0, 255] (F in [0, 1] is scaled by 255: a float image in [0, 1]
+    kept as it is would be black), else I in [0, 65535] is scaled as 16 bits and anything
     else is min-max normalised. Other modes are returned as they are."""
     from PIL import Image
 
@@ -118,6 +119,8 @@ def to_8bit(image):
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= 65535):
         values = values * (255.0 / 65535.0)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255.0     # a float image in [0, 1], the usual float convention
     elif not (low >= 0 and high <= 255):
         values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L")
@@ -372,7 +375,7 @@ class RecordDataset(torch.utils.data.IterableDataset):
     def _target(self, task: str, image, rel: str, source: str):
         """The depth or seg target of the image, or why there is none."""
         root, name = (self.paths.depth, "depth") if task == "depth" else (self.paths.mask, "mask")
-        path = target_path(root, rel)
+        path = target_path(root, rel, images=self.paths.images)
         if path is None:
             return Skipped(f"missing_{name}", source)
         try:   # a file that decodes but cannot be converted (an odd mode) is as bad
@@ -386,6 +389,8 @@ def _readable(path: str) -> bool:
     """The file exists and its header is an image's (cheap: nothing is decoded)."""
     from PIL import Image
 
+    if not os.path.isfile(path):   # a FIFO named x.png would block Image.open forever
+        return False
     try:
         with Image.open(path) as image:
             return image.size[0] > 0
@@ -415,7 +420,7 @@ def probe_targets(paths: DataPaths, store: RecordStore, tasks: Sequence[str],
         return
     for task in wanted:
         flag, root = folders[task]
-        if any(target_path(root, rel) is not None for rel in rels):
+        if any(target_path(root, rel, images=paths.images) is not None for rel in rels):
             continue
         raise ConfigError(flag, f"none of the first {len(rels)} records with an image has a "
                                 f"{task} target in {root!r} (for {rels[0]!r} it looked for "

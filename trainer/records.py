@@ -108,6 +108,25 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(buffer, dtype=np.uint8), np.array(offsets, dtype=np.int64)
 
 
+def _refuse_a_json_object(path: str) -> None:
+    """A .json file whose first line does not parse may be one pretty-printed JSON object
+    ({"data": [...]}): read as JSON Lines, every line of it would be skipped as bad_json,
+    and the run would stop with "no usable sample" instead of naming the real problem.
+    JSON Lines files (.jsonl) are left alone: their bad lines are counted, never fatal."""
+    if path.lower().endswith(".jsonl"):
+        return
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            whole = json.load(fh)
+    except (ValueError, RecursionError):
+        return            # not one JSON document either: JSON Lines with a bad first line
+    if isinstance(whole, dict):
+        keys = ", ".join(list(map(str, whole))[:5])
+        raise ConfigError("--data", f"{path}: a JSON data set must be a list of records, "
+                                    f"got one JSON object (keys: {keys}); write its list "
+                                    f"of records to a file of its own")
+
+
 class RecordStore:
     """Random access to a data set's records (see the module docstring). Picklable (a
     spawned DataLoader worker reopens the file)."""
@@ -123,6 +142,9 @@ class RecordStore:
             self._buffer = self._offsets = None
         self._fd: Optional[int] = None
         self._pid = -1
+        if not self.is_list and len(self) and self.get(0) is None:
+            _refuse_a_json_object(path)
+
 
     def __len__(self) -> int:
         return len(self._offsets) - 1 if self.is_list else len(self._starts)
