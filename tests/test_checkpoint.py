@@ -193,8 +193,8 @@ def test_incompatible_config_is_refused_naming_the_fields(tmp_path):
                   "data.eval_scenes"):
         assert field in message, message
     assert "optim.steps" not in message and "run." not in message
-    with pytest.raises(ConfigError, match="--steps > 2"):
-        train(small_config(tmp_path, steps=2, family="ar", resume=path))
+    with pytest.raises(ConfigError, match="--steps >= 2, got 1"):
+        train(small_config(tmp_path, steps=1, family="ar", resume=path))
 
 
 def test_longer_schedule_may_continue_a_finished_run(tmp_path):
@@ -298,6 +298,73 @@ def test_resuming_an_older_checkpoint_moves_the_later_ones_aside(tmp_path, monke
     resumed = train(small_config(tmp_path, resume="auto", resume_dir=str(run_dir), **common))
     assert _losses(train_rows(resumed)) == _losses(straight)
     assert list(abandoned.iterdir()) == [moved]   # pruning leaves it alone
+
+
+@pytest.mark.parametrize("left_by", ["a kill before its rename", "a re-save's kill"])
+def test_resuming_an_older_checkpoint_abandons_a_later_one_sealed_under_a_hidden_name(
+        tmp_path, monkeypatch, left_by):
+    """A later step left whole under a hidden name must go with its timeline: else the
+    next `auto` (restore_sealed) brings it back, skipping the steps of the new one."""
+    common = dict(steps=6, checkpoint_every=2, family="ar", keep_checkpoints=3)
+    run_dir = train(small_config(tmp_path, **common))
+    straight = train_rows(run_dir)
+    root = run_dir / "checkpoints"
+    (root / "step-00000006").rename(root / ".step-00000006.tmp")
+    if left_by.startswith("a re-save"):   # the old copy aside, the new one already in
+        shutil.copytree(root / ".step-00000006.tmp", root / "step-00000006")
+        (root / ".step-00000006.tmp").rename(root / ".step-00000006.old")
+
+    def killed_before_saving(run_dir, **kw):
+        raise Killed()
+
+    monkeypatch.setattr(ckpt, "save", killed_before_saving)
+    with pytest.raises(Killed):
+        train(small_config(tmp_path, resume=str(root / "step-00000002"), **common))
+    monkeypatch.undo()
+    assert ckpt.resolve("auto", str(run_dir)) == root / "step-00000002"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    resumed = train(small_config(tmp_path, resume="auto", resume_dir=str(run_dir), **common))
+    assert _losses(train_rows(resumed)) == _losses(straight)
+
+
+def test_a_kill_while_abandoning_later_checkpoints_leaves_their_metrics(tmp_path, monkeypatch):
+    """The later checkpoints are moved aside before the metrics are cut: a kill in between
+    leaves `auto` a checkpoint whose metrics rows are all there (no gap in the curve)."""
+    common = dict(steps=6, checkpoint_every=2, family="ar", keep_checkpoints=3)
+    run_dir = train(small_config(tmp_path, **common))
+    straight = train_rows(run_dir)
+
+    def killed(run_dir, step):
+        raise Killed()
+
+    monkeypatch.setattr(ckpt, "abandon_newer", killed)
+    with pytest.raises(Killed):
+        train(small_config(tmp_path, resume=str(run_dir / "checkpoints" / "step-00000002"),
+                           **common))
+    monkeypatch.undo()
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, 7))
+    assert ckpt.resolve("auto", str(run_dir)).name == "step-00000006"
+
+
+def test_a_failure_while_pruning_warns_and_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _tiny_saves(tmp_path, run_dir, [1], keep=1)
+    real_rename = ckpt.os.rename
+
+    def rename(src, dst):
+        if str(dst).endswith(ckpt.DELETING):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.warns(RuntimeWarning, match="could not prune old checkpoints.*Input/output "
+                                            "error.*step-00000002 is complete"):
+        _tiny_saves(tmp_path, run_dir, [2], keep=1)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-00000001",
+                                                                    "step-00000002"]
+    _tiny_saves(tmp_path, run_dir, [3], keep=1)   # the next save prunes
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-00000003"]
 
 
 def _tiny_saves(tmp_path, run_dir, steps, keep=10):
@@ -474,9 +541,14 @@ def test_disk_full_writing_checkpoint_pt_is_a_clean_error(tmp_path, monkeypatch,
     monkeypatch.undo()
     run_dir = tmp_path / "run"
     assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-00000002"]
-    if steps == 4:   # the checkpoint just written resumes
-        assert main(flags + ["--steps", "4", "--resume", str(run_dir)]) == 0
-        assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+    # the checkpoint just written resumes; at the last step (killed in the final outputs)
+    # the same command finishes the run: no step is trained again
+    assert main(flags + ["--steps", str(steps), "--resume", str(run_dir)]) == 0
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, steps + 1))
+    assert (run_dir / report.CHECKPOINT).is_file() and (run_dir / "summary.json").is_file()
+    evals = [r["when"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
+                                    .splitlines()) if r["event"] == "eval"]
+    assert evals == ["before", "after"], evals
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path):

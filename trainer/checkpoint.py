@@ -166,11 +166,21 @@ def abandon_newer(run_dir: Path, step: int) -> List[Tuple[Path, Path]]:
     where neither `auto` nor pruning looks, so no work is lost. Returns (old, new) paths."""
     import datetime
 
+    # A later step sealed under a hidden name (a kill mid-rename) would come back at the
+    # next `auto` (restore_sealed) and bring the abandoned timeline with it: put it in
+    # view first so that it is moved with the rest; a hidden copy left beside a visible
+    # step is a duplicate of it (the re-save's other copy) and goes.
+    restore_sealed(run_dir)
+    root = Path(run_dir) / DIRNAME
+    for hidden in list(root.glob(f".{PREFIX}*{TMP}")) + list(root.glob(f".{PREFIX}*{OLD}")):
+        number = hidden.name[1 + len(PREFIX):-len(TMP if hidden.name.endswith(TMP) else OLD)]
+        if number.isdigit() and int(number) > step:
+            shutil.rmtree(hidden, ignore_errors=True)
     newer = [p for p in complete_checkpoints(run_dir) if int(p.name[len(PREFIX):]) > step]
     if not newer:
         return []
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    root = Path(run_dir) / DIRNAME / ABANDONED
+    root = root / ABANDONED
     root.mkdir(exist_ok=True)
     moved = []
     for path in newer:
@@ -215,9 +225,11 @@ def check_compatible(saved: Dict[str, Any], config: Config, step: int, path: Pat
         raise ConfigError("--resume", f"the checkpoint {path} was trained with a different "
                                       f"configuration; these settings must match: "
                                       f"{'; '.join(diffs)}")
-    if config.optim.steps <= step:
+    # steps == step is allowed: a run killed after its last checkpoint (during the final
+    # evaluation or outputs) is finished by resuming it with its own command.
+    if config.optim.steps < step:
         raise ConfigError("--steps", f"the checkpoint {path} is at step {step}; resuming "
-                                     f"needs --steps > {step}, got {config.optim.steps}")
+                                     f"needs --steps >= {step}, got {config.optim.steps}")
 
 
 def check_world(saved: Dict[str, Any], world: int, path: Path) -> None:
@@ -394,7 +406,12 @@ def save(run_dir: Path, *, step: int, model, optimizer, scheduler, config: Confi
         raise CheckpointError(f"could not write the checkpoint of step {step} in "
                               f"{final.parent}: {reason}; {kept}") from exc
     if ctx.main:
-        prune(run_dir, keep)
+        try:   # housekeeping: the new checkpoint is whole, and the next save prunes again
+            prune(run_dir, keep)
+        except OSError as exc:
+            warnings.warn(f"could not prune old checkpoints in {final.parent} ({exc}); the "
+                          f"new checkpoint {final} is complete, training goes on",
+                          RuntimeWarning, stacklevel=2)
     return final
 
 

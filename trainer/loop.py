@@ -282,13 +282,15 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
             for _ in range(state["data"]["steps"]):   # replay the data stream to its position
                 data.step()
         if ctx.main:
-            metrics.rows = _rows_until(run_dir / report.METRICS, start)
             print(f"resuming from {ckpt.describe(resume_from)} in {run_dir}", flush=True)
-            # the later checkpoints' timeline is abandoned: out of `auto`'s way, kept
+            # the later checkpoints' timeline is abandoned: out of `auto`'s way, kept. Before
+            # the metrics are cut: a kill in between must not leave `auto` a later
+            # checkpoint whose metrics rows are gone (a gap in the curve)
             for old, new in ckpt.abandon_newer(run_dir, start):
                 print(f"moved the later checkpoint {old.name} out of the way to {new} (its "
                       f"timeline is abandoned: this run continues from step {start})",
                       flush=True)
+            metrics.rows = _rows_until(run_dir / report.METRICS, start)
         ckpt.set_rng_state(state["rng"])       # last: nothing random may run after it
 
     lambdas = umm.task_weights
