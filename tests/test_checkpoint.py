@@ -610,3 +610,39 @@ def test_rng_states_live_in_one_file_per_rank_and_load_back(tmp_path, monkeypatc
     (path / "rng-00000.pt").unlink()
     with pytest.raises(ckpt.CheckpointError, match="rng-00000.pt"):
         ckpt.load(path, **kw)
+
+
+def test_a_resumed_runs_config_starts_a_fresh_run_and_names_its_directory(tmp_path, capsys):
+    flags = _flags(tmp_path) + ["--checkpoint-every", "2", "--family", "ar"]
+    assert main(flags + ["--steps", "2"]) == 0
+    run_dir = tmp_path / "run"
+    assert main(_flags(tmp_path / "elsewhere") + ["--checkpoint-every", "2", "--family", "ar",
+                                                  "--steps", "4", "--resume", str(run_dir)]) == 0
+    assert "--out / --name are not used when resuming" in capsys.readouterr().out
+    import yaml
+
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["run"]["resume"] is None and written["run"]["resume_dir"] is None
+    assert (written["run"]["out"], written["run"]["name"]) == (str(tmp_path), "run")
+    stored = ckpt.read_state(ckpt.latest(run_dir))["config"]["run"]
+    assert (stored["out"], stored["name"]) == (str(tmp_path), "run")
+
+
+@pytest.mark.parametrize("damage", ["empty state.pt", "a shard gone"])
+def test_a_damaged_checkpoint_is_a_clean_error(tmp_path, capsys, damage):
+    flags = _flags(tmp_path) + ["--checkpoint-every", "2", "--family", "ar"]
+    assert main(flags + ["--steps", "2"]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    if damage == "empty state.pt":
+        (step / "state.pt").write_bytes(b"")
+    else:
+        next(step.glob("*.distcp")).unlink()
+    code = None
+    try:
+        code = main(flags + ["--steps", "4", "--resume", str(step)])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == (2 if damage == "empty state.pt" else 1), err
+    assert "damaged" in err and "resume an earlier" in err, err
+    assert "Traceback" not in err

@@ -49,6 +49,15 @@ def test_help_explains_every_flag_recipe_and_family():
     (["--llm", "/no/such/dir"], "--llm", "no such directory"),
     (["--device", "tpu"], "--device", "auto, cpu, cuda"),
     (["--max-skipped-steps", "-1"], "--max-skipped-steps", "an int >= 0"),
+    # NaN passed every "x >= 0" check and trained to NaN weights; inf as well
+    (["--lr", "inf"], "--lr", "must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay", "must be a finite number, got nan"),
+    (["--grad-clip", "nan"], "--grad-clip", "must be a finite number, got nan"),
+    (["--rope-theta", "inf"], "--rope-theta", "must be a finite number, got inf"),
+    (["--head-dim", "7"], "--head-dim", "must be even"),
+    (["--preset", ""], "--preset", "unknown value ''"),
+    (["--images", "/tmp"], "--images", "only used with --data"),
+    (["--num-workers", "2"], "--num-workers", "only used with --data"),
 ], ids=lambda v: v if isinstance(v, str) and v.startswith("--") else None)
 def test_bad_values_exit_2_naming_the_flag_and_the_allowed_values(args, flag, allowed, capsys):
     with pytest.raises(SystemExit) as info:
@@ -88,6 +97,64 @@ def test_config_file_then_flags_override_the_preset(tmp_path):
     toml_file.write_text('recipe = "sgt"\n[run]\nlog_every = 3\n')
     config = parse_config(["--config", str(toml_file)], build_parser())
     assert config.data.recipe == "sgt" and config.run.log_every == 3 and config.data.seg_colour
+
+
+def test_an_empty_out_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # '' was the working directory: the run landed there
+    with pytest.raises(SystemExit) as info:
+        main(["--out", ""])
+    assert info.value.code == 2
+    assert "--out: must be a non-empty string" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as text; the --help example writes lr that way
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("optim:\n  lr: 1e-4\nweight_decay: 2E-2\nrope_theta: 1.0e+6\n")
+    config = parse_config(["--config", str(yaml_file)], build_parser())
+    assert (config.optim.lr, config.optim.weight_decay, config.model.rope_theta) == \
+        (1e-4, 2e-2, 1e6)
+
+
+@pytest.mark.parametrize("text, flag, message", [
+    ('shuffle: "false"\n', "--shuffle", "must be true or false, got 'false'"),
+    ('fast_kernels: "yes"\n', "--fast-kernels", "must be true or false, got 'yes'"),
+    ("seed: 1.5\n", "--seed", "must be an integer, got 1.5"),
+    ("weight_decay: .nan\n", "--weight-decay", "must be a finite number, got nan"),
+    ("name: 5\n", "--name", "must be a non-empty string, got 5"),
+    ("out: null\n", "--out", "must be a non-empty string, got None"),
+    ("vit: null\n", "--vit", "must be a non-empty string, got None"),
+    ("tasks: 5\n", "--tasks", "must be a comma-separated list of tasks"),
+    ("betas: 0.9\n", "--betas", "must be two numbers in [0, 1)"),
+    ("run:\n  preset: qwen2.5-0.5b\n", "--preset", "belongs at the top level"),
+    ("grad_clip: 0.5\ngrad-clip: 0.7\n", "--grad-clip", "set twice (0.5 and 0.7)"),
+    ("optim:\n  lr: 0.1\nlr: 0.2\n", "--lr", "set twice"),
+])
+def test_config_file_values_of_the_wrong_kind_name_their_setting(tmp_path, capsys, monkeypatch,
+                                                                 text, flag, message):
+    monkeypatch.chdir(tmp_path)   # no --out: a flag would override the file's own
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(bad)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+def test_a_flag_overrides_a_nested_config_value(tmp_path):
+    nested = tmp_path / "run.yaml"
+    nested.write_text("optim:\n  lr: 0.1\n")
+    assert parse_config(["--config", str(nested), "--lr", "0.2"], build_parser()).optim.lr == 0.2
+
+
+def test_paths_are_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "llm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = build_config("tiny", {"llm": "llm", "vit": "tiny"})
+    assert config.model.llm == str(tmp_path / "llm") and config.model.vit == "tiny"
 
 
 def test_unknown_setting_in_a_config_file_is_named(tmp_path, capsys):

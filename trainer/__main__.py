@@ -16,7 +16,7 @@ import typing
 
 from trainer.config import (DEVICES, FAMILIES, PARALLEL, PRECISIONS, PRESETS, RECIPES, SCHEDULES,
                             SECTIONS, SEG_STYLES, TASKS, ConfigError, build_config, field_docs,
-                            flag_of, load_file)
+                            flag_of, flatten_overrides, load_file)
 
 # Shown in --help; the values are checked by the config (so a YAML file gets the same message).
 METAVARS = {"family": FAMILIES, "recipe": RECIPES, "schedule": SCHEDULES, "seg_style": SEG_STYLES,
@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv, parser: argparse.ArgumentParser):
     args = vars(parser.parse_args(argv))
     file_values = load_file(args.pop("config")) if "config" in args else {}
-    preset = args.pop("preset", None) or file_values.get("preset") or "tiny"
-    return build_config(preset, {**file_values, **args})
+    # the flag over the file over tiny; an empty --preset '' is refused, not read as tiny
+    preset = args.pop("preset") if "preset" in args else file_values.get("preset", "tiny")
+    # flat keys: a flag overrides the file's value whether the file nests it or not
+    return build_config(preset, {**flatten_overrides(file_values), **args})
 
 
 def main(argv=None) -> int:

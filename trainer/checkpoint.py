@@ -45,6 +45,7 @@ The learning rate is the resumed run's schedule at the restored step (--steps ma
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -54,7 +55,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import PATH_FIELDS, Config, ConfigError
 from trainer.report import write_saved
 
 DIRNAME, COMPLETE, STATE = "checkpoints", "COMPLETE", "state.pt"
@@ -207,6 +208,14 @@ def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _as_compared(key: str, value: Any) -> Any:
+    """Paths compare absolute: configs store them so since the command line made them
+    absolute; a relative one (an older checkpoint) is taken from here."""
+    if key.split(".")[-1] in PATH_FIELDS and isinstance(value, str) and value != "tiny":
+        return os.path.abspath(value)
+    return value
+
+
 def config_differences(saved: Dict[str, Any], config: Config) -> List[str]:
     """'section.field (checkpoint X, now Y)' for every field that must match but differs."""
     old, new = {**ADDED_FIELDS, **_flat(saved)}, _flat(config.to_dict())
@@ -214,7 +223,7 @@ def config_differences(saved: Dict[str, Any], config: Config) -> List[str]:
     for key in sorted(set(old) | set(new)):
         if key in MAY_DIFFER or key.split(".")[0] in MAY_DIFFER_SECTIONS:
             continue
-        if old.get(key) != new.get(key):
+        if _as_compared(key, old.get(key)) != _as_compared(key, new.get(key)):
             diffs.append(f"{key} (checkpoint {old.get(key)!r}, now {new.get(key)!r})")
     return diffs
 
@@ -242,8 +251,19 @@ def check_world(saved: Dict[str, Any], world: int, path: Path) -> None:
                                               f"number, got {world}")
 
 
+# What reading a damaged checkpoint file raises (empty, truncated, overwritten, missing).
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
+
+
 def read_state(path: Path) -> Dict[str, Any]:
-    return torch.load(Path(path) / STATE, weights_only=False, map_location="cpu")
+    """state.pt of a checkpoint; a file that cannot be read is a ConfigError naming
+    --resume (before any work starts), not a traceback."""
+    try:
+        return torch.load(Path(path) / STATE, weights_only=False, map_location="cpu")
+    except _UNREADABLE as exc:
+        raise ConfigError("--resume", f"cannot read {Path(path) / STATE}: {type(exc).__name__}: "
+                                      f"{exc}; the checkpoint is damaged, resume an earlier one "
+                                      f"(its step-N directory)") from None
 
 
 # ---------------------------------------------------------------------------- save/load
@@ -449,13 +469,29 @@ def prune(run_dir: Path, keep: int) -> None:
 def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str, Any]:
     """Restores model, optimizer and scheduler in place (every rank of a torchrun run
     calls it); returns state.pt (step, rng of this rank, data position, config). Call
-    set_rng_state(state['rng']) right before the next step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    set_rng_state(state['rng']) right before the next step. A damaged file (cut short,
+    missing, overwritten) is a CheckpointError naming the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    try:
+        return _load(path, model, optimizer, scheduler, rank)
+    except (CheckpointError, ConfigError):
+        raise
+    except _UNREADABLE + (CheckpointException,) as exc:   # a file gone, cut or overwritten
+        # DCP's CheckpointException carries every rank's traceback: name the failures only
+        reason = (_write_failure(exc) if isinstance(exc, CheckpointException)
+                  else f"{type(exc).__name__}: {exc}")
+        raise CheckpointError(f"{path} is damaged ({reason}); resume an earlier checkpoint "
+                              f"(its step-N directory)") from exc
+
+
+def _load(path: Path, model, optimizer, scheduler, rank: int) -> Dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     state = read_state(path)
     own_rng = path / _rng_file(rank)
     if own_rng.is_file():

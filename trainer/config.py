@@ -17,7 +17,9 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
+import re
 import textwrap
 from typing import Any, Dict, Optional, Tuple
 
@@ -72,6 +74,29 @@ def _in_range(name: str, value: Any, low: float, high: float, *, high_open: bool
         raise ConfigError(flag_of(name), f"must be in [{low}, {high}{bracket}, got {value!r}")
 
 
+def _check_field_types(section) -> None:
+    """Every field of a config section against its annotation, before the section's own
+    checks: a config file can give any YAML / TOML value ("false" as text, 1.5 for a
+    seed, NaN for a rate), and a value of the wrong kind must stop the run naming its
+    flag, not train with it (a non-empty string is truthy) or fail in a comparison."""
+    for f in dataclasses.fields(section):
+        value, kind = getattr(section, f.name), str(f.type)
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        if value is None and optional:
+            continue
+        flag = flag_of(f.name)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(flag, f"must be true or false, got {value!r}")
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(flag, f"must be an integer, got {value!r}")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value)):
+            raise ConfigError(flag, f"must be a finite number, got {value!r}")
+        if kind == "str" and (not isinstance(value, str) or not value):
+            raise ConfigError(flag, f"must be a non-empty string, got {value!r}")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The unified multimodal model: a Qwen2 decoder, a frozen ViT, a generation side."""
@@ -101,7 +126,8 @@ class ModelConfig:
     """Width of the decoder's MLP (ignored with --llm)."""
     vocab_size: int = 0
     """Text vocabulary of the decoder; 0: the tokenizer's own size (the Qwen2.5 presets use
-    Qwen's 151,936 so that the LM head costs what it costs in a real model)."""
+    Qwen's 151,936 so that the LM head costs what it costs in a real model). Ignored with
+    --llm (the checkpoint's embeddings set it)."""
     rope_theta: float = 10000.0
     """RoPE base of the decoder (ignored with --llm)."""
     vit_hidden_size: int = 32
@@ -141,6 +167,7 @@ class ModelConfig:
     embeddings. Tied, the shared matrix counts as an embedding: no weight decay."""
 
     def __post_init__(self):
+        _check_field_types(self)
         _one_of("family", self.family, FAMILIES)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "vit_hidden_size", "vit_layers", "vit_heads",
@@ -149,6 +176,9 @@ class ModelConfig:
         _at_least("vocab_size", self.vocab_size, 0)
         _at_least("num_codes", self.num_codes, 2)
         _at_least("rope_theta", self.rope_theta, 1.0, float)
+        if self.llm is None and self.head_dim % 2:
+            raise ConfigError("--head-dim", f"must be even (rotary embedding rotates pairs of "
+                                            f"channels), got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError("--num-heads", f"must be a multiple of --num-kv-heads "
                                              f"({self.num_kv_heads}), got {self.num_heads}")
@@ -253,12 +283,16 @@ class DataConfig:
     (--no-shuffle: file order; LLaVA-style files are often grouped by source)."""
 
     def __post_init__(self):
+        _check_field_types(self)
         _one_of("recipe", self.recipe, RECIPES)
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("seg_style", self.seg_style, SEG_STYLES)
         if self.tasks is not None:
             if isinstance(self.tasks, str):
                 self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+            if not isinstance(self.tasks, (list, tuple)):
+                raise ConfigError("--tasks", f"must be a comma-separated list of tasks "
+                                             f"({', '.join(TASKS)}), got {self.tasks!r}")
             self.tasks = tuple(self.tasks)
             if not self.tasks:
                 raise ConfigError("--tasks", f"must name at least one task; allowed values: "
@@ -276,6 +310,18 @@ class DataConfig:
         _at_least("eval_questions", self.eval_questions, 0)
         _at_least("eval_scenes", self.eval_scenes, 0)
         _at_least("num_workers", self.num_workers, 0)
+        if self.data is None:   # settings of real data alone would be silently ignored
+            for name in ("images", "depth_dir", "mask_dir"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(flag_of(name), "only used with --data (real data); the "
+                                                     "synthetic scenes have no folders")
+            if self.num_workers:
+                raise ConfigError("--num-workers", "only used with --data (real data); the "
+                                                   "synthetic scenes are made in the trainer")
+        elif self.questions_per_image != 1:
+            raise ConfigError("--questions-per-image", "only used by the synthetic scenes; "
+                                                       "real data's conversations have their "
+                                                       "own turns")
         if self.data is not None:   # missing folders fail here, before any work starts
             from trainer.datapaths import DataPathError, resolve
 
@@ -319,6 +365,7 @@ class OptimConfig:
     """Fraction of the steps spent in the linear warm-up (the rest is cosine to 0)."""
 
     def __post_init__(self):
+        _check_field_types(self)
         _at_least("steps", self.steps, 1)
         _at_least("lr", self.lr, 0.0, float)
         if not self.lr > 0:
@@ -329,9 +376,12 @@ class OptimConfig:
             except ValueError:
                 raise ConfigError("--betas", f"must be two numbers in [0, 1), e.g. 0.9,0.95; "
                                              f"got {self.betas!r}") from None
+        if not isinstance(self.betas, (list, tuple)):
+            raise ConfigError("--betas", f"must be two numbers in [0, 1), e.g. 0.9,0.95; "
+                                         f"got {self.betas!r}")
         self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
-                                           for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0 <= b < 1 for b in self.betas):
             raise ConfigError("--betas", f"must be two numbers in [0, 1), e.g. 0.9,0.95; "
                                          f"got {self.betas!r}")
         _at_least("weight_decay", self.weight_decay, 0.0, float)
@@ -396,6 +446,7 @@ class RunConfig:
     Per-task losses are normalised by the counts of the global step."""
 
     def __post_init__(self):
+        _check_field_types(self)
         _one_of("device", self.device, DEVICES)
         _one_of("precision", self.precision, PRECISIONS)
         _at_least("log_every", self.log_every, 1)
@@ -439,6 +490,8 @@ def _not_a_directory(path: str) -> Optional[str]:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+# Settings that name files the run reads ('tiny' is --vit's built-in model, not a path).
+PATH_FIELDS = ("llm", "vit", "image_tokenizer", "data", "images", "depth_dir", "mask_dir")
 # Run settings that name this machine's paths and devices: a stored config (a checkpoint's)
 # is loaded without checking them again (its --resume checkpoint may have been pruned since).
 ENVIRONMENT = ("resume", "resume_dir", "out", "device")
@@ -567,6 +620,10 @@ def build_config(preset: str = "tiny", overrides: Optional[Dict[str, Any]] = Non
     values = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
     flat = flatten_overrides(overrides or {})
     for key, value in flat.items():
+        if key in PATH_FIELDS and isinstance(value, str) and value and value != "tiny":
+            # absolute: the stored config (and a resume's comparison) then names the same
+            # files from any working directory
+            value = os.path.abspath(value)
         values[section_of(key)][key] = value
     if values["model"]["llm"] is not None and "tie_word_embeddings" not in flat:
         # the preset's tying describes its own random-init shape; a checkpoint has its own
@@ -579,15 +636,30 @@ def build_config(preset: str = "tiny", overrides: Optional[Dict[str, Any]] = Non
 
 
 def flatten_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    return _flatten(overrides, top=True)
+
+
+def _flatten(overrides: Dict[str, Any], top: bool) -> Dict[str, Any]:
     known = {f.name for _, f in all_fields()}
     flat: Dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        if name in flat:   # grad_clip and grad-clip, or a flat key and its section's
+            raise ConfigError(flag_of(name), f"set twice ({flat[name]!r} and {value!r}); "
+                                             f"keep one")
+        flat[name] = value
+
     for key, value in overrides.items():
         name = str(key).replace("-", "_")
         if name in SECTIONS and isinstance(value, dict):
-            flat.update(flatten_overrides(value))
+            for inner, inner_value in _flatten(value, top=False).items():
+                put(inner, inner_value)
         elif name in known:
-            flat[name] = value
+            put(name, value)
         elif name == "preset":
+            if not top:
+                raise ConfigError("--preset", "belongs at the top level of --config (or on "
+                                              "the command line), not inside a section")
             continue
         else:
             raise ConfigError(flag_of(name), f"unknown setting {key!r}; known settings: "
@@ -607,15 +679,29 @@ def load_file(path: str) -> Dict[str, Any]:
 
             values = tomllib.loads(raw.decode())
         else:
-            import yaml
-
-            values = yaml.safe_load(raw) or {}
+            values = yaml_load(raw) or {}
     except Exception as exc:
         raise ConfigError("--config", f"cannot parse {path!r}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError("--config", f"{path!r} must hold a mapping of settings, got "
                                       f"{type(values).__name__}")
     return values
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: "1e-4" (the way learning rates are
+# written) would load as text and be refused as not a number. YAML 1.2 reads it as a float.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def yaml_load(raw: bytes) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):   # a subclass: safe_load's resolvers stay as they are
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT,
+                                 list("-+0123456789"))
+    return yaml.load(raw, Loader=Loader)
 
 
 @functools.lru_cache(maxsize=None)

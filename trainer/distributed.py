@@ -135,6 +135,10 @@ def init(config: Config, device: torch.device) -> Context:
     1-process Context without one."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
+    if world == 1 and config.run.parallel is not None:
+        print(f"--parallel {config.run.parallel}: one process (WORLD_SIZE is not above 1), so "
+              f"a plain run; start it with torchrun --nproc_per_node N -m trainer ... to scale "
+              f"out", flush=True)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -23,8 +23,10 @@ skipped step touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -200,6 +202,10 @@ def build_run(config: Config, device: torch.device):
     (model on `device` in train mode, text tokenizer, image tokenizer, sample factory,
     kernel impl, autocast factory)."""
     if device.type == "cpu" and config.run.cpu_threads:
+        cores = os.cpu_count() or 1
+        if config.run.cpu_threads > cores:   # torch allocates per thread: 1e5 -> MemoryError
+            raise ConfigError("--cpu-threads", f"must be <= this machine's {cores} CPU(s), got "
+                                               f"{config.run.cpu_threads}")
         torch.set_num_threads(config.run.cpu_threads)
     impl, autocast = kernel_impl(config, device), autocast_for(config, device)
     model, text, images, cond_tokens = build_model(config)
@@ -248,6 +254,13 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
     held = held_out(config, factory, text.pad_id)
     if resume_from is not None:
         run_dir = ckpt.run_dir_of(resume_from)
+        if ctx.main and (Path(config.run.out).resolve(), config.run.name) \
+                not in ((run_dir.parent, None), (run_dir.parent, run_dir.name)):
+            print(f"--out / --name are not used when resuming: the run continues in its own "
+                  f"directory {run_dir}", flush=True)
+        # the stored configs (config.yaml, checkpoints) name the directory the run is in
+        config = dataclasses.replace(config, run=dataclasses.replace(
+            config.run, out=str(run_dir.parent), name=run_dir.name))
     else:   # rank 0 names it (a fresh directory); every rank writes its checkpoint shards there
         run_dir = ctx.broadcast(report.make_run_dir(config) if ctx.main else None)
     metrics = report.MetricsLog(run_dir / report.METRICS) if ctx.main else None

@@ -15,6 +15,7 @@ function for, so no [T, T] mask is ever made.
 from __future__ import annotations
 
 import math
+import pickle
 from typing import List, Optional, Tuple
 
 import torch
@@ -311,7 +312,12 @@ class HFTextTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ConfigError("--llm", f"cannot load a tokenizer from {path!r} (a local "
+                                       f"checkpoint saved with save_pretrained, tokenizer "
+                                       f"included): {type(exc).__name__}: {exc}") from None
         self.vocab_size = len(self.tok)
         self.eos_id = self.tok.eos_token_id
         if self.eos_id is None:
@@ -380,9 +386,13 @@ def _load_llm(path: str, tie: bool):
         raise ConfigError("--llm", f"cannot read a model config in {path!r}: {exc}") from None
     if cfg.model_type != "qwen2":
         raise ConfigError("--llm", f"{path!r} is a {cfg.model_type!r} model; allowed: qwen2")
-    causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                  attn_implementation=ATTENTION_NAME,
-                                                  dtype=torch.float32)
+    try:
+        causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                      attn_implementation=ATTENTION_NAME,
+                                                      dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:   # no / broken weights
+        raise ConfigError("--llm", f"cannot load the model weights in {path!r}: "
+                                   f"{type(exc).__name__}: {exc}") from None
     llm, head = causal.model, causal.get_output_embeddings().weight.detach()
     if tie and not cfg.tie_word_embeddings:
         _check_tieable(path, head, llm.get_input_embeddings().weight.detach())
@@ -454,8 +464,10 @@ def load_image_tokenizer(config: Config):
             images = KMeansCodebook.from_state_dict(torch.load(m.image_tokenizer, map_location="cpu"))
         else:
             images = VAELatents(m.image_tokenizer, m.image_size)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ConfigError("--image-tokenizer", f"cannot load {m.image_tokenizer!r}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, TypeError,
+            pickle.UnpicklingError) as exc:   # empty, truncated or not a codebook at all
+        raise ConfigError("--image-tokenizer", f"cannot load {m.image_tokenizer!r}: "
+                                               f"{type(exc).__name__}: {exc}") from exc
     checks = (("--patch", m.patch, images.patch), ("--image-size", m.image_size, images.image_size))
     checks += ((("--num-codes", m.num_codes, images.num_codes),) if m.family == "ar" else
                (("--latent-channels", m.latent_channels, images.channels),))

@@ -107,9 +107,14 @@ def _naming(exc: OSError, path: Path) -> OSError:
 
 
 def write_config(run_dir: Path, config: Config) -> None:
+    """config.yaml: the run's settings, such that `--config config.yaml` starts a FRESH
+    run of the same kind: --resume / --resume-dir are left out (they would resume, and
+    abandon, this run's checkpoints)."""
     import yaml
 
-    text = yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+    values = _plain(config.to_dict())
+    values["run"].update(resume=None, resume_dir=None)
+    text = yaml.safe_dump(values, sort_keys=False)
     atomic_write(run_dir / CONFIG, lambda fh: fh.write(text.encode()))
 
 
