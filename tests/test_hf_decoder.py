@@ -194,3 +194,72 @@ def test_bad_calls_are_refused():
         uf.hf.fuse_decoder_ops(tiny_decoder(), impl="fast")
     with pytest.raises(ValueError, match="impl must be one of"):
         uf.hf.set_decoder_impl(tiny_decoder(), "flash")
+
+
+def test_an_activation_swapped_or_hooked_after_fusing_is_honoured(ids):
+    """The fused SwiGLU never calls act_fn: swapped after fusing (ReLU-fication, ablation)
+    or hooked (steering, recording), the MLP must run the model's own code."""
+    from transformers.activations import ACT2FN
+
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    for model in (plain, fused):
+        model.layers[0].mlp.act_fn = ACT2FN["relu"]
+    assert_same_run(run(fused, ids), run(plain, ids), 1e-5, "relu swapped in")
+    plain, fused = tiny_decoder(), tiny_decoder()
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    seen = []
+
+    def halve(module, args, out):
+        seen.append(module)
+        return out * 0.5
+
+    for model in (plain, fused):
+        model.layers[1].mlp.act_fn.register_forward_hook(halve)
+    assert_same_run(run(fused, ids), run(plain, ids), 1e-5, "act_fn hooked")
+    assert len(seen) == 2
+
+
+def test_one_dimensional_position_ids_keep_the_models_meaning():
+    # 1-D position_ids give [T, D] tables, which HF broadcasts against the head axis; with
+    # T == heads (4) the fused rotary read them per token instead, a different answer
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    plain = LlamaModel(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4))   # HF's broadcast needs T == heads
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    ids, positions = torch.randint(0, 50, (1, 4)), torch.arange(4)
+    with torch.no_grad():
+        want = plain(input_ids=ids, position_ids=positions).last_hidden_state
+        got = fused(input_ids=ids, position_ids=positions).last_hidden_state
+    assert_rel(got, want, 1e-5, "1-D position_ids")
+
+
+def test_float64_calls_take_the_reference_under_auto():
+    rms_norm = importlib.import_module("unimrg_fast.ops.rms_norm")
+    assert backends.kernel_dtype(dtype=torch.float64) is not None
+    assert backends.kernel_dtype(dtype=torch.float32) is None
+    assert rms_norm.triton_accepts(hidden=64, dtype=torch.float64) is not None
+    for op in ("swiglu", "rotary_embedding"):
+        [triton] = [i for i in backends.implementations(op) if i.name == "triton"]
+        assert triton.accepts(dtype=torch.float64) is not None, op
+
+
+def test_fullgraph_compile_of_fused_and_unfused_models(ids):
+    """The rotary wrapper is process-wide: it must stay traceable by Dynamo for every
+    Qwen2 / Llama model once one is fused (a ContextVar is not)."""
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    with torch.no_grad():
+        for model in (plain, fused):
+            torch._dynamo.reset()
+            want = model(input_ids=ids).last_hidden_state
+            got = torch.compile(model, backend="aot_eager", fullgraph=True)(
+                input_ids=ids).last_hidden_state
+            assert_rel(got, want, 1e-6, type(model.norm).__name__)
+    torch._dynamo.reset()

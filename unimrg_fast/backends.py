@@ -276,6 +276,14 @@ def _not_interpreted_on_cpu(device: Optional[torch.device] = None, **_) -> Optio
     return None
 
 
+def kernel_dtype(dtype: Optional[torch.dtype] = None, **_) -> Optional[str]:
+    """The decoder ops' kernels compute fp32 / fp16 / bf16: "auto" runs a float64 call
+    (a float64 model, a gradcheck) on the reference instead of failing in the kernel."""
+    if dtype == torch.float64:
+        return "float64 (the kernels take fp32 / fp16 / bf16)"
+    return None
+
+
 def _predicate(target: str) -> Callable[..., Optional[str]]:
     """An `accepts` predicate that lives with its implementation ("module:function"): it
     knows the kernel's limits. Imported on first use, because the ops package imports
@@ -321,10 +329,10 @@ _TABLE: List[Implementation] = [
                    prefer=_not_interpreted_on_cpu),
     Implementation("rms_norm", "reference", f"{_REF}:rms_norm"),
     Implementation("swiglu", "triton", "unimrg_fast.ops.swiglu:_triton", ("triton",),
-                   prefer=_not_interpreted_on_cpu),
+                   accepts=kernel_dtype, prefer=_not_interpreted_on_cpu),
     Implementation("swiglu", "reference", f"{_REF}:swiglu"),
     Implementation("rotary_embedding", "triton", "unimrg_fast.ops.rotary:_triton", ("triton",),
-                   prefer=_not_interpreted_on_cpu),
+                   accepts=kernel_dtype, prefer=_not_interpreted_on_cpu),
     Implementation("rotary_embedding", "reference", f"{_REF}:rotary_embedding"),
 ]
 

@@ -43,6 +43,16 @@ IMPLS = ("auto", "triton", "reference")
 
 # the impl of the attention module whose forward is running (None: not a fused one)
 _rotary_impl: contextvars.ContextVar = contextvars.ContextVar("unimrg_rotary_impl", default=None)
+# The same while torch.compile traces: Dynamo cannot trace a ContextVar (a fullgraph compile
+# of ANY Qwen2 / Llama model would break once one is fused), but it traces a list's
+# appends and pops. Only read and written under is_compiling(): eager code never sees it.
+_traced_rotary_impls: list = []
+
+
+def _current_rotary_impl() -> Optional[str]:
+    if torch.compiler.is_compiling():
+        return _traced_rotary_impls[-1] if _traced_rotary_impls else None
+    return _rotary_impl.get()
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -51,7 +61,16 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def _resolve(op: str, impl: str, x: torch.Tensor, **call):
-    return backends.resolve(op, impl, device=x.device, **call)
+    return backends.resolve(op, impl, device=x.device, dtype=x.dtype, **call)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see `module` run (its own or a global one): the fused
+    SwiGLU never calls act_fn, so it must not bypass a hook that steers or records it."""
+    from torch.nn.modules import module as base
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or base._global_forward_hooks or base._global_forward_pre_hooks)
 
 
 # ----------------------------------------------------------------------------- mixins
@@ -71,6 +90,10 @@ class _FusedSwiGLUMLP:
     fused_impl = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # act_fn is looked at per call: swapped after fusing (ReLU-fication, ablations) or
+        # hooked, the model's own forward runs it
+        if not _is_silu(self.act_fn) or _hooked(self.act_fn):
+            return super().forward(x)
         name, fn = _resolve("swiglu", self.fused_impl, x)
         if name == "reference":
             return super().forward(x)
@@ -81,6 +104,12 @@ class _FusedRotaryAttention:
     fused_impl = "reference"
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            _traced_rotary_impls.append(self.fused_impl)
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                _traced_rotary_impls.pop()
         token = _rotary_impl.set(self.fused_impl)
         try:
             return super().forward(*args, **kwargs)
@@ -92,10 +121,14 @@ def _fused_rotary(original: Callable) -> Callable:
     """The family's apply_rotary_pos_emb, fused inside a swapped attention's forward."""
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        impl = _rotary_impl.get()
+        impl = _current_rotary_impl()
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
-        # only HF's [B, H, T, D] layout with [B, T, D] cos / sin (unsqueeze_dim = 1)
-        if impl is None or unsqueeze_dim != 1 or len(args) > 1 or cos.requires_grad:
+        # only HF's [B, H, T, D] layout with [B, T, D] cos / sin (unsqueeze_dim = 1), one
+        # table per batch row or one for all; 1-D position_ids give [T, D] tables, which
+        # HF broadcasts against the head axis: its own code keeps that meaning
+        if impl is None or unsqueeze_dim != 1 or len(args) > 1 or cos.requires_grad \
+                or q.dim() != 4 or cos.dim() != 3 or cos.shape[0] not in (1, q.shape[0]) \
+                or cos.shape[1] != q.shape[2]:
             return original(q, k, cos, sin, *args, **kwargs)
         name, fn = _resolve("rotary_embedding", impl, q)
         if name == "reference":

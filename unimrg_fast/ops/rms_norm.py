@@ -121,12 +121,14 @@ def _backward_programs(blocks: int, device: torch.device) -> int:
     return max(1, min(blocks, per_device))
 
 
-def triton_accepts(hidden: Optional[int] = None, **_) -> Optional[str]:
-    """The backends predicate: "auto" takes the reference for rows too wide for registers."""
+def triton_accepts(hidden: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                   **_) -> Optional[str]:
+    """The backends predicate: "auto" takes the reference for rows too wide for registers,
+    and for float64."""
     if hidden is not None and hidden > MAX_FUSED_HIDDEN:
         return (f"x.shape[-1] = {hidden} > {MAX_FUSED_HIDDEN} (a row must fit in "
                 f"registers)")
-    return None
+    return backends.kernel_dtype(dtype=dtype)
 
 
 def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
@@ -243,7 +245,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
     Returns:
         [..., H] in out_dtype; gradients reach x (in x's dtype) and weight (in its dtype).
     """
-    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
-    _, fn = backends.resolve("rms_norm", impl, device=x.device if isinstance(x, torch.Tensor)
-                             else None, hidden=hidden)
+    tensor = isinstance(x, torch.Tensor)
+    hidden = x.shape[-1] if tensor and x.dim() else None
+    _, fn = backends.resolve("rms_norm", impl, device=x.device if tensor else None,
+                             hidden=hidden, dtype=x.dtype if tensor else None)
     return fn(x, weight, eps=eps, out_dtype=out_dtype)

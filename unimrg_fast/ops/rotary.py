@@ -276,6 +276,7 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
         of a [B, T, H, D] buffer in gives one out. Differentiable in x (dx: x's dtype
         and layout); cos and sin are constants in the Triton path.
     """
-    _, fn = backends.resolve("rotary_embedding", impl, device=x.device
-                             if isinstance(x, torch.Tensor) else None)
+    tensor = isinstance(x, torch.Tensor)
+    _, fn = backends.resolve("rotary_embedding", impl, device=x.device if tensor else None,
+                             dtype=x.dtype if tensor else None)
     return fn(x, cos, sin, out_dtype=out_dtype)

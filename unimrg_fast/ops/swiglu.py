@@ -243,6 +243,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out_dtype: Optional[torch.dt
         [..., I] in out_dtype. The fused kernel computes in fp32 and rounds once;
         gradients (fp32 math) come back in gate's and up's dtypes.
     """
-    _, fn = backends.resolve("swiglu", impl, device=gate.device
-                             if isinstance(gate, torch.Tensor) else None)
+    tensor = isinstance(gate, torch.Tensor)
+    _, fn = backends.resolve("swiglu", impl, device=gate.device if tensor else None,
+                             dtype=gate.dtype if tensor else None)
     return fn(gate, up, out_dtype=out_dtype)
