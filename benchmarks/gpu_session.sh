@@ -15,8 +15,9 @@
 #   attention   packed-attention benchmarks   -> benchmarks/results/<tag>-attention.json
 #   decoder     RMSNorm / SwiGLU / rotary and one decoder layer -> <tag>-decoder.json
 #   train-step  train-step + layout benchmarks -> benchmarks/results/<tag>-train-step.json
-#   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun FSDP2
-#               run with a checkpoint and a resume
+#   trainer     the main job on the GPU (fast kernels), then a 1-process torchrun run with
+#               --parallel fsdp (one GPU: a plain run, nothing sharded; FSDP2 itself is
+#               tested by the CPU lane's 2-process gloo tests), a checkpoint and a resume
 #   estimate    python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8, with the
 #               fast path also timed without the fused decoder ops (fast-hf-decoder)
 #   probe       benchmarks/gpu_probe.py: where a train step's GPU time goes (profile), and

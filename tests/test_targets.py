@@ -221,3 +221,11 @@ def test_ddpm_reuses_one_schedule_table_per_device():
     out = targets.ddpm_eps_target(x0, timesteps=500)
     a = first[500].float()
     assert torch.allclose(out.noisy, a.sqrt() * x0 + (1 - a).sqrt() * out.target, atol=1e-6)
+
+
+def test_the_package_exposes_the_targets_module():
+    # the README's table names uf.targets after `import unimrg_fast as uf`
+    import unimrg_fast as uf
+    from unimrg_fast import targets
+
+    assert uf.targets is targets and uf.targets.ddpm_eps_target is ddpm_eps_target

@@ -2,7 +2,8 @@
 steps on this machine's device, for the fast (fused Triton) and the plain path.
 
     python -m trainer --estimate --recipe unimrg-harmon-1.5b --gpus 8
-    python -m trainer --estimate --preset tiny          # a CPU: seconds, for the tests
+    python -m trainer --estimate --preset tiny --paths plain   # a CPU: seconds (the
+                                                               # fast path: the interpreter)
 
 The model is built at the recipe's preset with random weights (weights do not change the
 time of a step); the Qwen2.5 presets tie the LM head to the input embeddings as the real

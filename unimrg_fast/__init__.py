@@ -17,6 +17,7 @@ Every op takes impl="auto" | "triton" | "reference" (| peers); see unimrg_fast.b
 from unimrg_fast.layout import PackedLayout, TileMetadata
 from unimrg_fast import heads  # noqa: F401  (uf.heads.LMHead, ...)
 from unimrg_fast import hf  # noqa: F401  (uf.hf.fuse_decoder_ops: fused norms / MLP / rotary in HF decoders)
+from unimrg_fast import targets  # noqa: F401  (uf.targets: latent / DDPM / flow-matching targets)
 from unimrg_fast.ops import (joint_loss, linear_cross_entropy, linear_cross_entropy_with_stats,
                              packed_attention, regression_loss, rms_norm, rotary_embedding,
                              swiglu)
