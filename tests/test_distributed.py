@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from trainer_helpers import SMALL, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
-TIMEOUT_S = 60
+TIMEOUT_S = 180   # ~12 s each when the machine is idle; the CI machine has 2 shared cores
 
 
 def _flags(out: Path, name: str, **overrides):
@@ -46,6 +47,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list:
+    """Every process below `pid` (Linux /proc), found before anything is killed: torchrun
+    starts its workers in sessions of their own, so killing its process group leaves them
+    running, orphaned, holding the output pipe open (a test then hangs in communicate)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    doomed = _descendants(pid)
+    for target in [pid] + doomed:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _launch(args, nproc: int) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -61,8 +96,11 @@ def _launch(args, nproc: int) -> None:
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        _kill_tree(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:   # a process we could not find holds the pipe
+            output = "(no output: the pipe stayed open)"
         pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT_S} s:\n{output[-4000:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
 
@@ -418,3 +456,27 @@ def test_real_data_under_torchrun_resumes_each_ranks_data_position(tmp_path):
     assert losses == ref_losses and len(losses) == 4
     for name, value in weights.items():
         assert torch.equal(value, ref_weights[name]), name
+
+
+def test_a_timed_out_launch_kills_the_workers_in_their_own_sessions(tmp_path):
+    """What _launch does on a timeout: a grandchild in a session of its own (as torchrun
+    starts its workers) is found and killed, so the pipe closes."""
+    script = ("import subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+              "start_new_session=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for _ in range(100):   # until the grandchild exists
+        if _descendants(proc.pid):
+            break
+        time.sleep(0.05)
+    [worker] = _descendants(proc.pid)
+    _kill_tree(proc.pid)
+    proc.communicate(timeout=30)   # would block for ten minutes with the worker alive
+    assert not os.path.exists(f"/proc/{worker}") or _zombie(worker)
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
