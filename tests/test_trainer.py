@@ -465,3 +465,27 @@ def test_transformers_builds_no_attention_mask_for_packs(tmp_path):
     mask = create_causal_mask(config=model.llm.config, inputs_embeds=x, attention_mask=None,
                               past_key_values=None, position_ids=torch.arange(64)[None])
     assert mask is None
+
+
+def test_greedy_answers_stay_inside_the_tokenizer_when_the_model_is_wider(tmp_path):
+    # --vocab-size (or Qwen's 151,936 rows over the synthetic words) makes the LM head
+    # wider than the tokenizer; an argmax past it crashed decode() in the evaluation
+    run_dir = train(small_config(tmp_path, steps=1, vocab_size=4000, eval_questions=4,
+                                 eval_scenes=1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "und_accuracy" in json.dumps(summary)
+
+
+def test_tokens_per_s_leaves_the_checkpoint_time_out(tmp_path, monkeypatch):
+    import time
+
+    real = ckpt.save
+
+    def slow_save(*args, **kwargs):   # a large model's save takes seconds
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save", slow_save)
+    rows = train_rows(train(small_config(tmp_path, steps=4, log_every=1, checkpoint_every=2)))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["interval_s"] < 1.0, [r["interval_s"] for r in rows]

@@ -74,6 +74,9 @@ def greedy_answers(model, questions: List[Sample], lengths: List[int], text, pac
             # kind: eos is never the greedy choice (early in training it is the most
             # frequent label and would end every answer before it starts).
             logits[:, text.eos_id] = float("-inf")
+            # A model may be wider than its tokenizer (--vocab-size, Qwen's 151,936 rows
+            # over the synthetic words): ids past the tokenizer are no answer at all
+            logits[:, text.vocab_size:] = float("-inf")
             for j, token in zip(members, logits.argmax(-1).tolist()):
                 i = active[j]
                 answers[i].append(token)

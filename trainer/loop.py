@@ -356,6 +356,7 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
                       ctx=ctx, data_state=data.state_dict())
             if step < steps:   # the last step's weights are exported below, gathered once
                 _export_weights(run_dir, umm, ctx, config, step, images)
+            tracker.start = time.perf_counter()   # tokens/s times training, not the save
         bar.update()
     bar.close()
 
