@@ -219,6 +219,15 @@ def test_an_activation_swapped_or_hooked_after_fusing_is_honoured(ids):
         model.layers[1].mlp.act_fn.register_forward_hook(halve)
     assert_same_run(run(fused, ids), run(plain, ids), 1e-5, "act_fn hooked")
     assert len(seen) == 2
+    plain, fused = tiny_decoder(), tiny_decoder()
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    grads = []
+    for model in (plain, fused):
+        model.layers[0].mlp.act_fn.register_full_backward_hook(
+            lambda module, grad_in, grad_out: grads.append(module))
+    run(plain, ids)
+    run(fused, ids)
+    assert len(grads) == 2, "a backward hook on act_fn must fire in the fused model too"
 
 
 def test_one_dimensional_position_ids_keep_the_models_meaning():

@@ -473,5 +473,6 @@ def test_sample_mask_and_host_name_a_bad_argument():
         with pytest.raises(ValueError, match=r"sample must be in \[0, 2\)"):
             layout.sample_mask(bad)
     assert torch.equal(layout.sample_mask(np.int64(1)), layout.sample_mask(1))
+    assert torch.equal(layout.sample_mask(torch.tensor(1)), layout.sample_mask(1))
     with pytest.raises(ValueError, match="name must be one of .*cu_seqlens.*, got 'nope'"):
         layout.host("nope")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.__main__ import build_parser, main, parse_config
-from trainer.config import ConfigError, build_config
+from trainer.config import Config, ConfigError, build_config
 from trainer_helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,11 +150,37 @@ def test_a_flag_overrides_a_nested_config_value(tmp_path):
     assert parse_config(["--config", str(nested), "--lr", "0.2"], build_parser()).optim.lr == 0.2
 
 
-def test_paths_are_stored_absolute(tmp_path, monkeypatch):
-    (tmp_path / "llm").mkdir()
-    monkeypatch.chdir(tmp_path)
-    config = build_config("tiny", {"llm": "llm", "vit": "tiny"})
-    assert config.model.llm == str(tmp_path / "llm") and config.model.vit == "tiny"
+def test_a_resume_matches_paths_as_typed_or_by_the_place_they_name(tmp_path, monkeypatch):
+    from trainer.checkpoint import config_differences
+
+    (tmp_path / "a" / "llm").mkdir(parents=True)
+    (tmp_path / "b" / "llm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    saved = build_config("tiny", {"llm": "llm"}).to_dict()
+    # the same files named absolute: the same place
+    assert config_differences(saved, build_config("tiny", {"llm": str(tmp_path / "a" / "llm")})) == []
+    # the run tree moved (or resumed from a copy): as typed is enough
+    monkeypatch.chdir(tmp_path / "b")
+    assert config_differences(saved, build_config("tiny", {"llm": "llm"})) == []
+    assert config_differences(saved, build_config("tiny", {"llm": str(tmp_path / "b")})) != []
+
+
+def test_an_older_runs_ignored_settings_do_not_block_its_resume(tmp_path):
+    from trainer.checkpoint import config_differences
+
+    # --num-workers 2 on a synthetic run was accepted (and ignored) before it was refused
+    saved = build_config("tiny", {}).to_dict()
+    saved["data"]["num_workers"] = 2
+    assert config_differences(saved, build_config("tiny", {})) == []
+    assert Config.from_dict(saved).data.num_workers == 0
+
+
+def test_a_float_setting_past_floats_range_names_its_flag(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("rope_theta: 1" + "0" * 400 + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(big)])
+    assert info.value.code == 2 and "--rope-theta: must be a finite number" in capsys.readouterr().err
 
 
 def test_unknown_setting_in_a_config_file_is_named(tmp_path, capsys):

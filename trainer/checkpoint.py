@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from trainer.config import PATH_FIELDS, Config, ConfigError
+from trainer.config import PATH_FIELDS, Config, ConfigError, without_effect
 from trainer.report import write_saved
 
 DIRNAME, COMPLETE, STATE = "checkpoints", "COMPLETE", "state.pt"
@@ -208,22 +208,33 @@ def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _as_compared(key: str, value: Any) -> Any:
-    """Paths compare absolute: configs store them so since the command line made them
-    absolute; a relative one (an older checkpoint) is taken from here."""
-    if key.split(".")[-1] in PATH_FIELDS and isinstance(value, str) and value != "tiny":
-        return os.path.abspath(value)
-    return value
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Whether a stored setting matches: a path as typed, or naming the same place (the
+    files given relative once and absolute now, or the reverse). As typed is enough: a
+    run tree moved or copied elsewhere resumes with its own relative flags."""
+    if old == new:
+        return True
+    if key.split(".")[-1] not in PATH_FIELDS or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    if os.path.abspath(old) == os.path.abspath(new):
+        return True
+    try:
+        return os.path.samefile(old, new)
+    except OSError:
+        return False
 
 
 def config_differences(saved: Dict[str, Any], config: Config) -> List[str]:
     """'section.field (checkpoint X, now Y)' for every field that must match but differs."""
     old, new = {**ADDED_FIELDS, **_flat(saved)}, _flat(config.to_dict())
+    # settings without effect in both runs (an older checkpoint may hold ignored values)
+    ignored = {f"data.{key}" for key in set(without_effect({"data": old.get("data.data")}))
+               & set(without_effect({"data": new.get("data.data")}))}
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if key in MAY_DIFFER or key.split(".")[0] in MAY_DIFFER_SECTIONS:
+        if key in MAY_DIFFER or key.split(".")[0] in MAY_DIFFER_SECTIONS or key in ignored:
             continue
-        if _as_compared(key, old.get(key)) != _as_compared(key, new.get(key)):
+        if not _same(key, old.get(key), new.get(key)):
             diffs.append(f"{key} (checkpoint {old.get(key)!r}, now {new.get(key)!r})")
     return diffs
 
@@ -478,8 +489,8 @@ def load(path: Path, *, model, optimizer, scheduler, rank: int = 0) -> Dict[str,
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
     try:
         return _load(path, model, optimizer, scheduler, rank)
-    except (CheckpointError, ConfigError):
-        raise
+    except (CheckpointError, ConfigError, torch.OutOfMemoryError):
+        raise   # out of memory is no damage: an earlier checkpoint would fail alike
     except _UNREADABLE + (CheckpointException,) as exc:   # a file gone, cut or overwritten
         # DCP's CheckpointException carries every rank's traceback: name the failures only
         reason = (_write_failure(exc) if isinstance(exc, CheckpointException)

@@ -74,6 +74,13 @@ def _in_range(name: str, value: Any, low: float, high: float, *, high_open: bool
         raise ConfigError(flag_of(name), f"must be in [{low}, {high}{bracket}, got {value!r}")
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an int past float's range (1 followed by 400 zeros)
+        return False
+
+
 def _check_field_types(section) -> None:
     """Every field of a config section against its annotation, before the section's own
     checks: a config file can give any YAML / TOML value ("false" as text, 1.5 for a
@@ -91,7 +98,7 @@ def _check_field_types(section) -> None:
         if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(flag, f"must be an integer, got {value!r}")
         if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                or not math.isfinite(value)):
+                                or not _finite(value)):
             raise ConfigError(flag, f"must be a finite number, got {value!r}")
         if kind == "str" and (not isinstance(value, str) or not value):
             raise ConfigError(flag, f"must be a non-empty string, got {value!r}")
@@ -477,6 +484,15 @@ class RunConfig:
             raise ConfigError("--name", f"must be a plain folder name, got {self.name!r}")
 
 
+def without_effect(data: Dict[str, Any]) -> Tuple[str, ...]:
+    """The data settings that have no effect on a run with these data settings (refused
+    when given now; an older run's stored config may still hold them): real data's for
+    the synthetic scenes, the scenes' questions per image for real data."""
+    if data.get("data") is None:
+        return ("images", "depth_dir", "mask_dir", "num_workers", "shuffle")
+    return ("questions_per_image",)
+
+
 def _not_a_directory(path: str) -> Optional[str]:
     """The existing non-directory at `path` or at the nearest of its parents that exists
     (where no directory can be made), else None."""
@@ -490,7 +506,8 @@ def _not_a_directory(path: str) -> Optional[str]:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
-# Settings that name files the run reads ('tiny' is --vit's built-in model, not a path).
+# Settings that name files the run reads ('tiny' is --vit's built-in model, not a path):
+# a resume compares them as typed or by the place they name (checkpoint._same).
 PATH_FIELDS = ("llm", "vit", "image_tokenizer", "data", "images", "depth_dir", "mask_dir")
 # Run settings that name this machine's paths and devices: a stored config (a checkpoint's)
 # is loaded without checking them again (its --resume checkpoint may have been pruned since).
@@ -544,7 +561,11 @@ class Config:
         checked again: they described the machine and the moment of that run."""
         run = dict(values.get("run", {}))
         stored = {key: run.pop(key) for key in ENVIRONMENT if key in run}
-        sections = {name: cls(**(run if name == "run" else values.get(name, {})))
+        data = dict(values.get("data", {}))
+        for key in without_effect(data):   # an older run's ignored values (refused now)
+            data.pop(key, None)            # back to their defaults
+        sections = {name: cls(**(run if name == "run" else data if name == "data"
+                                 else values.get(name, {})))
                     for name, cls in SECTIONS.items()}
         config = Config(preset=values.get("preset", "tiny"), **sections)
         for key, value in stored.items():
@@ -620,10 +641,6 @@ def build_config(preset: str = "tiny", overrides: Optional[Dict[str, Any]] = Non
     values = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
     flat = flatten_overrides(overrides or {})
     for key, value in flat.items():
-        if key in PATH_FIELDS and isinstance(value, str) and value and value != "tiny":
-            # absolute: the stored config (and a resume's comparison) then names the same
-            # files from any working directory
-            value = os.path.abspath(value)
         values[section_of(key)][key] = value
     if values["model"]["llm"] is not None and "tie_word_embeddings" not in flat:
         # the preset's tying describes its own random-init shape; a checkpoint has its own

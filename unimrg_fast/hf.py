@@ -65,12 +65,15 @@ def _resolve(op: str, impl: str, x: torch.Tensor, **call):
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook would see `module` run (its own or a global one): the fused
-    SwiGLU never calls act_fn, so it must not bypass a hook that steers or records it."""
+    """Whether a hook would see `module` run, forward or backward (its own or a global
+    one): the fused SwiGLU never calls act_fn, so it must not bypass a hook that steers or
+    records it."""
     from torch.nn.modules import module as base
 
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or base._global_forward_hooks or base._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or base._global_forward_hooks
+                or base._global_forward_pre_hooks or base._global_backward_hooks
+                or base._global_backward_pre_hooks)
 
 
 # ----------------------------------------------------------------------------- mixins

@@ -22,6 +22,7 @@ content, so it can be a static argument of compiled or cached code.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -247,9 +248,13 @@ class PackedLayout:
 
     def sample_mask(self, sample: int, device: Optional[torch.device | str] = None) -> torch.Tensor:
         """[L, L] bool mask of one sample (L its length): what per-sample attention needs."""
-        if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) \
-                or not 0 <= sample < self.num_samples:
-            raise ValueError(f"sample must be in [0, {self.num_samples}), got {sample}")
+        try:   # an int, a numpy int or a 0-d integer tensor; not a bool or a float
+            index = None if isinstance(sample, bool) else operator.index(sample)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.num_samples:
+            raise ValueError(f"sample must be in [0, {self.num_samples}), got {sample!r}")
+        sample = index
         start, end = (int(x) for x in self._host["cu_seqlens"][sample: sample + 2])
         return self._mask(start, end, device)
 
