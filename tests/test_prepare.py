@@ -519,7 +519,7 @@ def test_cli_reports_skipped_images(images, models, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert f"depth: {len(SIZES)} written, 0 already present" in out, out
-    assert f"skipped {len(CORRUPT)} unreadable image(s)" in out, out
+    assert f"skipped {len(CORRUPT)} image(s) (unreadable" in out, out
     for rel in CORRUPT:
         assert rel in out
 
@@ -677,12 +677,19 @@ def test_fifos_are_not_listed_and_every_pil_format_is(tmp_path):
     assert found == ["a.png", "b.gif", "c.bmp", "d.tif", "e.TIFF"], found
 
 
-def test_an_image_beside_another_of_the_same_stem_is_a_clash(tmp_path, models):
-    # x.gif was left out before; its trainer lookup then found x.png's depth map
+def test_an_image_beside_another_of_the_same_stem(tmp_path, models):
+    # The output is x.png for both: a .jpg / .jpeg / .png / .webp takes it beside a .gif /
+    # .bmp / .tif master (which is passed over, and named); two of one kind are refused
     root = tmp_path / "tuning_data"
-    save_noise(root / "x.png", 8, 8)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "x.gif")
-    with pytest.raises(prep.PrepareError, match="x.gif and x.png"):
+    save_noise(root / "x.jpg", 8, 8)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "x.tif")
+    summary = run(root, models, tasks="depth")
+    assert summary.written == {"depth": 1} and list(summary.skipped) == ["x.tif"]
+    assert "x.jpg, which takes it" in summary.skipped["x.tif"]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "x.gif")   # two masters
+    save_noise(root / "y.png", 8, 8)
+    save_noise(root / "y.webp", 8, 8)
+    with pytest.raises(prep.PrepareError, match="y.png and y.webp"):
         run(root, models, tasks="depth")
 
 

@@ -730,6 +730,12 @@ def test_a_target_named_after_another_image_is_not_taken(tmp_path, dataset_dir):
     # only a candidate that names another image is passed over: c.png's depth c.jpg stays
     Image.fromarray(depth_image(24, 24)).save(depth / "c.jpg", format="PNG")
     assert target_path(str(depth), "c.png", images=str(images)) == str(depth / "c.jpg")
+    # y.tif beside y.jpg: prepare's y.png is y.jpg's (the primary extension owns the stem)
+    Image.fromarray(two_tone(24, 24)).save(images / "y.jpg")
+    Image.fromarray(two_tone(24, 24)).save(images / "y.tif")
+    Image.fromarray(depth_image(24, 24)).save(depth / "y.png")
+    assert target_path(str(depth), "y.jpg", images=str(images)) == str(depth / "y.png")
+    assert target_path(str(depth), "y.tif", images=str(images)) is None
 
 
 def test_a_fifo_named_like_an_image_does_not_block_the_probe(tmp_path):
@@ -747,10 +753,13 @@ def test_record_text_that_spells_a_special_token_stays_text(tmp_path):
 def test_a_json_object_file_is_a_config_error_naming_data(tmp_path, dataset_dir):
     records = [r for r in RECORDS if r is not None]
     path = dataset_dir / "train.json"
-    path.write_text(json.dumps({"data": records}, indent=1))
-    with pytest.raises(ConfigError, match=r"--data: .*must be a list of records, got one JSON "
-                                          r"object \(keys: data\)"):
-        RecordStore(str(path))
+    for indent in (1, None):   # pretty-printed, or on one line
+        path.write_text(json.dumps({"data": records}, indent=indent))
+        with pytest.raises(ConfigError, match=r"--data: .*must be a list of records, got one "
+                                              r"JSON object \(keys: data\)"):
+            RecordStore(str(path))
+    path.write_text(json.dumps(records[0]) + "\n")   # one record on one line: a record
+    assert RecordStore(str(path)).get(0) == records[0]
     # JSON Lines in a .json file, first line broken: still JSON Lines, the line counted
     path.write_text("{broken\n" + "".join(json.dumps(r) + "\n" for r in records))
     store = RecordStore(str(path))

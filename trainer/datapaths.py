@@ -21,6 +21,10 @@ import shlex
 from typing import List, Optional, Sequence
 
 JSON_SUFFIXES = (".json", ".jsonl")
+# The images prepare makes targets for (any case). The first four come first: with a
+# .gif / .bmp / .tif beside a .jpg of the same stem, the .jpg owns the stem's target.
+PRIMARY_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = PRIMARY_EXTENSIONS + (".gif", ".bmp", ".tif", ".tiff")
 RELEASE_IMAGES = "tuning_data"
 TARGET_SUFFIXES = (".png", ".jpg")   # after the image's own name, as the release's loaders
 # prepare's record of a mask folder's style; the trainer compares it with --seg-style
@@ -52,6 +56,34 @@ def target_names(rel: str) -> List[str]:
     return list(dict.fromkeys([rel] + [stem + suffix for suffix in TARGET_SUFFIXES]))
 
 
+def target_owner(names: Sequence[str]) -> Optional[str]:
+    """Which of the images sharing a stem owns the stem's renamed target (stem.png, all
+    that prepare can write for them): the only one, else the only one of a primary
+    extension; None when that is ambiguous (prepare refuses such a folder)."""
+    if len(names) == 1:
+        return names[0]
+    primary = [n for n in names if n.lower().endswith(PRIMARY_EXTENSIONS)]
+    return primary[0] if len(primary) == 1 else None
+
+
+def same_stem_images(images: str, rel: str) -> List[str]:
+    """The images in the folder with rel's stem (rel too), by the extensions prepare
+    takes in either case; one name per file (a case-insensitive file system finds x.jpg
+    as x.JPG too)."""
+    stem = os.path.splitext(rel)[0]
+    found, seen = [], set()
+    for ext in IMAGE_EXTENSIONS + (os.path.splitext(rel)[1],):
+        for name in dict.fromkeys((stem + ext.lower(), stem + ext.upper(), stem + ext)):
+            try:
+                st = os.stat(os.path.join(images, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                found.append(name)
+    return found
+
+
 def target_path(root: str, rel: str, images: Optional[str] = None) -> Optional[str]:
     """The target of the image at relative path `rel` under `root`: the image's own name
     first, then .png (what prepare writes), then .jpg; None if there is none. An image
@@ -60,14 +92,19 @@ def target_path(root: str, rel: str, images: Optional[str] = None) -> Optional[s
     path, and tuning_data/../x.png is tuning_data_depth/../x.png), a photo as its own
     depth map; prepare makes targets only for images inside the folder.
 
-    With `images` (the image folder), a renamed candidate that is itself another image
-    there is passed over: for x.gif beside x.png, depth/x.png is x.png's depth map."""
+    With `images` (the image folder), a renamed target (stem.png, stem.jpg) is taken only
+    by the image that owns its stem (target_owner): for x.gif beside x.png or x.jpg,
+    depth/x.png is the other image's depth map, never x.gif's."""
     norm = os.path.normpath(rel)
     if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
         return None
+    owns_stem = None
     for name in target_names(rel):
-        if name != rel and images is not None and os.path.lexists(os.path.join(images, name)):
-            continue
+        if name != rel and images is not None:
+            if owns_stem is None:   # looked up once, and only when a renamed name is tried
+                owns_stem = target_owner(same_stem_images(images, rel)) == rel
+            if not owns_stem:
+                continue
         path = os.path.join(root, name)
         if os.path.isfile(path):
             return path

@@ -37,9 +37,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-# Every common format PIL decodes: the trainer reads whatever PIL opens, and an image
-# prepare left out (x.gif beside x.png) would have no target of its own.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# the image extensions and which image owns a shared stem's output: the trainer's target
+# lookup shares them
+from trainer.datapaths import IMAGE_EXTENSIONS, target_owner
 TASKS = ("depth", "seg")
 SEG_STYLES = ("unimrg", "sgt")
 DEVICES = ("cuda", "cpu")
@@ -203,6 +203,7 @@ class _Plan:
     out_dirs: Dict[str, Path]
     models: Dict[str, Path]
     device: str
+    passed_over: Dict[str, str]   # images whose stem's output another image takes: why
 
 
 def _parse_tasks(tasks) -> Tuple[str, ...]:
@@ -287,12 +288,21 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
     clashes = collections.defaultdict(list)
     for rel in found:
         clashes[rel.with_suffix(".png").as_posix()].append(rel.as_posix())
-    clashes = {k: v for k, v in clashes.items() if len(v) > 1}
-    if clashes:
-        shown = "; ".join(" and ".join(v) for v in list(clashes.values())[:5])
-        raise PrepareError(f"{len(clashes)} output name(s) would be shared by several images "
+    passed_over, ambiguous = {}, []
+    for names in (v for v in clashes.values() if len(v) > 1):
+        owner = target_owner([os.path.basename(n) for n in names])   # one folder: by name
+        if owner is None:
+            ambiguous.append(names)
+            continue
+        for name in names:   # a .tif master beside its .jpg: the .jpg's target, the trainer
+            if os.path.basename(name) != owner:   # gives the .tif none (datapaths)
+                passed_over[name] = f"shares its output name with {owner}, which takes it"
+    if ambiguous:
+        shown = "; ".join(" and ".join(v) for v in ambiguous[:5])
+        raise PrepareError(f"{len(ambiguous)} output name(s) would be shared by several images "
                            f"(the outputs are .png): {shown}. Rename them first.")
-    return _Plan(root, found, tasks, out_dirs, models, device)
+    found = [rel for rel in found if rel.as_posix() not in passed_over]
+    return _Plan(root, found, tasks, out_dirs, models, device, passed_over)
 
 
 def _check_seg_style(folder: Path, seg_style: str) -> None:
@@ -437,7 +447,8 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
              points_per_batch=points_per_batch, device=device, seg_style=seg_style,
              limit=limit)
     summary = Summary(images=len(p.images), written={t: 0 for t in p.tasks},
-                      existing={t: 0 for t in p.tasks}, skipped={}, out_dirs=dict(p.out_dirs),
+                      existing={t: 0 for t in p.tasks}, skipped=dict(p.passed_over),
+                      out_dirs=dict(p.out_dirs),
                       failed={t: {} for t in p.tasks})
     pending = {}
     for task in p.tasks:
@@ -538,7 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {task}: {summary.written[task]} written, {summary.existing[task]} already "
               f"present{f', {failed} failed' if failed else ''} -> {summary.out_dirs[task]}")
     if summary.skipped:
-        print(f"skipped {len(summary.skipped)} unreadable image(s):")
+        print(f"skipped {len(summary.skipped)} image(s) (unreadable, or another image takes "
+              f"their output name):")
         for rel, why in sorted(summary.skipped.items())[:20]:
             print(_printable(f"  {rel}: {why}"))
         if len(summary.skipped) > 20:

@@ -108,6 +108,12 @@ def _list_elements(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(buffer, dtype=np.uint8), np.array(offsets, dtype=np.int64)
 
 
+def _a_wrapper(record: object) -> bool:
+    """A one-line object that holds records ({"data": [...]}) rather than being one."""
+    return (isinstance(record, dict) and "conversations" not in record and "image" not in record
+            and any(isinstance(v, list) for v in record.values()))
+
+
 def _refuse_a_json_object(path: str) -> None:
     """A .json file whose first line does not parse may be one pretty-printed JSON object
     ({"data": [...]}): read as JSON Lines, every line of it would be skipped as bad_json,
@@ -142,7 +148,8 @@ class RecordStore:
             self._buffer = self._offsets = None
         self._fd: Optional[int] = None
         self._pid = -1
-        if not self.is_list and len(self) and self.get(0) is None:
+        if not self.is_list and len(self) and (self.get(0) is None or (
+                len(self) == 1 and _a_wrapper(self.get(0)))):
             _refuse_a_json_object(path)
 
 
