@@ -237,8 +237,8 @@ def test_segmentation_rendering_through_the_cli(images, models, monkeypatch, sty
         small, big = made[(h, w)]
         if style == "unimrg":
             edges = np.zeros((h, w), bool)
-            for m in (small, big):
-                edges |= boundary_by_loops(m)
+            for m in (small, big):   # each mask's Canny edges (checked against OpenCV below)
+                edges |= mask_boundary(m)
             want = np.repeat(np.where(edges, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
         else:
             want = np.zeros((h, w, 3), np.uint8)
@@ -354,44 +354,71 @@ def test_depth_loads_without_auto_image_processor(models, monkeypatch, seed):
 
 
 # ------------------------------------------------------------------------- rendering
-def boundary_by_loops(mask):
-    """Pixels of the mask with a 4-neighbour inside the image that is not in the mask."""
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    for y in range(h):
-        for x in range(w):
-            if not mask[y, x]:
-                continue
-            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                yy, xx = y + dy, x + dx
-                if 0 <= yy < h and 0 <= xx < w and not mask[yy, xx]:
-                    out[y, x] = True
+# cv2.Canny(mask * 255, 100, 200) of the two hand-made masks below (opencv-python-headless
+# 5.0): the line sits just outside a mask's left / top sides, on its right / bottom ones,
+# corners cut; the image border is no edge
+CANNY_SQUARE = """
+00000000000000000
+00001111000000000
+00010000100000000
+00100000100000000
+00100000100000000
+00100000100000000
+00011111100000000
+"""
+CANNY_CORNER = """
+00000000000100000
+00000000000100000
+00000000000100000
+00000000000100000
+00000000000011000
+00000000000000100
+00000000000000100
+00000000000000100
+00000000000000011
+"""
+
+
+def _grid(text, h, w):
+    rows = [[int(ch) for ch in line] for line in text.split()]
+    out = np.zeros((h, w), bool)
+    out[:len(rows)] = np.array(rows, bool)
     return out
 
 
-def test_mask_boundary_on_hand_made_masks(seed):
-    rng = np.random.default_rng(seed)
+def test_mask_boundary_is_opencvs_canny(seed):
     h, w = 13, 17
     square = np.zeros((h, w), bool)
     square[2:7, 3:9] = True
     corner = np.zeros((h, w), bool)  # touches the image border: the border is no edge
     corner[:5, 12:] = True
     corner[4:9, 15:] = True  # an L
+    np.testing.assert_array_equal(mask_boundary(square), _grid(CANNY_SQUARE, h, w))
+    np.testing.assert_array_equal(mask_boundary(corner), _grid(CANNY_CORNER, h, w))
+    for mask in (np.zeros((h, w), bool), np.ones((h, w), bool)):
+        assert not mask_boundary(mask).any()
+    # the synthetic scenes draw their UniMRG targets by the same rule, mask by mask
+    labels = square.astype(np.int64) + 2 * corner
+    np.testing.assert_array_equal(scenes.instance_boundaries(labels),
+                                  mask_boundary(square) | mask_boundary(corner))
+    rng = np.random.default_rng(seed)
     blob = rng.random((h, w)) < 0.5  # ragged, with holes and single pixels
-    for mask in (square, corner, blob, np.zeros((h, w), bool), np.ones((h, w), bool)):
-        np.testing.assert_array_equal(mask_boundary(mask), boundary_by_loops(mask))
-        # the synthetic scenes draw their UniMRG targets by the same rule
-        np.testing.assert_array_equal(mask_boundary(mask),
-                                      scenes.instance_boundaries(mask.astype(np.int64)))
-    # hand-checked: a 5 x 6 rectangle's boundary is its 18-pixel outline
-    assert boundary_by_loops(square).sum() == 2 * 6 + 2 * 3
-
-    rendered = render_boundaries([square, corner, blob], (h, w))
-    union = boundary_by_loops(square) | boundary_by_loops(corner) | boundary_by_loops(blob)
+    rendered = render_boundaries([square, corner, blob], (h, w))   # bounding-box crops
+    union = mask_boundary(square) | mask_boundary(corner) | mask_boundary(blob)
     assert rendered.shape == (h, w, 3) and rendered.dtype == np.uint8
     for c in range(3):
         np.testing.assert_array_equal(rendered[..., c], np.where(union, 255, 0))
     assert not render_boundaries([], (h, w)).any()
+
+
+def test_mask_boundary_matches_cv2_when_installed(seed):
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        h, w = rng.integers(1, 24, 2)
+        mask = rng.random((h, w)) < rng.random()
+        want = cv2.Canny(mask.astype(np.uint8) * 255, 100, 200) > 0
+        np.testing.assert_array_equal(mask_boundary(mask), want)
 
 
 def test_render_instances_paints_large_masks_first(seed):

@@ -168,17 +168,56 @@ def render_depth(objects, instances: np.ndarray) -> np.ndarray:
     return ((inverse - inverse.min()) / span).astype(np.float32)
 
 
-def instance_boundaries(instances: np.ndarray) -> np.ndarray:
-    """bool [S, S]: instance pixels with a 4-neighbour of another label.
+# OpenCV's tan(22.5 deg) in 15-bit fixed point: its Canny sorts gradients into sectors so
+_TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)
 
-    The image border is not a boundary (edge-replicated padding), as Canny on a mask
-    with OpenCV's replicated border would not mark it either.
-    """
-    padded = np.pad(instances, 1, mode="edge")
-    centre = padded[1:-1, 1:-1]
-    differs = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
-               | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
-    return differs & (instances > 0)
+
+def canny_edges(mask: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """bool [H, W]: cv2.Canny(mask * 255, low, high) of a binary mask, in numpy (UniMRG
+    draws each SAM mask's Canny (100, 200) edges; no OpenCV dependency). OpenCV's steps:
+    3x3 Sobel with a replicated border, |dx| + |dy|, non-maximum suppression in four
+    sectors with its tie-breaking (a 0/1 step keeps the pixel before it: the line sits
+    just outside a mask's left and top sides and on its right and bottom ones, corners
+    cut), then hysteresis. Checked equal to cv2.Canny on 2,000 random masks (noise,
+    rectangles, discs; opencv-python-headless 5.0)."""
+    image = np.asarray(mask, bool).astype(np.int64) * 255
+    p = np.pad(image, 1, mode="edge")
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    m = np.pad(np.abs(dx) + np.abs(dy), 1)      # magnitudes outside the image are 0
+    c = m[1:-1, 1:-1]
+    x, y = np.abs(dx), np.abs(dy) << 15
+    tg22x = x * _TG22
+    horizontal = y < tg22x
+    vertical = ~horizontal & (y > tg22x + (x << 16))
+    same_sign = (dx ^ dy) >= 0
+    keep = np.where(
+        horizontal, (c > m[1:-1, :-2]) & (c >= m[1:-1, 2:]),
+        np.where(vertical, (c > m[:-2, 1:-1]) & (c >= m[2:, 1:-1]),
+                 (c > np.where(same_sign, m[:-2, :-2], m[:-2, 2:]))
+                 & (c > np.where(same_sign, m[2:, 2:], m[2:, :-2]))))
+    candidate = keep & (c > low)
+    edges = candidate & (c > high)
+    while True:   # hysteresis: weak candidates 8-connected to a strong edge
+        e = np.pad(edges, 1)
+        near = np.zeros_like(edges)
+        for di in range(3):
+            for dj in range(3):
+                near |= e[di:di + edges.shape[0], dj:dj + edges.shape[1]]
+        grown = edges | (near & candidate)
+        if (grown == edges).all():
+            return edges
+        edges = grown
+
+
+def instance_boundaries(instances: np.ndarray) -> np.ndarray:
+    """bool [S, S]: every instance mask's Canny edges, max-combined (UniMRG's rule for its
+    SAM masks, DESIGN.md section 6). The image border is not an edge (Canny replicates it)."""
+    edges = np.zeros(instances.shape, bool)
+    for label in np.unique(instances):
+        if label > 0:
+            edges |= canny_edges(instances == label)
+    return edges
 
 
 def render_seg_edges(instances: np.ndarray) -> np.ndarray:

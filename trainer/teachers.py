@@ -301,21 +301,9 @@ def _bbox(mask: np.ndarray, margin: int = 0):
 
 
 def mask_boundary(mask: np.ndarray) -> np.ndarray:
-    """bool [H, W]: the mask's pixels with a 4-neighbour outside the mask.
-
-    UniMRG draws each SAM mask's Canny (100, 200) edges. A binary mask has a gradient only
-    at its 0/1 steps, strong enough to pass both hysteresis thresholds, so Canny's edges are
-    a thin line along the mask boundary; this is that boundary, computed in numpy (no
-    OpenCV). It can differ from OpenCV's line by where the one-pixel line sits (Canny's
-    non-maximum suppression keeps one of the two pixels at a step, on either side) and at
-    thin or diagonal details. The image border is not a boundary: Canny pads by replicating
-    the border, so there is no step there (the same rule as trainer.scenes'
-    instance_boundaries).
-    """
-    mask = np.asarray(mask, bool)
-    padded = np.pad(mask, 1, mode="edge")
-    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    return mask & ~interior
+    """bool [H, W]: the mask's Canny (100, 200) edges, as UniMRG draws each SAM mask
+    (scenes.canny_edges: OpenCV's Canny in numpy; the synthetic scenes use it too)."""
+    return scenes.canny_edges(mask)
 
 
 def render_boundaries(masks: Sequence[np.ndarray], shape: Tuple[int, int]) -> np.ndarray:
@@ -323,7 +311,9 @@ def render_boundaries(masks: Sequence[np.ndarray], shape: Tuple[int, int]) -> np
     uint8 [H, W, 3] with three equal channels."""
     edges = np.zeros(shape, bool)
     for mask in masks:
-        box = _bbox(np.asarray(mask, bool), margin=1)  # a 1-pixel margin keeps true neighbours
+        # Canny's line may sit one pixel outside the mask; a 2-pixel margin also keeps the
+        # neighbours its Sobel and suppression read there, as in the whole image
+        box = _bbox(np.asarray(mask, bool), margin=2)
         if box is not None:
             edges[box] |= mask_boundary(mask[box])
     return np.repeat(np.where(edges, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2)
