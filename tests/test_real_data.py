@@ -738,6 +738,29 @@ def test_a_target_named_after_another_image_is_not_taken(tmp_path, dataset_dir):
     assert target_path(str(depth), "y.tif", images=str(images)) is None
 
 
+def test_a_depth_map_with_a_non_finite_pixel_is_refused():
+    # a NaN min-max gave a constant target, an inf pixel NaN losses (skipped steps)
+    for bad in (float("nan"), float("inf")):
+        values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+        values[3, 4] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            realdata.depth_target(Image.fromarray(values), 8)
+
+
+def test_fewer_records_than_readers_is_a_config_error(tmp_path, dataset_dir, monkeypatch):
+    # a reader without records gives nothing: under torchrun that rank stopped the run with
+    # "gave no usable sample (skipped: {})"
+    records = [r for r in RECORDS if r is not None][:1]
+    path = dataset_dir / "one.json"
+    path.write_text(json.dumps(records))
+    (dataset_dir / "train.jsonl").unlink()
+    monkeypatch.setattr(realdata, "distributed_rank", lambda: (1, 2))
+    with pytest.raises(ConfigError, match=r"--data: .*holds 1 record\(s\), fewer than the 2 "
+                                          r"readers .*2 process\(es\) x 1 reader"):
+        RealSource(small_config(tmp_path, data=str(path), llm=str(_tiny_llm(tmp_path))),
+                   factory_for(tmp_path))
+
+
 def test_a_fifo_named_like_an_image_does_not_block_the_probe(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     assert realdata._readable(str(tmp_path / "pipe.png")) is False

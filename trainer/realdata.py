@@ -43,7 +43,8 @@ is skipped and counted, never fatal:
     too_long         the und sample does not fit in --pack-tokens even with one turn
     missing_depth / missing_mask   no target for the image (only that task's samples; once
                                    a record, though sgt's cycle asks two seg samples of it)
-    bad_depth / bad_mask           the target does not decode (likewise)
+    bad_depth / bad_mask           the target does not decode, or (depth) holds a NaN or
+                                   inf pixel (likewise)
     bad_record       anything else that fails while one record is turned into samples (a
                      record of an unexpected shape): the rest of that record is left out
 
@@ -164,7 +165,8 @@ def gen_image(image, size: int) -> np.ndarray:
 def depth_target(depth, size: int) -> np.ndarray:
     """A depth map (grey PNG, 8 or 16 bit, or RGB read as grey) -> float32 [S, S, 3] in
     [-1, 1]: stretched (bilinear), per-image min-max to [0, 1], to [-1, 1], 3 channels.
-    A constant map gives -1 everywhere."""
+    A constant map gives -1 everywhere; a map with a NaN or inf pixel is refused
+    (ValueError: the sample is skipped as bad_depth)."""
     from PIL import Image
 
     depth = _pil(depth)
@@ -172,6 +174,9 @@ def depth_target(depth, size: int) -> np.ndarray:
         depth = depth.convert("L")
     values = np.asarray(depth.convert("F").resize((size, size), Image.BILINEAR),
                         dtype=np.float64)
+    if not np.isfinite(values).all():   # a float map with NaN / inf pixels: a NaN min-max
+        # would give a constant target, an inf one NaN losses; the caller counts bad_depth
+        raise ValueError("the depth map holds non-finite values")
     low, high = values.min(), values.max()
     unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
     out = (unit * 2.0 - 1.0).astype(np.float32)
@@ -457,6 +462,14 @@ class RealSource:
         self.dataset = RecordDataset(factory, paths, d.task_cycle, seed=d.seed, rank=rank,
                                      world_size=world, pack_tokens=d.pack_tokens, epochs=epochs,
                                      shuffle=d.shuffle)
+        readers = world * max(1, d.num_workers)
+        if len(self.dataset.store) < readers:   # a reader without records gives nothing
+            raise ConfigError("--data", f"{paths.records!r} holds {len(self.dataset.store)} "
+                                        f"record(s), fewer than the {readers} readers that "
+                                        f"share it ({world} process(es) x "
+                                        f"{max(1, d.num_workers)} reader(s) each: "
+                                        f"--num-workers); use fewer, or more records")
+        self.where = f" (rank {rank} of {world}: its share of the records)" if world > 1 else ""
         probe_targets(paths, self.dataset.store, d.active_tasks, d.seg_colour)
         if d.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -567,8 +580,9 @@ class RealSource:
                 item = None
             if item is None or self.barren > self.barren_limit:
                 raise ConfigError("--data", f"{self.dataset.paths.records!r} gave no usable "
-                                            f"sample (skipped: {dict(self.skipped)}); check "
-                                            f"--images and the records")
+                                            f"sample{self.where} (skipped: "
+                                            f"{dict(self.skipped)}); check --images and the "
+                                            f"records")
             if isinstance(item, Skipped):
                 self.skipped[item.reason] += 1
                 continue
@@ -590,6 +604,6 @@ class RealSource:
             if pulls > self.MAX_PULLS and not queue:
                 flag = {"depth": "--depth-dir", "seg": "--mask-dir"}.get(task, "--data")
                 raise ConfigError(flag, f"no {task} sample in the last {pulls} samples of "
-                                        f"{self.dataset.paths.records!r}: are its targets "
-                                        f"missing? (skipped: {dict(self.skipped)})")
+                                        f"{self.dataset.paths.records!r}{self.where}: are "
+                                        f"its targets missing? (skipped: {dict(self.skipped)})")
         return queue.popleft()
