@@ -710,6 +710,9 @@ def test_an_image_beside_another_of_the_same_stem(tmp_path, models):
     root = tmp_path / "tuning_data"
     save_noise(root / "x.jpg", 8, 8)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "x.tif")
+    # a limit counts the kept images: the .tif is passed over, never prepared in the .jpg's name
+    assert [p.as_posix() for p in prep.plan(root, depth_model=models["depth"], tasks="depth",
+                                             limit=1).images] == ["x.jpg"]
     summary = run(root, models, tasks="depth")
     assert summary.written == {"depth": 1} and list(summary.skipped) == ["x.tif"]
     assert "x.jpg, which takes it" in summary.skipped["x.tif"]

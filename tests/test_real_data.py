@@ -736,6 +736,10 @@ def test_a_target_named_after_another_image_is_not_taken(tmp_path, dataset_dir):
     Image.fromarray(depth_image(24, 24)).save(depth / "y.png")
     assert target_path(str(depth), "y.jpg", images=str(images)) == str(depth / "y.png")
     assert target_path(str(depth), "y.tif", images=str(images)) is None
+    # a camera's upper-case extension owns its stem like any other (one listing per folder)
+    Image.fromarray(two_tone(24, 24)).save(images / "P.JPG", format="JPEG")
+    Image.fromarray(depth_image(24, 24)).save(depth / "P.png")
+    assert target_path(str(depth), "P.JPG", images=str(images)) == str(depth / "P.png")
 
 
 def test_a_depth_map_with_a_non_finite_pixel_is_refused():
@@ -755,10 +759,18 @@ def test_fewer_records_than_readers_is_a_config_error(tmp_path, dataset_dir, mon
     path.write_text(json.dumps(records))
     (dataset_dir / "train.jsonl").unlink()
     monkeypatch.setattr(realdata, "distributed_rank", lambda: (1, 2))
-    with pytest.raises(ConfigError, match=r"--data: .*holds 1 record\(s\), fewer than the 2 "
-                                          r"readers .*2 process\(es\) x 1 reader"):
-        RealSource(small_config(tmp_path, data=str(path), llm=str(_tiny_llm(tmp_path))),
-                   factory_for(tmp_path))
+    config = small_config(tmp_path, data=str(path), llm=str(_tiny_llm(tmp_path)))
+    with pytest.raises(ConfigError, match=r"--data: .*holds 1 record\(s\): the last of 2 "
+                                          r"processes \(x 1 reader\(s\) each"):
+        RealSource(config, factory_for(tmp_path))
+    # more readers than records in one process is fine: a reader without records just ends
+    monkeypatch.setattr(realdata, "distributed_rank", lambda: (0, 1))
+    many = small_config(tmp_path, data=str(path), llm=str(tmp_path / "llm"), num_workers=2)
+    source = RealSource(many, factory_for(tmp_path))
+    try:
+        assert source.next_sample("und").task == TASK_ID["und"]
+    finally:
+        source.close()
 
 
 def test_a_fifo_named_like_an_image_does_not_block_the_probe(tmp_path):

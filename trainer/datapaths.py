@@ -15,10 +15,11 @@ with .png, then with .jpg (target_path).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shlex
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 JSON_SUFFIXES = (".json", ".jsonl")
 # The images prepare makes targets for (any case). The first four come first: with a
@@ -66,22 +67,35 @@ def target_owner(names: Sequence[str]) -> Optional[str]:
     return primary[0] if len(primary) == 1 else None
 
 
+@functools.lru_cache(maxsize=256)
+def _images_by_stem(folder: str, mtime_ns: int) -> Dict[str, Tuple[str, ...]]:
+    """stem -> the image names in `folder` with that stem (prepare's extensions, any case),
+    as spelled there. One listing per folder (and version of it: its mtime) and process:
+    a target lookup per record and task then costs one stat, not one per extension (a
+    data set on a network file system would feel them)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    by_stem: Dict[str, List[str]] = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(stem, []).append(name)
+    return {stem: tuple(sorted(found)) for stem, found in by_stem.items()}
+
+
 def same_stem_images(images: str, rel: str) -> List[str]:
-    """The images in the folder with rel's stem (rel too), by the extensions prepare
-    takes in either case; one name per file (a case-insensitive file system finds x.jpg
-    as x.JPG too)."""
-    stem = os.path.splitext(rel)[0]
-    found, seen = [], set()
-    for ext in IMAGE_EXTENSIONS + (os.path.splitext(rel)[1],):
-        for name in dict.fromkeys((stem + ext.lower(), stem + ext.upper(), stem + ext)):
-            try:
-                st = os.stat(os.path.join(images, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                found.append(name)
-    return found
+    """The names of the images in rel's folder with rel's stem, rel's own name included
+    (also when its extension is none prepare takes)."""
+    folder, name = os.path.split(rel)
+    folder = os.path.join(images, folder)
+    try:
+        version = os.stat(folder).st_mtime_ns
+    except OSError:
+        return [name]
+    found = list(_images_by_stem(folder, version).get(os.path.splitext(name)[0], ()))
+    return found if name in found else found + [name]
 
 
 def target_path(root: str, rel: str, images: Optional[str] = None) -> Optional[str]:
@@ -102,7 +116,8 @@ def target_path(root: str, rel: str, images: Optional[str] = None) -> Optional[s
     for name in target_names(rel):
         if name != rel and images is not None:
             if owns_stem is None:   # looked up once, and only when a renamed name is tried
-                owns_stem = target_owner(same_stem_images(images, rel)) == rel
+                owns_stem = (target_owner(same_stem_images(images, rel))
+                             == os.path.basename(rel))
             if not owns_stem:
                 continue
         path = os.path.join(root, name)

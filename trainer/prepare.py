@@ -283,9 +283,8 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
     found = list_images(root, exclude=list(out_dirs.values()))
     if not found:
         raise PrepareError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    if limit is not None:
-        found = found[:int(limit)]
-    clashes = collections.defaultdict(list)
+    clashes = collections.defaultdict(list)   # on the whole folder: a limit must not
+    # split x.gif from x.jpg (the .gif would write x.png, which the trainer gives the .jpg)
     for rel in found:
         clashes[rel.with_suffix(".png").as_posix()].append(rel.as_posix())
     passed_over, ambiguous = {}, []
@@ -302,6 +301,8 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
         raise PrepareError(f"{len(ambiguous)} output name(s) would be shared by several images "
                            f"(the outputs are .png): {shown}. Rename them first.")
     found = [rel for rel in found if rel.as_posix() not in passed_over]
+    if limit is not None:
+        found = found[:int(limit)]
     return _Plan(root, found, tasks, out_dirs, models, device, passed_over)
 
 

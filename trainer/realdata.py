@@ -462,13 +462,12 @@ class RealSource:
         self.dataset = RecordDataset(factory, paths, d.task_cycle, seed=d.seed, rank=rank,
                                      world_size=world, pack_tokens=d.pack_tokens, epochs=epochs,
                                      shuffle=d.shuffle)
-        readers = world * max(1, d.num_workers)
-        if len(self.dataset.store) < readers:   # a reader without records gives nothing
+        per_rank = max(1, d.num_workers)
+        if len(self.dataset.store) <= (world - 1) * per_rank:   # reader s takes record s first
             raise ConfigError("--data", f"{paths.records!r} holds {len(self.dataset.store)} "
-                                        f"record(s), fewer than the {readers} readers that "
-                                        f"share it ({world} process(es) x "
-                                        f"{max(1, d.num_workers)} reader(s) each: "
-                                        f"--num-workers); use fewer, or more records")
+                                        f"record(s): the last of {world} processes (x "
+                                        f"{per_rank} reader(s) each, --num-workers) would get "
+                                        f"none; use fewer, or more records")
         self.where = f" (rank {rank} of {world}: its share of the records)" if world > 1 else ""
         probe_targets(paths, self.dataset.store, d.active_tasks, d.seg_colour)
         if d.num_workers:
