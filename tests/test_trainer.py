@@ -489,3 +489,21 @@ def test_tokens_per_s_leaves_the_checkpoint_time_out(tmp_path, monkeypatch):
     rows = train_rows(train(small_config(tmp_path, steps=4, log_every=1, checkpoint_every=2)))
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["interval_s"] < 1.0, [r["interval_s"] for r in rows]
+
+
+def test_held_out_questions_are_drawn_independently_of_their_scenes(tmp_path):
+    """Seeding a question with its scene's own seed replayed make_scene's random stream:
+    the question kind followed the object count ("closer" almost only on 2-object scenes,
+    "colour" on 4-object ones). Every kind must meet scenes of several sizes."""
+    from trainer import data as data_module
+
+    config = small_config(tmp_path)
+    _, text, images, cond = build_model(config)
+    factory = SampleFactory(config, text, images, cond)
+    questions = data_module.eval_questions(factory, 200)
+    sizes = {}
+    for i, q in enumerate(questions):
+        scene = scenes.make_scene(data_module.eval_scene_seed(config.data.seed, i),
+                                  factory.image_size)
+        sizes.setdefault(q.qa.kind, set()).add(len(scene.objects))
+    assert len(sizes) == 4 and all(len(s) >= 2 for s in sizes.values()), sizes

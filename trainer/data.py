@@ -423,7 +423,12 @@ def eval_questions(factory: SampleFactory, count: int) -> List[Sample]:
     out = []
     for i in range(count):
         scene = scenes.make_scene(eval_scene_seed(seed, i), factory.image_size)
-        qa = scenes.make_questions(scene, eval_scene_seed(seed, i), k=1)[0]
+        # The question's seed is drawn as make() draws a training one: the scene's own seed
+        # would replay make_scene's stream (its first draw picks the object count, the
+        # question's first its kind), so "closer" went almost only to 2-object scenes and
+        # "colour" to 4-object ones, a held-out mix unlike training's
+        rng = np.random.default_rng((_SAMPLE_SALT, seed, TASK_ID["und"], EVAL_SEED_OFFSET + i))
+        qa = scenes.make_questions(scene, int(rng.integers(2 ** 31)), k=1)[0]
         out.append(factory.und(scene, [qa], with_answer=False))
     return out
 
