@@ -43,7 +43,10 @@ def assert_learns(rows, tasks):
 
 @pytest.mark.parametrize("family", ["ar", "mar", "flow"])
 def test_every_family_learns_all_four_tasks(tmp_path, family):
-    rows = train_rows(train(small_config(tmp_path, family=family)))
+    # 20 steps: at 12 the mean of the last 3 losses over the first 3 reached 0.94 for some
+    # (family, seed, task) (ar's depth codes, flow's pixels); at 20 it stays <= 0.84 for
+    # seeds 0-2 of every family and task, clear of the 0.9 bar
+    rows = train_rows(train(small_config(tmp_path, family=family, steps=20)))
     assert_learns(rows, TASKS)
 
 
