@@ -607,6 +607,62 @@ def test_a_queued_sample_whose_image_vanished_is_skipped_on_restore(tmp_path, da
     assert all(s.origin[0] != index for s in restored.queues[TASK_ID["und"]])
 
 
+def test_a_resume_on_changed_records_is_refused_naming_data(tmp_path, dataset_dir):
+    """A data position names records by index: records added, dropped or edited since the
+    checkpoint would continue (or replay) on other samples, silently."""
+    from trainer.data import TrainData
+
+    first = _source(tmp_path, dataset_dir, 0)
+    for task in ["und", "depth"] * 3:
+        first.next_sample(task)
+    state = first.state_dict()
+    assert state["records"]["records"] == len(first.dataset.store)
+    records = dataset_dir / "train.jsonl"
+    text = records.read_text()
+    # blank lines and a missing final newline are not records: the same data position
+    records.write_text("\n" + text.replace("\n", "\n\n").rstrip("\n"))
+    assert _source(tmp_path, dataset_dir, 0).load_state_dict(state)
+    lines = text.splitlines(keepends=True)
+    edited = json.loads(lines[0])
+    edited["conversations"][1]["value"] = "Green."
+    for changed, said in ((text + lines[0], "records then"),          # one appended
+                          (json.dumps(edited) + "\n" + "".join(lines[1:]), "text differs"),
+                          ("".join(lines[1:] + lines[:1]), "text differs")):   # reordered
+        records.write_text(changed)
+        with pytest.raises(ConfigError, match=f"--data.*changed since the checkpoint.*{said}"):
+            _source(tmp_path, dataset_dir, 0).load_state_dict(state)
+        # a position the readers cannot continue is replayed instead: refused all the same
+        config = small_config(tmp_path, llm=str(tmp_path / "fake-llm"), data=str(records),
+                              num_workers=0, seed=3)
+        data = TrainData(config, factory_for(tmp_path), pad_id=0)
+        saved = {"streams": [None] * (len(data.streams) + 1),
+                 "real": dict(state, in_turn=False)}
+        with pytest.raises(ConfigError, match="--data.*changed since the checkpoint"):
+            data.load_state_dict(saved)
+        data.close()
+    # a checkpoint written before the fingerprint existed is not checked
+    older = {k: v for k, v in state.items() if k != "records"}
+    assert _source(tmp_path, dataset_dir, 0).load_state_dict(older) in (True, False)
+
+
+def test_the_records_fingerprint_sees_each_record_and_its_place_only(tmp_path):
+    """Between records (blank lines, a list's separators) does not count; a record's own
+    text and its place do."""
+    rows = [{"id": i, "image": f"{i}.png", "conversations": []} for i in range(3)]
+
+    def fingerprint(name, text):
+        (tmp_path / name).write_text(text)
+        return RecordStore(str(tmp_path / name)).fingerprint
+
+    listed = fingerprint("a.json", json.dumps(rows))
+    assert listed["records"] == 3
+    assert fingerprint("b.json", "[\n\n " + ",\n  ".join(map(json.dumps, rows)) + "\n]\n") == listed
+    assert fingerprint("c.json", json.dumps(rows[::-1])) != listed
+    lines = fingerprint("d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert fingerprint("e.jsonl", "\n".join(json.dumps(r) for r in rows) + "\r\n\n") == lines
+    assert fingerprint("f.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:2])) != lines
+
+
 class _Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs."""
 

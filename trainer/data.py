@@ -401,7 +401,11 @@ class TrainData:
         """Restores state_dict(); False (nothing changed) when there is none or it cannot
         be continued exactly (real data whose readers fell out of step), in which case the
         caller replays step() from the start instead."""
-        if state is None or len(state["streams"]) != len(self.streams):
+        if state is None:
+            return False
+        if self.real is not None and state["real"] is not None:   # before a replay, too
+            self.real.check_same_records(state["real"])
+        if len(state["streams"]) != len(self.streams):
             return False
         if (state["real"] is None) != (self.real is None):
             return False

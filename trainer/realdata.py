@@ -507,10 +507,11 @@ class RealSource:
         return {"readers": self.readers, "in_turn": self.in_turn,
                 "phase": (self.dataset.phase + self.taken) % self.readers,
                 "taken_at": dict(self.taken_at), "skipped": dict(self.skipped),
-                "barren": self.barren,
+                "barren": self.barren, "records": dict(self.dataset.store.fingerprint),
                 "queues": {task: [s.origin for s in q] for task, q in self.queues.items()}}
 
     def load_state_dict(self, state: Dict[str, object]) -> bool:
+        self.check_same_records(state)
         if not state["in_turn"] or state["readers"] != self.readers:
             return False
         if self._it is not None:
@@ -522,6 +523,22 @@ class RealSource:
         self.queues = {task: collections.deque(self._remake(q))
                        for task, q in state["queues"].items()}
         return True
+
+    def check_same_records(self, state: Dict[str, object]) -> None:
+        """A checkpoint's data position (and a replay of its stream) names records by
+        their index: records added, removed, reordered or edited since the save would
+        silently continue on other samples than the checkpoint's run saw, so the resume
+        is refused (checkpoints written before the fingerprint existed are not checked)."""
+        saved, now = state.get("records"), self.dataset.store.fingerprint
+        if saved is None or saved == now:
+            return
+        what = (f"{saved['records']} records then, {now['records']} now"
+                if saved["records"] != now["records"] else
+                f"the same {now['records']} records, but their text differs")
+        raise ConfigError("--data", f"{self.dataset.paths.records!r} changed since the "
+                                    f"checkpoint was written ({what}): its data position "
+                                    f"would point at other records. Resume with the records "
+                                    f"the run was trained on, or start a new run")
 
     def _remake(self, queued: List[object]) -> Iterator[Sample]:
         """The queued samples of a checkpoint, made again from their origins (older

@@ -19,6 +19,7 @@ in a shuffled order (epoch_order) and a rank or worker reads only its own.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 from typing import List, Optional, Tuple
@@ -42,18 +43,26 @@ def is_json_list(path: str) -> bool:
     return head.lstrip().startswith(b"[")
 
 
-def _line_index(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(start, length) in bytes of every non-blank line (blank lines are not records)."""
+def _digest():
+    return hashlib.blake2b(digest_size=16)
+
+
+def _line_index(path: str) -> Tuple[np.ndarray, np.ndarray, str]:
+    """(start, length) in bytes of every non-blank line (blank lines are not records),
+    and the digest of the records' texts."""
     starts: List[int] = []
     lengths: List[int] = []
+    digest = _digest()
     offset = 0
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
                 starts.append(offset)
                 lengths.append(len(line))
+                digest.update(line.rstrip(b"\r\n") + b"\n")
             offset += len(line)
-    return np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    return (np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64),
+            digest.hexdigest())
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -143,9 +152,16 @@ class RecordStore:
         if self.is_list:
             self._buffer, self._offsets = _list_elements(path)
             self._starts = self._lengths = None
+            digest = _digest()
+            digest.update(self._buffer.tobytes())
+            digest.update(self._offsets.tobytes())
+            digest = digest.hexdigest()
         else:
-            self._starts, self._lengths = _line_index(path)
+            self._starts, self._lengths, digest = _line_index(path)
             self._buffer = self._offsets = None
+        # What a checkpoint's data position points into: the records in their order (not
+        # the file's blank lines or the list's layout). A resume checks it (RealSource).
+        self.fingerprint = {"records": len(self), "digest": digest}
         self._fd: Optional[int] = None
         self._pid = -1
         if not self.is_list and len(self) and (self.get(0) is None or (
