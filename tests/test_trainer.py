@@ -208,10 +208,14 @@ def test_non_finite_loss_stops_naming_step_and_task(tmp_path, monkeypatch):
     run_dir = info.value.run_dir
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["event"] == "train"] == [2, 3, 4]
+    # the weights as the run stopped (steps 1-4 and 6 applied, 5 skipped), not step 4's
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert checkpoint["step"] == 4
+    assert checkpoint["step"] == 6 and "checkpoint.pt" in str(info.value)
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values()
                if v.is_floating_point())
+    step4 = torch.load(run_dir / "checkpoints" / "step-00000004" / "state.pt",
+                       weights_only=False)["step"]
+    assert step4 == 4
 
 
 def _poison(monkeypatch, steps, what):
@@ -311,6 +315,65 @@ def test_more_than_max_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch
     for row in rows:   # the skipped steps' NaN is left out of the interval's averages
         assert math.isfinite(row["loss"]) and math.isfinite(row["loss/depth"]), row
         assert all(row[f"loss/{t}"] is None or math.isfinite(row[f"loss/{t}"]) for t in TASKS)
+
+
+def test_a_stopped_run_without_checkpoints_keeps_its_weights(tmp_path, monkeypatch):
+    """--checkpoint-every 0 (the default) writes no resumable checkpoint: a run stopped by
+    non-finite losses still leaves its sound weights in checkpoint.pt."""
+    _poison(monkeypatch, {3, 4}, "loss")
+    config = small_config(tmp_path, steps=6, log_every=2, max_skipped_steps=1,
+                          eval_questions=0, eval_scenes=0)
+    with pytest.raises(NonFiniteLoss) as info:
+        train(config)
+    saved = torch.load(info.value.run_dir / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 4 and not (info.value.run_dir / "checkpoints").exists()
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_a_failure_in_the_final_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch):
+    from trainer import loop
+
+    real, calls = loop.evaluate, {"n": 0}
+
+    def evaluate(*args, **kwargs):   # the evaluation after training runs out of memory
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    config = small_config(tmp_path, steps=3, eval_questions=2, eval_scenes=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(config)
+    run_dir = next(p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists())
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 3 and saved["model"]
+
+
+def test_a_checkpoint_in_a_run_of_skipped_steps_changes_nothing(tmp_path, monkeypatch):
+    """The first steps all skipped, a checkpoint written among them: AdamW must not get
+    state from it (an unfused AdamW had none, and DCP's get_state_dict made it by a step
+    on zero gradients, counting AdamW's steps from 1: every later update changed)."""
+    runs = []
+    for every in (0, 2):
+        monkeypatch.undo()
+        _poison(monkeypatch, {1, 2}, "loss")   # counts this run's packs from 1
+        runs.append(train_rows(train(small_config(tmp_path / str(every), steps=4, family="ar",
+                                                  checkpoint_every=every, eval_questions=0,
+                                                  eval_scenes=0))))
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+    assert runs[0][-1]["skipped_steps_total"] == 2
+
+
+def test_warm_up_length_is_not_lengthened_by_float_rounding(tmp_path):
+    from trainer.loop import build_optimizer
+
+    config = small_config(tmp_path, steps=100)
+    config.optim.warmup = 0.07   # 0.07 * 100 = 7.000000000000001
+    optimizer, schedule = build_optimizer(torch.nn.Linear(2, 2), config, torch.device("cpu"))
+    factors = [schedule.lr_lambdas[0](step) for step in range(9)]
+    assert factors[:7] == pytest.approx([(i + 1) / 7 for i in range(7)])
+    assert factors[7] == 1.0 and factors[8] < 1.0
 
 
 @pytest.mark.parametrize("fused", [None, True], ids=["adamw", "fused-adamw"])
@@ -433,6 +496,39 @@ def test_a_local_qwen2_checkpoint_and_siglip_are_post_trained(tmp_path):
     rows = train_rows(train(config))
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert np.mean(task_losses(rows, "depth")[-3:]) < np.mean(task_losses(rows, "depth")[:3])
+
+
+@pytest.mark.parametrize("setting, said", [
+    ({"attention_dropout": 0.1}, "attention_dropout 0.1"),
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0},
+     "64-token sliding window")])
+def test_an_llm_whose_attention_a_pack_cannot_give_is_refused(tmp_path, setting, said):
+    """Dropout on the attention weights and sliding-window layers: the packed attention
+    has neither, so such a checkpoint would train without them, silently."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trainer.config import ConfigError
+    from trainer.model import _load_llm
+
+    path = tmp_path / "llm"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, **setting)
+                     ).save_pretrained(path)
+    with pytest.raises(ConfigError, match=f"--llm.*{said}"):
+        _load_llm(str(path), tie=False)
+    # and the attention function itself, for any other caller
+    q = torch.randn(1, 2, 8, 16)
+    layout = model_module.uf.PackedLayout.from_spans([[(8, "causal")]])
+    with pytest.raises(ValueError, match="dropout 0.1"):
+        model_module.packed_attention_forward(None, q, q, q, None, dropout=0.1,
+                                              packed_layout=layout)
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        model_module.packed_attention_forward(None, q, q, q, None, sliding_window=4,
+                                              packed_layout=layout)
+    out, _ = model_module.packed_attention_forward(None, q, q, q, None, sliding_window=8,
+                                                   packed_layout=layout)   # no effect: fine
+    assert out.shape == (1, 8, 2, 16)
 
 
 def test_a_sample_sees_nothing_of_its_pack_neighbours(tmp_path):

@@ -9,14 +9,15 @@ change the gradient. The same loop runs one process and DDP / FSDP2.
 
 A long run never dies on one bad sample: a step whose loss sum (any task) or global
 gradient norm is not finite is SKIPPED, with no weight update and the AdamW state
-unchanged. The decision stays on the device: fused AdamW (CUDA) reads it from
+unchanged. The decision stays on the device: fused AdamW (CUDA and CPU) reads it from
 `optimizer.found_inf` (its kernel returns early and the step counter is rolled back, as
-under a GradScaler); on a CPU, where execution is synchronous anyway, the host checks it.
+under a GradScaler); an unfused AdamW (another device) has the host check it.
 Per-task loss sums, gradient norms and skip flags stay on the device until a log step, the
 only place the host waits for the device: there skipped steps are counted (skipped_steps,
 skipped_steps_total in metrics.jsonl) and left out of the loss averages, the run stops
 (NonFiniteLoss, naming the step and the task) once more than --max-skipped-steps
-consecutive steps were skipped, and the rest is logged to metrics.jsonl and shown on the
+consecutive steps were skipped (its sound weights written to checkpoint.pt first), and
+the rest is logged to metrics.jsonl and shown on the
 progress bar. Checkpoints are written at log steps, after that check, from weights no
 skipped step touched.
 """
@@ -58,7 +59,9 @@ class NonFiniteLoss(RuntimeError):
         steps = f"step {step}" if consecutive == 1 else f"steps {step - consecutive + 1}-{step}"
         super().__init__(f"non-finite {what} at step {step}: {consecutive} consecutive "
                          f"skipped step(s) ({steps}), more than --max-skipped-steps {limit}; "
-                         f"the run stopped, earlier outputs are kept in {run_dir}")
+                         f"the run stopped, earlier outputs are kept in {run_dir}, and its "
+                         f"weights as they are (no skipped step touched them) in "
+                         f"{run_dir / report.CHECKPOINT}")
         self.step, self.task, self.value, self.run_dir = step, task, value, run_dir
         self.consecutive, self.limit = consecutive, limit
 
@@ -99,9 +102,15 @@ def build_optimizer(model: torch.nn.Module, config: Config, device: torch.device
     plain = [p for p in params if p.dim() < 2 or id(p) in embeddings]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": plain, "weight_decay": 0.0}]
+    # Fused on the CPU too (torch >= 2.4): a skipped step then goes through the same
+    # found_inf path as on CUDA, which makes the AdamW state even when the step is
+    # skipped. Unfused, a run whose steps so far were all skipped has no state, and a
+    # checkpoint's get_state_dict makes it by stepping on zero gradients (DCP's
+    # _init_optim_state): AdamW's step count 1 ahead, the rest of the run changed.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas,
-                                  fused=device.type == "cuda" or None)
-    warmup = math.ceil(o.warmup * o.steps)
+                                  fused=device.type in ("cuda", "cpu") or None)
+    # rounded first: 0.07 * 100 is 7.000000000000001, which ceil made 8 warm-up steps
+    warmup = math.ceil(round(o.warmup * o.steps, 6))
 
     def factor(step: int) -> float:  # step 0 is the first optimizer step
         if step < warmup:
@@ -178,10 +187,10 @@ class LossTracker:
 
 def optimizer_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """AdamW's step, or none when `finite` (a bool tensor) is false: the weights and the
-    AdamW state stay as they are. Fused AdamW (CUDA) decides on the device, no host sync:
-    its kernel returns early when optimizer.found_inf is 1 and the step counters are
-    rolled back (torch/optim/adam.py, _fused_adam: the GradScaler protocol). Otherwise the
-    host checks (on a CPU, execution is synchronous: the check costs nothing)."""
+    AdamW state stay as they are. Fused AdamW (CUDA, CPU) decides on the device, no host
+    sync: its kernel returns early when optimizer.found_inf is 1 and the step counters are
+    rolled back (torch/optim/adam.py, _fused_adam: the GradScaler protocol). Otherwise
+    (an unfused AdamW) the host checks."""
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = (~finite).to(torch.float32)
         optimizer.grad_scale = None
@@ -339,7 +348,12 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
                     finite)
         save = bool(every) and (step % every == 0 or step == steps)
         if step % log_every == 0 or step == steps or save or telemetry.due(step):
-            row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
+            try:
+                row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
+            except NonFiniteLoss:   # (on every rank: the sums it judges are global)
+                # every non-finite step was skipped: the weights are sound, keep them
+                _export_weights(run_dir, umm, ctx, config, step, images)
+                raise
             row.update(event="train", step=step, lr=lr)
             if ctx.world > 1:
                 row["world_size"] = ctx.world
@@ -363,14 +377,20 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
     weights = distributed.full_trainable_state(umm, ctx)   # every rank joins the gather
     failure: Optional[OSError] = None
     if ctx.main:
+        try:   # e.g. the disk is full: a clean error, the resumable checkpoints intact
+            # the weights first: a failure in the evaluation (out of memory, say) must not
+            # lose a run that wrote no resumable checkpoint (--checkpoint-every 0)
+            report.save_checkpoint(run_dir, weights, config, steps, images)
+        except OSError as exc:
+            failure = exc
+    if ctx.main and failure is None:
         if ctx.sharded:   # rank 0 cannot run a sharded model alone: evaluate a whole copy
             umm, *_ = build_model(config)
             umm.load_state_dict(weights, strict=False)
             umm.to(device).train()
         after = evaluate(umm, held, factory, text, device, impl, autocast)
-        try:   # e.g. the disk is full: a clean error, the resumable checkpoints intact
+        try:
             log({"event": "eval", "when": "after", "step": steps, **after})
-            report.save_checkpoint(run_dir, weights, config, steps, images)
             parallel = f", {ctx.mode} x{ctx.world}" if ctx.world > 1 else ""
             report.plot_losses(metrics.rows, run_dir / report.CURVES,
                                f"{config.preset} / {config.model.family} / {config.data.recipe} "

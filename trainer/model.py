@@ -37,9 +37,20 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              value: torch.Tensor, attention_mask: Optional[torch.Tensor],
                              scaling: Optional[float] = None, dropout: float = 0.0, *,
                              packed_layout: Optional[uf.PackedLayout] = None,
-                             attention_impl: str = "reference", **_) -> Tuple[torch.Tensor, None]:
+                             attention_impl: str = "reference",
+                             sliding_window: Optional[int] = None,
+                             **_) -> Tuple[torch.Tensor, None]:
     """HF attention signature over a pack: query [1, Hq, T, D], key / value [1, Hkv, T, D]
-    -> ([1, T, Hq, D], None)."""
+    -> ([1, T, Hq, D], None). What the pack's mask cannot express is refused, not
+    dropped: attention dropout (HF passes 0 outside training) and a sliding window
+    shorter than the pack."""
+    if dropout:
+        raise ValueError(f"attention dropout {dropout} is not supported by the packed "
+                         f"attention; set the model config's attention_dropout to 0")
+    if sliding_window is not None and sliding_window < query.shape[2]:
+        raise ValueError(f"a sliding window of {sliding_window} tokens (shorter than the "
+                         f"{query.shape[2]}-token pack) is not supported by the packed "
+                         f"attention; set the model config's use_sliding_window to false")
     if packed_layout is None:
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs the pack's layout: "
                          f"call the model with packed_layout=PackedLayout(...)")
@@ -386,6 +397,7 @@ def _load_llm(path: str, tie: bool):
         raise ConfigError("--llm", f"cannot read a model config in {path!r}: {exc}") from None
     if cfg.model_type != "qwen2":
         raise ConfigError("--llm", f"{path!r} is a {cfg.model_type!r} model; allowed: qwen2")
+    _check_attention_config(path, cfg)
     try:
         causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                       attn_implementation=ATTENTION_NAME,
@@ -398,6 +410,23 @@ def _load_llm(path: str, tie: bool):
         _check_tieable(path, head, llm.get_input_embeddings().weight.detach())
     llm.config.tie_word_embeddings = tie
     return llm, None if tie else head.clone()
+
+
+def _check_attention_config(path: str, cfg) -> None:
+    """Attention the packed attention cannot give, refused before training rather than
+    at the first step: dropout on the attention weights, and sliding-window layers (the
+    pack's mask would silently attend past the window)."""
+    if getattr(cfg, "attention_dropout", 0.0):
+        raise ConfigError("--llm", f"{path!r} sets attention_dropout "
+                                   f"{cfg.attention_dropout}; the packed attention has no "
+                                   f"dropout: set it to 0 in its config.json")
+    kinds = getattr(cfg, "layer_types", None)   # transformers < 4.54: no layer_types
+    sliding = ("sliding_attention" in kinds if kinds is not None
+               else bool(getattr(cfg, "use_sliding_window", False)))
+    if sliding and getattr(cfg, "sliding_window", None):
+        raise ConfigError("--llm", f"{path!r} uses a {cfg.sliding_window}-token sliding "
+                                   f"window (use_sliding_window); the packed attention has "
+                                   f"none: set use_sliding_window to false in its config.json")
 
 
 def _check_tieable(path: str, head: torch.Tensor, embeddings: torch.Tensor) -> None:
