@@ -153,6 +153,11 @@ CASES = {
     # p = 1 exactly: a z-loss folded into p's factor cancelled against the one-hot's 1
     "fp32-one-class-zloss": (13, 17, 1, torch.float32, dict(bias=True, ignore_frac=0.2),
                              dict(reduction="sum", z_loss=1e-3)),
+    # a cap far above the logits: tanh's 1 - exp(-2x) cancelled, c * 2^-24 off each logit
+    "fp32-softcap-far-above-logits": (48, 32, 200, torch.float32, dict(),
+                                      dict(reduction="sum", softcap=1e4)),
+    "fp32-one-class-softcap-30": (13, 17, 1, torch.float32, dict(bias=True, ignore_frac=0.2),
+                                  dict(reduction="sum", softcap=30.0, z_loss=1e-3)),
     "fp16-mean-weights-softcap": (40, 48, 100, torch.float16, dict(token_weight=True, bias=True),
                                   dict(softcap=2.0, label_smoothing=0.05)),
     "bf16-none-zloss": (23, 32, 61, torch.bfloat16, dict(), dict(reduction="none", z_loss=1e-2)),
