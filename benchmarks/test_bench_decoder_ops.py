@@ -181,8 +181,12 @@ def fp32_outputs(op: str, case: OpCase) -> Tuple[torch.Tensor, ...]:
         return rot(q), rot(k)
 
 
-def check_outputs(op: str, variant: str, got: Sequence[torch.Tensor], case: OpCase) -> None:
-    for y, want in zip(got, fp32_outputs(op, case)):
+def check_outputs(op: str, variant: str, got: Sequence[torch.Tensor],
+                  expected: Sequence[torch.Tensor]) -> None:
+    """got against fp32_outputs(op, case) taken BEFORE the variant ran: a peer may write
+    into its inputs (Liger's SwiGLU backward stores dgate / dup in gate / up, its rotary
+    rotates q / k in place), after which they would give another reference."""
+    for y, want in zip(got, expected):
         err = float((y.float() - want).norm() / want.norm())
         assert err <= OUT_RTOL, f"{op} {variant}: output rel err {err:.3g} > {OUT_RTOL}"
 
@@ -190,14 +194,15 @@ def check_outputs(op: str, variant: str, got: Sequence[torch.Tensor], case: OpCa
 def _bench_op(gpu_bench, op: str, variant: str, case: OpCase, nbytes: float) -> None:
     fn = op_fn(op, variant)
     step = op_step(case, fn)
+    expected = fp32_outputs(op, case)
     try:
         got = step()
     except Exception as exc:
         if variant not in PEERS:
             raise
         pytest.skip(f"peer {variant!r} failed on this machine: {exc!r}")
-    check_outputs(op, variant, got[:len(case.grad_out)], case)
-    del got
+    check_outputs(op, variant, got[:len(case.grad_out)], expected)
+    del got, expected
     gpu_bench(step, role=VARIANTS[variant], variant=variant, min_bytes=nbytes, **SHAPE)
 
 

@@ -38,7 +38,7 @@ def test_eager_and_fused_steps_run_check_and_agree(op):
     for variant in ("eager", "fused"):
         out = bench.op_step(case, bench.op_fn(op, variant))()
         n_out = len(case.grad_out)
-        bench.check_outputs(op, variant, out[:n_out], case)
+        bench.check_outputs(op, variant, out[:n_out], bench.fp32_outputs(op, case))
         assert len(out) == n_out + len(case.inputs)
         for k, g in enumerate(out[n_out:]):
             assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{op} {variant} grad {k}"
@@ -50,7 +50,34 @@ def test_eager_and_fused_steps_run_check_and_agree(op):
 def test_the_output_check_catches_a_wrong_op():
     case = cases()["swiglu"]
     with pytest.raises(AssertionError, match="output rel err"):
-        bench.check_outputs("swiglu", "broken", (case.inputs[1].detach(),), case)
+        bench.check_outputs("swiglu", "broken", (case.inputs[1].detach(),),
+                            bench.fp32_outputs("swiglu", case))
+
+
+def test_a_peer_that_writes_into_its_inputs_is_checked_against_what_it_was_given(monkeypatch):
+    """Liger's SwiGLU backward stores dgate / dup in its inputs: the reference must come
+    from the inputs as they were, or a right peer fails the slice."""
+    class InPlaceSwiGLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.save_for_backward(gate, up)
+            return torch.nn.functional.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, dy):
+            gate, up = ctx.saved_tensors
+            s = torch.sigmoid(gate)
+            dgate, dup = dy * up * s * (1 + gate * (1 - s)), dy * gate * s
+            gate.data.copy_(dgate)
+            up.data.copy_(dup)
+            return gate.data.clone(), up.data.clone()
+
+    monkeypatch.setattr(bench, "op_fn", lambda op, variant: InPlaceSwiGLU.apply)
+    timed = []
+    case = cases()["swiglu"]
+    bench._bench_op(lambda step, **kw: timed.append(kw["variant"]), "swiglu", "liger", case,
+                    nbytes=1.0)
+    assert timed == ["liger"]
 
 
 def test_decoder_layer_steps_agree_with_and_without_the_fused_ops():

@@ -49,8 +49,55 @@ def test_gpu_session_runs_several_slices_and_a_failed_command_fails_its_slice(tm
     assert trainer_runs == []  # the slice stopped at its failed first command
     assert any("--estimate" in line for line in lines)  # the next slice ran
     assert sum("setup.py" in line for line in lines) == 1  # one build for both
-    assert "FAILED (exit 3)" in (logs / "gpu-trainer.log").read_text()
-    assert "slice estimate took" in (logs / "gpu-estimate.log").read_text()
+    log = (logs / "gpu-session.log").read_text()
+    assert "slice trainer FAILED (exit 3)" in log and "slice estimate took" in log
+
+
+def test_gpu_session_every_slice_returns_its_files_even_after_a_failed_row(tmp_path):
+    """The device tool returns at most 8 files from $OUT: every slice in one command
+    leaves fewer (one log, the JSONs, the trainer summary). A benchmark slice whose
+    pytest fails (a row failed) still copies out the JSON of the rows that ran, and the
+    attention slice leaves the flex rows out unless BENCH_K says otherwise."""
+    import shutil
+    import subprocess
+
+    repo, calls, logs = tmp_path / "repo", tmp_path / "calls.txt", tmp_path / "out"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu_session.sh", repo / "benchmarks")
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    f'echo "$*" >> {calls}\n'
+                    'args=("$@"); out=; name=\n'
+                    'for ((i = 0; i < $#; i++)); do case "${args[$i]}" in\n'
+                    '  --results-save) mkdir -p benchmarks/results;'
+                    ' echo "{}" > "benchmarks/results/${args[$((i + 1))]}.json" ;;\n'
+                    '  --out) out=${args[$((i + 1))]} ;;\n'
+                    '  --name) name=${args[$((i + 1))]} ;;\n'
+                    'esac; done\n'
+                    'if [ -n "$out" ] && [ -n "$name" ]; then mkdir -p "$out/$name";'
+                    ' echo done > "$out/$name/summary.txt"; fi\n'
+                    'case "$*" in *test_bench_losses.py*) exit 1 ;; esac\n')
+    stub.chmod(0o755)
+    every = "tests,losses,attention,decoder,train-step,trainer,estimate,probe"
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_K"}
+    run = subprocess.run(["bash", "benchmarks/gpu_session.sh", every, str(logs)], cwd=repo,
+                         capture_output=True, text=True,
+                         env={**env, "PYTHON": str(stub), "RESULTS_TAG": "t"})
+    assert run.returncode == 1 and "failed slices: losses" in run.stdout, run.stdout + run.stderr
+    files = sorted(p.name for p in logs.iterdir())
+    assert len(files) <= 8, files
+    assert {"gpu-session.log", "t-losses.json", "t-attention.json", "t-decoder.json",
+            "t-train-step.json", "trainer-summary.txt"} <= set(files), files
+    lines = calls.read_text().splitlines()
+    attention = [line for line in lines if "test_bench_attention.py" in line]
+    assert attention and "-k not flex" in attention[0], attention
+    assert not any("-k" in line.split() for line in lines if "test_bench_losses.py" in line)
+    calls.unlink()
+    subprocess.run(["bash", "benchmarks/gpu_session.sh", "attention", str(logs)], cwd=repo,
+                   capture_output=True, text=True, check=True,
+                   env={**env, "PYTHON": str(stub), "RESULTS_TAG": "t", "BENCH_K": ""})
+    assert "-k" not in [w for line in calls.read_text().splitlines() if "pytest" in line
+                        for w in line.split()]
 
 
 def test_gpu_session_script_parses_and_names_its_slices():
