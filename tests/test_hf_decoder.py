@@ -248,6 +248,42 @@ def test_one_dimensional_position_ids_keep_the_models_meaning():
     assert_rel(got, want, 1e-5, "1-D position_ids")
 
 
+def test_a_graph_break_in_the_attention_keeps_the_fused_rotary_compiled(ids, monkeypatch):
+    """A break inside the attention (a .item() in an unpadding, say) made Dynamo run the
+    wrapper eagerly (it cannot resume inside a try / finally) and compile the inner
+    forward as a frame of its own, which saw no fused impl: the HF rotary, silently."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def broken_attention(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("unimrg_test_graph_break", broken_attention)
+    rotary = importlib.import_module("unimrg_fast.ops.rotary")
+    calls = []
+    real = rotary._rotate
+    monkeypatch.setattr(rotary, "_rotate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = tiny_decoder()
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="triton")
+    for model in (plain, fused):
+        model.config._attn_implementation = "unimrg_test_graph_break"
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = fused(input_ids=ids).last_hidden_state
+            eager_calls, calls[:] = len(calls), []
+            got = torch.compile(fused, backend="aot_eager")(input_ids=ids).last_hidden_state
+            assert len(calls) == eager_calls == 2 * LAYERS, (len(calls), eager_calls)
+            assert_rel(got, want, 1e-6, "compiled with a graph break")
+            calls[:] = []   # the unfused model next to it keeps the HF rotary
+            torch.compile(plain, backend="aot_eager")(input_ids=ids)
+            assert calls == [] and uf.hf._traced_rotary_impls == []
+    finally:
+        torch._dynamo.reset()
+
+
 def test_float64_calls_take_the_reference_under_auto():
     rms_norm = importlib.import_module("unimrg_fast.ops.rms_norm")
     assert backends.kernel_dtype(dtype=torch.float64) is not None

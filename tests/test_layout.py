@@ -233,6 +233,10 @@ def test_from_spans_accepts_tuples_generators_and_numpy_ints():
     b = PackedLayout.from_spans(((s for s in ((3, "full"), (2, "causal"))),))
     assert a == b and a.spans == (((3, 1), (2, 0)),)
     assert type(a.spans[0][0][0]) is int
+    padded = PackedLayout.from_spans([[(np.int64(3), "full")]], pad_to=np.int32(8))
+    assert padded == PackedLayout.from_spans([[(3, "full")]], pad_to=8)
+    with pytest.raises(TypeError, match="pad_to must be an int, got bool"):
+        PackedLayout.from_spans([[(3, "full")]], pad_to=True)
 
 
 def test_check_num_tokens():

@@ -387,6 +387,35 @@ def test_public_op_traces_fullgraph(seed, layout):
     assert got_dx.stride() == want_dx.stride() == x.stride()
 
 
+def test_auto_takes_the_reference_for_tables_requiring_grad(seed, monkeypatch):
+    """Where "auto" would take the kernel (a GPU; here the CPU preference is lifted), cos /
+    sin that want a gradient go to the reference, which has dcos / dsin, instead of
+    failing in the kernel's check; without grad mode, or with constant tables, the kernel."""
+    import dataclasses
+
+    from unimrg_fast import backends
+
+    monkeypatch.setattr(backends, "_TABLE", [
+        dataclasses.replace(i, prefer=None) if (i.op, i.name) == ("rotary_embedding", "triton")
+        else i for i in backends._TABLE])
+    calls = []
+    real = rot._rotate
+    monkeypatch.setattr(rot, "_rotate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = make_x(1, 2, 5, 8).requires_grad_()
+    cos, sin = (t.requires_grad_() for t in make_tables((5, 8)))
+    grad_out = torch.randn(1, 2, 5, 8)
+    y = rot.rotary_embedding(x, cos, sin)
+    assert calls == []
+    dx, dcos, dsin = torch.autograd.grad(y, [x, cos, sin], grad_out)
+    want = float64_oracle(x.detach(), cos.detach(), sin.detach(), grad_out)
+    for name, got, expected in zip(("y", "dx", "dcos", "dsin"), (y, dx, dcos, dsin), want):
+        assert_rel(got, expected, 1e-5, f"{name} (auto, tables requiring grad)")
+    with torch.no_grad():
+        rot.rotary_embedding(x, cos, sin)
+    rot.rotary_embedding(x, cos.detach(), sin.detach())
+    assert calls == [1, 1]
+
+
 def test_compiled_refuses_tables_requiring_grad(seed):
     # the check on cos / sin that ask for a gradient runs before the op, so it stays
     # under torch.compile: the trace stops at the raise and eager raises the ValueError
@@ -397,7 +426,7 @@ def test_compiled_refuses_tables_requiring_grad(seed):
     torch._dynamo.reset()
     fn = torch.compile(lambda x: rot.rotary_embedding(x, cos, sin, impl="triton"),
                        backend="aot_eager")
-    with pytest.raises(ValueError, match="^cos requires grad"):
+    with pytest.raises(ValueError, match="cos / sin require grad.*impl='reference'"):
         fn(x)
 
 

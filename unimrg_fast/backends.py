@@ -332,7 +332,8 @@ _TABLE: List[Implementation] = [
                    accepts=kernel_dtype, prefer=_not_interpreted_on_cpu),
     Implementation("swiglu", "reference", f"{_REF}:swiglu"),
     Implementation("rotary_embedding", "triton", "unimrg_fast.ops.rotary:_triton", ("triton",),
-                   accepts=kernel_dtype, prefer=_not_interpreted_on_cpu),
+                   accepts=_predicate("unimrg_fast.ops.rotary:triton_accepts"),
+                   prefer=_not_interpreted_on_cpu),
     Implementation("rotary_embedding", "reference", f"{_REF}:rotary_embedding"),
 ]
 

@@ -108,11 +108,19 @@ class _FusedRotaryAttention:
 
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
+            # No try / finally here: Dynamo cannot resume inside one, so a graph break in
+            # the attention ran this wrapper eagerly and compiled the inner forward as a
+            # frame of its own, which saw an empty list: HF's rotary, silently. Without
+            # it the wrapper breaks at the call and the inner frame reads the list. An
+            # exception out of the attention leaves its entry behind: a model compiled
+            # later in the process may then rotate with the fused kernel, which computes
+            # the same function (fp32 rounding apart).
+            depth = len(_traced_rotary_impls)
             _traced_rotary_impls.append(self.fused_impl)
-            try:
-                return super().forward(*args, **kwargs)
-            finally:
+            out = super().forward(*args, **kwargs)
+            while len(_traced_rotary_impls) > depth:
                 _traced_rotary_impls.pop()
+            return out
         token = _rotary_impl.set(self.fused_impl)
         try:
             return super().forward(*args, **kwargs)

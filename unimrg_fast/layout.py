@@ -105,8 +105,9 @@ class PackedLayout:
         spans = _normalise(samples)
         total = sum(length for sample in spans for length, _ in sample)
         if pad_to is not None:
-            if not isinstance(pad_to, int) or isinstance(pad_to, bool):
+            if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)):
                 raise TypeError(f"pad_to must be an int, got {type(pad_to).__name__}")
+            pad_to = int(pad_to)   # a numpy int, as the span lengths may be
             if pad_to < total:
                 raise ValueError(f"pad_to={pad_to} is smaller than the samples' {total} tokens")
             if pad_to > total:

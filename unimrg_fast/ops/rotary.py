@@ -257,6 +257,16 @@ def _triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     return _fwd_op(x, cos, sin, out_dtype)
 
 
+def triton_accepts(dtype: Optional[torch.dtype] = None, tables_need_grad: bool = False,
+                   **_) -> Optional[str]:
+    """Why "auto" must not pick the kernel for this call, or None: a float64 call, or
+    cos / sin that want a gradient (the kernel has none for them; the reference does)."""
+    if tables_need_grad:
+        return ("cos / sin require grad, and the kernel differentiates x only (detach "
+                "them, or use impl='reference')")
+    return backends.kernel_dtype(dtype)
+
+
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                      out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
     """y = x * cos + rotate_half(x) * sin (HF's apply_rotary_pos_emb for one of q / k).
@@ -274,9 +284,13 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     Returns:
         [B, H, T, D] in out_dtype, laid out like torch.empty_like(x): a [B, H, T, D] view
         of a [B, T, H, D] buffer in gives one out. Differentiable in x (dx: x's dtype
-        and layout); cos and sin are constants in the Triton path.
+        and layout); cos and sin are constants in the Triton path, so "auto" takes the
+        reference when they require grad (impl="triton" refuses them).
     """
     tensor = isinstance(x, torch.Tensor)
+    tables_need_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (cos, sin))
     _, fn = backends.resolve("rotary_embedding", impl, device=x.device if tensor else None,
-                             dtype=x.dtype if tensor else None)
+                             dtype=x.dtype if tensor else None,
+                             tables_need_grad=tables_need_grad)
     return fn(x, cos, sin, out_dtype=out_dtype)
