@@ -71,7 +71,9 @@ bench() {   # bench NAME K FILE...: one benchmark slice, its JSON copied next to
     local name=$1 k=$2 rc=0
     shift 2
     # a failed row fails the slice, but the rows that ran are still copied out (the JSON
-    # is written on the device, which is handed back after the command)
+    # is written on the device, which is handed back after the command); an older file of
+    # the same name (a committed one, the same day's tag) must not pass for this run's
+    rm -f "benchmarks/results/$tag-$name.json"
     "$py" -m pytest "$@" ${k:+-k "$k"} --benchmark-only -q -p no:cacheprovider \
         --results-save "$tag-$name" || rc=$?
     cp "benchmarks/results/$tag-$name.json" "$logs/" 2>/dev/null || true

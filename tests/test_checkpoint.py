@@ -646,3 +646,21 @@ def test_a_damaged_checkpoint_is_a_clean_error(tmp_path, capsys, damage):
     assert code == (2 if damage == "empty state.pt" else 1), err
     assert "damaged" in err and "resume an earlier" in err, err
     assert "Traceback" not in err
+
+
+def test_a_checkpoint_of_an_unfused_adamw_resumes(tmp_path, monkeypatch):
+    """Checkpoints of CPU runs before AdamW was fused there hold param groups with
+    fused=None; loaded as saved, they sent the skip-by-found_inf step to the unfused code
+    (an AssertionError on the first resumed step). The resumed run keeps its own flavour."""
+    from trainer import loop
+
+    real = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer",   # an older run: plain AdamW on the CPU
+                        lambda model, config, device: real(model, config, torch.device("meta")))
+    settings = dict(steps=4, checkpoint_every=2, family="ar", eval_questions=0, eval_scenes=0)
+    run_dir = train(small_config(tmp_path, **settings))
+    monkeypatch.undo()
+    saved = run_dir / "checkpoints" / "step-00000002"
+    resumed = train_rows(train(small_config(tmp_path, resume=str(saved), **settings)))
+    assert [r["step"] for r in resumed][-1] == 4
+    assert all(r["loss"] == r["loss"] for r in resumed)   # finite: a NaN loss stops the run

@@ -98,6 +98,17 @@ def test_gpu_session_every_slice_returns_its_files_even_after_a_failed_row(tmp_p
                    env={**env, "PYTHON": str(stub), "RESULTS_TAG": "t", "BENCH_K": ""})
     assert "-k" not in [w for line in calls.read_text().splitlines() if "pytest" in line
                         for w in line.split()]
+    # a pytest that dies before writing its JSON: an older file of that name (a committed
+    # one, the same day's tag) must not come back as this run's figures
+    (repo / "benchmarks" / "results" / "t-losses.json").write_text('{"saved_at": "OLD"}')
+    dying = tmp_path / "dying-python"
+    dying.write_text("#!/usr/bin/env bash\ncase \"$*\" in *pytest*) exit 2 ;; esac\n")
+    dying.chmod(0o755)
+    fresh = tmp_path / "fresh-out"
+    run = subprocess.run(["bash", "benchmarks/gpu_session.sh", "losses", str(fresh)], cwd=repo,
+                         capture_output=True, text=True,
+                         env={**env, "PYTHON": str(dying), "RESULTS_TAG": "t"})
+    assert run.returncode == 1 and not (fresh / "t-losses.json").exists()
 
 
 def test_gpu_session_script_parses_and_names_its_slices():

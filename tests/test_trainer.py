@@ -330,6 +330,21 @@ def test_a_stopped_run_without_checkpoints_keeps_its_weights(tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
+def test_a_stop_whose_weights_cannot_be_written_still_says_why_it_stopped(tmp_path,
+                                                                          monkeypatch):
+    _poison(monkeypatch, {2}, "loss")
+    monkeypatch.setattr(report, "save_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    config = small_config(tmp_path, steps=4, log_every=2, max_skipped_steps=0,
+                          eval_questions=0, eval_scenes=0)
+    with pytest.raises(NonFiniteLoss) as info:
+        train(config)
+    message = str(info.value)
+    assert "non-finite loss" in message and "depth" in message and "step 2" in message
+    assert "writing its weights failed too" in message and "No space left" in message
+    assert "as they are" not in message
+
+
 def test_a_failure_in_the_final_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch):
     from trainer import loop
 

@@ -528,6 +528,13 @@ def _load(path: Path, model, optimizer, scheduler, rank: int) -> Dict[str, Any]:
     set_state_dict(model, optimizer, model_state_dict=target["model"],
                    optim_state_dict=target["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    # The loaded param groups carry the saving run's AdamW flavour (fused / foreach: an
+    # older CPU run was unfused; a CPU checkpoint resumed on CUDA); this run's optimizer
+    # keeps its own, or its skip-by-found_inf step would reach the unfused code.
+    for group in optimizer.param_groups:
+        for flag in ("fused", "foreach"):
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]
     scheduler.load_state_dict(state["scheduler"])
     # The optimizer's lr and the scheduler's last lr come back as saved, from the schedule
     # of the checkpoint's run; a resumed run may be longer (--steps grew), so its first

@@ -350,9 +350,13 @@ def _train(config: Config, ctx: distributed.Context, resume_from: Optional[Path]
         if step % log_every == 0 or step == steps or save or telemetry.due(step):
             try:
                 row = tracker.flush(run_dir)   # raises NonFiniteLoss before anything is written
-            except NonFiniteLoss:   # (on every rank: the sums it judges are global)
+            except NonFiniteLoss as stop:   # (on every rank: the sums it judges are global)
                 # every non-finite step was skipped: the weights are sound, keep them
-                _export_weights(run_dir, umm, ctx, config, step, images)
+                try:
+                    _export_weights(run_dir, umm, ctx, config, step, images)
+                except ckpt.CheckpointError as failed:   # the stop's cause stays the news
+                    stop.args = (f"{stop.args[0].split(', and its weights')[0]}; writing its "
+                                 f"weights failed too: {failed}",)
                 raise
             row.update(event="train", step=step, lr=lr)
             if ctx.world > 1:
