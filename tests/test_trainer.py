@@ -532,6 +532,19 @@ def test_an_llm_whose_attention_a_pack_cannot_give_is_refused(tmp_path, setting,
                      ).save_pretrained(path)
     with pytest.raises(ConfigError, match=f"--llm.*{said}"):
         _load_llm(str(path), tie=False)
+    with pytest.raises(ConfigError, match=f"--llm.*{said}"):
+        _load_llm(str(path), tie=False, pack_tokens=65)   # one token past the window
+    if "sliding_window" in setting:   # a window as long as a pack never binds: loads
+        llm, _ = _load_llm(str(path), tie=False, pack_tokens=64)
+        assert llm.config.layer_types == ["sliding_attention"]
+        layout = model_module.uf.PackedLayout.from_spans([[(10, "full"), (30, "causal")],
+                                                          [(24, "causal")]])
+        inputs = dict(inputs_embeds=torch.randn(1, 64, 32), packed_layout=layout,
+                      position_ids=torch.cat([torch.arange(40), torch.arange(24)])[None],
+                      attention_impl="reference", use_cache=False)
+        windowed = llm(**inputs).last_hidden_state
+        llm.layers[0].self_attn.sliding_window = None
+        assert torch.equal(llm(**inputs).last_hidden_state, windowed)
     # and the attention function itself, for any other caller
     q = torch.randn(1, 2, 8, 16)
     layout = model_module.uf.PackedLayout.from_spans([[(8, "causal")]])

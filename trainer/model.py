@@ -385,10 +385,11 @@ def _build_llm(config: Config, vocab_size: int):
     return Qwen2Model(cfg)
 
 
-def _load_llm(path: str, tie: bool):
+def _load_llm(path: str, tie: bool, pack_tokens: Optional[int] = None):
     """(the checkpoint's decoder, the LM head weight to start from: None when the run ties
     it to the decoder's input embeddings, else a copy of the checkpoint's output
-    embeddings, which untying a tied checkpoint duplicates)."""
+    embeddings, which untying a tied checkpoint duplicates). pack_tokens: the longest
+    sample the run can make (a sliding window at least that long never binds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -397,7 +398,7 @@ def _load_llm(path: str, tie: bool):
         raise ConfigError("--llm", f"cannot read a model config in {path!r}: {exc}") from None
     if cfg.model_type != "qwen2":
         raise ConfigError("--llm", f"{path!r} is a {cfg.model_type!r} model; allowed: qwen2")
-    _check_attention_config(path, cfg)
+    _check_attention_config(path, cfg, pack_tokens)
     try:
         causal = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                       attn_implementation=ATTENTION_NAME,
@@ -412,10 +413,12 @@ def _load_llm(path: str, tie: bool):
     return llm, None if tie else head.clone()
 
 
-def _check_attention_config(path: str, cfg) -> None:
+def _check_attention_config(path: str, cfg, pack_tokens: Optional[int] = None) -> None:
     """Attention the packed attention cannot give, refused before training rather than
-    at the first step: dropout on the attention weights, and sliding-window layers (the
-    pack's mask would silently attend past the window)."""
+    at the first step: dropout on the attention weights, and sliding-window layers whose
+    window is shorter than a sample may be (the pack's mask would silently attend past
+    it). A window of at least pack_tokens never binds: a query attends to the keys less
+    than `window` places back (transformers' rule), and no sample is longer than a pack."""
     if getattr(cfg, "attention_dropout", 0.0):
         raise ConfigError("--llm", f"{path!r} sets attention_dropout "
                                    f"{cfg.attention_dropout}; the packed attention has no "
@@ -423,10 +426,13 @@ def _check_attention_config(path: str, cfg) -> None:
     kinds = getattr(cfg, "layer_types", None)   # transformers < 4.54: no layer_types
     sliding = ("sliding_attention" in kinds if kinds is not None
                else bool(getattr(cfg, "use_sliding_window", False)))
-    if sliding and getattr(cfg, "sliding_window", None):
-        raise ConfigError("--llm", f"{path!r} uses a {cfg.sliding_window}-token sliding "
-                                   f"window (use_sliding_window); the packed attention has "
-                                   f"none: set use_sliding_window to false in its config.json")
+    window = getattr(cfg, "sliding_window", None)
+    if sliding and window and (pack_tokens is None or window < pack_tokens):
+        raise ConfigError("--llm", f"{path!r} uses a {window}-token sliding window "
+                                   f"(use_sliding_window) shorter than a pack "
+                                   f"(--pack-tokens {pack_tokens}); the packed attention has "
+                                   f"none: set use_sliding_window to false in its config.json, "
+                                   f"or pack at most {window} tokens")
 
 
 def _check_tieable(path: str, head: torch.Tensor, embeddings: torch.Tensor) -> None:
@@ -453,7 +459,7 @@ def build_model(config: Config):
     torch.manual_seed(config.data.seed)
     if m.llm is not None:
         text = HFTextTokenizer(m.llm)
-        llm, lm_weight = _load_llm(m.llm, m.tie_word_embeddings)
+        llm, lm_weight = _load_llm(m.llm, m.tie_word_embeddings, config.data.pack_tokens)
         vocab = llm.get_input_embeddings().weight.shape[0]
     else:
         text = WordTokenizer()
