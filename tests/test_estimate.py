@@ -1,5 +1,5 @@
 """`python -m trainer --estimate` (trainer/estimate.py): real-data text lengths, the
-buffer-token factor from model FLOPs, the projection's arithmetic (the recipe's global
+buffer-token factor from executed FLOPs, the projection's arithmetic (the recipe's global
 batch kept for any --gpus, the all-reduce bound) and its argument checks."""
 import subprocess
 import sys
@@ -50,30 +50,66 @@ def test_generation_prompts_grow_and_the_target_moves_with_them(factory, task):
     assert grown.task != UND and len(grown.label_ids) == 0
 
 
-def test_buffer_factor_follows_tokens_for_linear_work_and_pairs_for_attention(factory):
-    config, samples, text = factory
-    packs = estimate._packs(config, samples, text.pad_id, 4)
-    assert estimate.buffer_token_factor(telemetry.FlopModel(**NO_FLOPS), packs, 0) == 1.0
-    buffer = 5
-    linear = telemetry.FlopModel(**{**NO_FLOPS, "decoder": 1.0})
-    real = sum(p.num_real_tokens for p in packs)
-    images = sum(1 for p in packs for s in p.layout.spans[:len(p.sample_tasks)]
-                 for _, mode in s if mode != 0)
-    assert estimate.buffer_token_factor(linear, packs, buffer) == pytest.approx(
-        (real + buffer * images) / real)
-    # attention alone: by hand for one generation sample [4 full | 3 causal | 5 noise]
+def _handmade_pack(spans, tasks, pack_tokens=None):
+    """A Pack of the given samples' spans, with no head rows (only the layout counts)."""
     from trainer.data import Pack
     from unimrg_fast.layout import PackedLayout
 
     pack = Pack.__new__(Pack)
-    pack.layout = PackedLayout.from_spans([[(4, "full"), (3, "causal"), (5, "noise")]])
-    pack.sample_tasks, pack.num_real_tokens = (2,), 12
-    pairs = lambda a, n: a * a + 3 * a + 6 + n * (a + 3) + n * n   # noqa: E731
-    attention = telemetry.FlopModel(**{**NO_FLOPS, "attn_pair": 1.0})
+    pack.layout = PackedLayout.from_spans(spans, pad_to=pack_tokens)
+    pack.sample_tasks, pack.num_real_tokens = tuple(tasks), sum(n for s in spans for n, _ in s)
     for name in ("text_rows", "vit_rows", "gen_rows", "scored"):
         setattr(pack, name, np.zeros(0))
-    assert estimate.buffer_token_factor(attention, [pack], 2) == pytest.approx(
-        pairs(6, 7) / pairs(4, 5))
+    return pack
+
+
+def test_buffer_factor_is_the_executed_work_of_the_grown_packs(factory):
+    config, samples, text = factory
+    packs = estimate._packs(config, samples, text.pad_id, 4)
+    pack_tokens = config.data.pack_tokens
+    assert estimate.buffer_token_factor(telemetry.FlopModel(**NO_FLOPS), packs, 0,
+                                        pack_tokens) == 1.0
+    linear = telemetry.FlopModel(**{**NO_FLOPS, "decoder": 1.0})
+    # the decoder runs over every slot: buffer tokens that still fit in the packs cost
+    # nothing more (the old model-FLOP factor grew with them: real + buffer x images)
+    assert estimate.buffer_token_factor(linear, packs, 5, pack_tokens) == 1.0
+    # ... and ones that no longer fit cost a pack: two samples of [40 full | 10 causal]
+    # fill one 128-token pack; with 30 buffer tokens each is 80 tokens, one per pack
+    two = [_handmade_pack([[(40, "full"), (10, "causal")]] * 2, (0, 0), 128)]
+    assert estimate.buffer_token_factor(linear, two, 30, 128) == 2.0
+    # attention alone, by hand, one generation sample [4 full | 3 causal | 5 noise] in a
+    # 20-token pack: pairs of a sample of a full, 3 causal and n noise tokens, and of the
+    # padding (a causal sample of its own)
+    pairs = lambda a, n: a * a + 3 * a + 6 + n * (a + 3) + n * n   # noqa: E731
+    padding = lambda p: p * (p + 1) // 2                           # noqa: E731
+    attention = telemetry.FlopModel(**{**NO_FLOPS, "attn_pair": 1.0})
+    one = [_handmade_pack([[(4, "full"), (3, "causal"), (5, "noise")]], (2,), 20)]
+    assert estimate.buffer_token_factor(attention, one, 2, 20) == pytest.approx(
+        (pairs(6, 7) + padding(4)) / (pairs(4, 5) + padding(8)))
+    # a grown sample longer than a pack names --pack-tokens
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--pack-tokens.*26 tokens"):
+        estimate.buffer_token_factor(attention, one, 7, 20)
+
+
+def test_buffer_tokens_apply_where_the_preset_images_are_harmons_less_the_buffer(monkeypatch):
+    """Harmon's 1,088-token images: +64 on a preset whose images have 1,024 tokens (any
+    of them, not only the recipe's own), nothing on tiny's small ones."""
+    seen = {}
+    real = estimate.buffer_token_factor
+
+    def spy(flops, packs, buffer, pack_tokens):
+        seen["buffer"] = buffer
+        return real(flops, packs, buffer, pack_tokens)
+
+    monkeypatch.setattr(estimate, "buffer_token_factor", spy)
+    recipe = estimate.ESTIMATE_RECIPES["unimrg-harmon-1.5b"]
+    out = estimate.estimate("tiny", recipe, 2, None, [], warmup=0, timed=1, checkpointing=False)
+    assert seen["buffer"] == out["buffer_tokens"] == 0 and out["buffer_factor"] == 1.0
+    grown = dict(recipe, image_tokens=out["image_tokens"] + 3, buffer_tokens=3)
+    out = estimate.estimate("tiny", grown, 2, None, [], warmup=0, timed=1, checkpointing=False)
+    assert seen["buffer"] == out["buffer_tokens"] == 3 and out["buffer_factor"] > 1.0
 
 
 RESULT = {"device": "NVIDIA H200", "tokens": 30_000, "packs": 2, "pack_tokens": 16_384,
@@ -95,8 +131,21 @@ def test_projection_keeps_the_recipe_global_batch_and_bounds_the_all_reduce(gpus
     if gpus == 8:
         assert "26 ms all-reduce of 6.0 GB" in text   # 2 * 7/8 * 6.0 GB at 400 GB/s
         assert ("MET" if fast < 3 else "NOT MET") in text
+        assert "for the whole recipe" in text
     else:
-        assert "applies at qwen2.5-1.5b on 8 GPUs only" in text
+        assert "applies at qwen2.5-1.5b, 16 samples per GPU and 10,000 iterations on 8 " \
+               "GPUs only" in text and "MET" not in text
+
+
+@pytest.mark.parametrize("samples, iterations", [(16, 100), (2, 10_000)])
+def test_no_verdict_on_the_target_for_another_batch_or_length(samples, iterations):
+    """The < 3 h target is the recipe's: 100 iterations, or 2 samples per GPU, are not."""
+    recipe = estimate.ESTIMATE_RECIPES["unimrg-harmon-1.5b"]
+    text = estimate.report("unimrg-harmon-1.5b", recipe, "qwen2.5-1.5b", samples, iterations,
+                           8, RESULT)
+    assert "MET" not in text and "whole recipe" not in text, text
+    assert f"for {iterations:,} iterations" in text and "target applies at" in text
+    assert ("the recipe's global micro-batch" in text) == (samples == 16)
 
 
 def test_the_fast_path_with_the_models_own_decoder_ops_is_reported_beside_it():

@@ -31,6 +31,9 @@ def test_peak_table_knows_hopper_and_ampere_only():
     assert telemetry.peak_flops("NVIDIA H200 NVL") == 835e12
     assert telemetry.peak_flops("NVIDIA GeForce RTX 3090") is None
     assert telemetry.peak_flops(None) is None
+    # a name that contains a key followed by more digits is another card
+    assert telemetry.peak_flops("NVIDIA RTX A1000 6GB Laptop GPU") is None
+    assert telemetry.peak_flops("NVIDIA A100 80GB PCIe") == 312e12
 
 
 def _no_flop_attention(q, k, v, layout, **_):

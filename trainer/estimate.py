@@ -37,9 +37,11 @@ upper bound again for the 3 in 4 micro-batches that only accumulate.
 Image tokens: Harmon has 1,088 per image (1,024 MAR latents + 64 buffer tokens). The
 trainer's closest shape is 1,024 (128-px scenes, 4-px patches) for the condition image and
 the target image, without the buffer tokens; the step time measured at that shape is scaled
-by the ratio of the micro-batch's model FLOPs (trainer/telemetry.py's FlopModel) with and
-without the 64 buffer tokens in every image span: attention grows with the square of a
-sample's length, the rest linearly, and the step time is taken to follow the FLOPs.
+by the ratio of the micro-batch's executed FLOPs (trainer/telemetry.py's FlopModel, plus
+the packs' padding, which the step runs like any slot) with and without the 64 buffer
+tokens in every image span, the grown samples packed again: attention grows with the
+square of a sample's length, and buffer tokens that fit in the packs' padding cost no
+more decoder work; the step time is taken to follow the executed FLOPs.
 
 Not modelled (printed with the projection): Harmon's MAR-H encoder / decoder and KL-16 VAE
 around the LLM (the trainer's model has a ViT, a projector and a diffusion MLP instead);
@@ -62,10 +64,10 @@ ESTIMATE_RECIPES = {
     #       the paper's reported wall-clock (hours), the target (hours) for the fast path
     "unimrg-harmon-1.5b": dict(preset="qwen2.5-1.5b", family="mar", recipe="unimrg",
                                samples=16, iterations=10_000, paper_hours=(3, 8),
-                               target_hours=3.0, buffer_tokens=64),
+                               target_hours=3.0, image_tokens=1_088, buffer_tokens=64),
     "unimrg-harmon-0.5b": dict(preset="qwen2.5-0.5b", family="mar", recipe="unimrg",
                                samples=16, iterations=10_000, paper_hours=(3, 8),
-                               target_hours=3.0, buffer_tokens=64),
+                               target_hours=3.0, image_tokens=1_088, buffer_tokens=64),
 }
 RECIPE_GPUS = 8                # the released recipe's data-parallel GPUs
 # --paths: name -> (impl of attention and the losses, impl of the decoder's RMSNorm /
@@ -198,27 +200,57 @@ def with_text_length(sample, rng: np.random.Generator, vocab_size: int):
     return grown
 
 
-def buffer_token_factor(flops, packs, buffer: int) -> float:
-    """Model FLOPs of the micro-batch with `buffer` more tokens in every image span (the
-    condition image and a generation target) over its FLOPs without them."""
+def executed_work(flops, pack) -> float:
+    """FLOPs the timed step runs for one pack: its model FLOPs (FlopModel.pack) plus the
+    padding's share, which the decoder's projections run over like any slot and the
+    attention kernels like any (causal) sample."""
+    real = len(pack.sample_tasks)
+    return (flops.pack(pack)
+            + flops.decoder * (pack.layout.num_tokens - pack.num_real_tokens)
+            + flops.attn_pair * (pack.layout.attended_pairs() - pack.layout.attended_pairs(real)))
+
+
+def buffer_token_factor(flops, packs, buffer: int, pack_tokens: int) -> float:
+    """The executed work of the micro-batch with `buffer` more tokens in every image span
+    (the condition image and a generation target) over its executed work without them.
+
+    Executed, not model FLOPs: the timed step runs the decoder over every slot of its
+    packs, padding included, so buffer tokens that fit in the packs' padding add only
+    their attention (and the padding's attention shrinks), while ones that need another
+    pack add a whole pack's work. The grown samples are packed again as the trainer packs
+    a micro-batch (first-fit decreasing into --pack-tokens packs)."""
+    from trainer.config import ConfigError
     from trainer.data import UND
     from unimrg_fast.layout import CAUSAL, MODES, PackedLayout
+    from unimrg_fast.packing import pack_first_fit_decreasing
 
     if not buffer:
         return 1.0
-    base = extra = 0.0
+    base = grown = 0.0
+    samples = []
     for pack in packs:
         real = len(pack.sample_tasks)
-        spans = [[(n + buffer if mode != CAUSAL else n, MODES[mode]) for n, mode in sample]
-                 for sample in pack.layout.spans[:real]]
-        images = sum(1 for sample in spans for _, mode in sample if mode != "causal")
+        base += executed_work(flops, pack)
+        # the work that does not depend on how the samples are packed: the heads, and per
+        # image the ViT / projector and the generation input
         targets = sum(1 for t in pack.sample_tasks if t != UND)   # generation samples
-        pairs = PackedLayout.from_spans(spans).attended_pairs() - pack.layout.attended_pairs(real)
-        base += flops.pack(pack)
-        extra += (flops.decoder * buffer * images + flops.attn_pair * pairs
+        grown += (flops.pack(pack) - flops.decoder * pack.num_real_tokens
+                  - flops.attn_pair * pack.layout.attended_pairs(real)
                   + (flops.projector + flops.vit_token) * buffer * real
                   + flops.gen_input * buffer * targets)
-    return (base + extra) / base
+        samples += [[(n + buffer if mode != CAUSAL else n, MODES[mode]) for n, mode in sample]
+                    for sample in pack.layout.spans[:real]]
+    lengths = [sum(n for n, _ in sample) for sample in samples]
+    if max(lengths) > pack_tokens:
+        raise ConfigError("--pack-tokens", f"with {buffer} buffer tokens per image a sample "
+                                           f"is {max(lengths)} tokens, longer than a "
+                                           f"{pack_tokens}-token pack")
+    where = pack_first_fit_decreasing(lengths, pack_tokens)
+    for p in range(int(where.max()) + 1):
+        layout = PackedLayout.from_spans([samples[i] for i in np.flatnonzero(where == p)],
+                                         pad_to=pack_tokens)
+        grown += flops.decoder * layout.num_tokens + flops.attn_pair * layout.attended_pairs()
+    return grown / base
 
 
 def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int],
@@ -249,7 +281,10 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
     tokens = sum(p.num_real_tokens for p in packs)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(config, device)
-    buffer = recipe["buffer_tokens"] if preset == recipe["preset"] else 0
+    # Harmon's images are buffer tokens longer than the trainer builds them: added where
+    # the preset's image has the rest of Harmon's image tokens (not on tiny's small one)
+    buffer = (recipe["buffer_tokens"] if config.model.target_tokens + recipe["buffer_tokens"]
+              == recipe["image_tokens"] else 0)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "tokens": tokens, "packs": len(packs), "pack_tokens": config.data.pack_tokens,
            "image_tokens": config.model.target_tokens,
@@ -258,7 +293,8 @@ def estimate(preset: str, recipe: Dict, samples: int, pack_tokens: Optional[int]
            "params": sum(p.numel() for p in model.parameters()),
            "trainable": sum(p.numel() for p in params), "tied": model.tied,
            "buffer_tokens": buffer,
-           "buffer_factor": buffer_token_factor(FlopModel.from_model(model), host_packs, buffer),
+           "buffer_factor": buffer_token_factor(FlopModel.from_model(model), host_packs, buffer,
+                                                 config.data.pack_tokens),
            "paths": {}}
     # a host copy, so the timed paths' peak memory is a training run's
     weights = host_copy(model.state_dict())
@@ -399,9 +435,16 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
     if r["buffer_tokens"]:
         lines.append(f"  Harmon has {r['image_tokens'] + r['buffer_tokens']:,} tokens per image "
                      f"(+{r['buffer_tokens']} buffer tokens, not built): step times scaled by "
-                     f"x{scale:.3f}, the model FLOPs with / without them")
-    lines.append(f"  projection: an iteration is {RECIPE_GPUS} x {samples} samples (the recipe's "
-                 f"global micro-batch); on {gpus} GPU(s) each does {micro} micro-batch(es) of "
+                     f"x{scale:.3f}, the step's executed FLOPs (padding included) with / "
+                     f"without them, the grown samples packed again")
+    # The target is the recipe's: at its preset, samples, iterations and GPUs only
+    recipes_run = (preset == recipe["preset"] and samples == recipe["samples"]
+                   and iterations == recipe["iterations"] and gpus == RECIPE_GPUS)
+    whole = "the whole recipe" if recipes_run else f"{iterations:,} iterations"
+    batch = ("the recipe's global micro-batch" if samples == recipe["samples"]
+             else f"the recipe's has {recipe['samples']} per GPU")
+    lines.append(f"  projection: an iteration is {RECIPE_GPUS} x {samples} samples ({batch}); "
+                 f"on {gpus} GPU(s) each does {micro} micro-batch(es) of "
                  f"it: wall = {iterations:,} iterations x {micro} x step time"
                  + (f" + {iterations:,} x {reduce_s * 1e3:.0f} ms all-reduce of "
                     f"{4 * r['trainable'] / 1e9:.1f} GB fp32 gradients at a stated "
@@ -423,15 +466,16 @@ def report(name: str, recipe: Dict, preset: str, samples: int, iterations: int, 
         hours = iterations * (micro * step_s + reduce_s) / 3600
         mem = f", peak {entry['peak_gib']:.1f} GiB" if "peak_gib" in entry else ""
         verdict = ""
-        if path == "fast" and (preset != recipe["preset"] or gpus != RECIPE_GPUS):
+        if path == "fast" and not recipes_run:
             verdict = (f"; the < {recipe['target_hours']:g} h target applies at "
-                       f"{recipe['preset']} on {RECIPE_GPUS} GPUs only")
+                       f"{recipe['preset']}, {recipe['samples']} samples per GPU and "
+                       f"{recipe['iterations']:,} iterations on {RECIPE_GPUS} GPUs only")
         elif path == "fast":
             meets = hours < recipe["target_hours"]
             verdict = (f"; target < {recipe['target_hours']:g} h: "
                        f"{'MET' if meets else 'NOT MET'}")
         lines.append(f"  {label:<{width}} {step_s:.3f} s/step{mem} -> projected {_hours(hours)} for "
-                     f"the whole recipe{verdict}")
+                     f"{whole}{verdict}")
     lines.append("  not modelled: Harmon's MAR-H encoder / decoder and VAE around the LLM "
                  "(a ViT, projector and diffusion MLP stand in), data loading, evaluation, "
                  "checkpoints")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -52,8 +53,8 @@ def peak_flops(device_name: Optional[str]) -> Optional[float]:
     """Peak dense bf16 FLOP/s of a GPU by name; None when unknown (then no MFU)."""
     if not device_name:
         return None
-    for key, flops in PEAK_BF16:
-        if key.lower() in device_name.lower():
+    for key, flops in PEAK_BF16:   # not followed by a digit: an RTX A1000 is no A100
+        if re.search(re.escape(key) + r"(?![0-9])", device_name, re.IGNORECASE):
             return flops
     return None
 
