@@ -290,3 +290,59 @@ def test_refresh_retires_graphs_compiled_before_it(monkeypatch):
     assert torch.allclose(compiled(h), want)   # first after the refresh: the caches are empty
     assert not backends.flash_attn().available
     assert torch.allclose(uf.swiglu(h, h), want)
+
+
+def _calls_of_one_input():
+    """Each public op as a function of one differentiable input (then the impl)."""
+    from unimrg_fast.specs import CEHeadSpec, RegressionHeadSpec
+
+    w, t = torch.randn(21, 16), torch.randint(0, 21, (9,))
+    wr, tr = torch.randn(3, 16), torch.randn(9, 3)
+    cos, sin, up = torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(9, 16)
+    heads = [CEHeadSpec(weight=w, rows=torch.arange(4), target=t[:4], task=0),
+             RegressionHeadSpec(weight=wr, rows=torch.arange(4, 9), target=tr[4:], task=1)]
+    layout = uf.PackedLayout.from_spans([[(3, "full"), (4, "causal")], [(2, "causal")]])
+    k = torch.randn(9, 1, 8)
+    return {
+        "linear_cross_entropy": (torch.randn(9, 16),
+                                 lambda h, impl: uf.linear_cross_entropy(h, w, t, impl=impl)),
+        "regression_loss": (torch.randn(9, 16),
+                            lambda h, impl: uf.regression_loss(h, wr, tr, impl=impl)),
+        "joint_loss": (torch.randn(9, 16),
+                       lambda h, impl: uf.joint_loss(h, heads, 2, impl=impl).total),
+        "packed_attention": (torch.randn(9, 2, 8),
+                             lambda q, impl: uf.packed_attention(q, k, k, layout, impl=impl)),
+        "rms_norm": (torch.randn(9, 16), lambda h, impl: uf.rms_norm(h, w[0], impl=impl)),
+        "swiglu": (torch.randn(9, 16), lambda h, impl: uf.swiglu(h, up, impl=impl)),
+        "rotary_embedding": (torch.randn(1, 2, 5, 8),
+                             lambda x, impl: uf.rotary_embedding(x, cos, sin, impl=impl)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_calls_of_one_input()))
+def test_forward_mode_derivatives_never_reach_a_kernel(monkeypatch, op):
+    """A kernel's autograd knows the backward pass alone: under torch.func.jvp its
+    tangent came back zero, silently (MeanFlow-style training differentiates forward).
+    Auto takes the reference then, and an explicit kernel is refused, also for a tensor
+    carrying a forward-mode tangent (torch.autograd.forward_ad)."""
+    import dataclasses
+
+    # auto as on a GPU: the kernel preferred although the interpreter runs it here
+    monkeypatch.setattr(backends, "_TABLE", [dataclasses.replace(i, prefer=None)
+                                             for i in backends._TABLE])
+    x, call = _calls_of_one_input()[op]
+    assert backends.resolve(op, "auto", device=x.device)[0] == "triton"
+    tangent = torch.randn_like(x)
+    _, want = torch.func.jvp(lambda x: call(x, "reference"), (x,), (tangent,))
+    assert want.abs().max() > 0
+    _, got = torch.func.jvp(lambda x: call(x, "auto"), (x,), (tangent,))
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=rf"{op}\(impl='triton'\).*torch.func transform"):
+        torch.func.jvp(lambda x: call(x, "triton"), (x,), (tangent,))
+    forward_ad = torch.autograd.forward_ad
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        torch.testing.assert_close(forward_ad.unpack_dual(call(dual, "auto")).tangent, want)
+        with pytest.raises(ValueError, match="forward-mode tangent"):
+            call(dual, "triton")
+        call(x, "triton")   # a call without a tangent still runs the kernel

@@ -19,7 +19,7 @@ from unimrg_fast import backends
 LAYERS = 2
 
 
-def tiny_decoder(family="qwen2", act="silu", seed=0):
+def tiny_decoder(family="qwen2", act="silu", seed=0, attention="sdpa"):
     torch.manual_seed(seed)
     if family == "qwen2":
         from transformers import Qwen2Config as Config, Qwen2Model as Model
@@ -28,7 +28,7 @@ def tiny_decoder(family="qwen2", act="silu", seed=0):
     cfg = Config(vocab_size=50, hidden_size=48, intermediate_size=72, num_hidden_layers=LAYERS,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                  max_position_embeddings=64, hidden_act=act, rms_norm_eps=1e-5)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attention
     model = Model(cfg)
     with torch.no_grad():   # norms away from 1, so a kernel that ignores the weight fails
         for name, p in model.named_parameters():
@@ -97,9 +97,11 @@ def test_triton_under_bf16_autocast_returns_bf16_and_matches(ids):
     seen = {}
     fused.layers[0].input_layernorm.register_forward_hook(
         lambda mod, args, out: seen.update(norm=out.dtype))   # None: keeps the output
-    assert_same_run(run(fused, ids, autocast=True), run(plain, ids, autocast=True), 3e-2,
-                    "bf16 autocast")
+    got, want = run(fused, ids, autocast=True), run(plain, ids, autocast=True)
+    assert_same_run(got, want, 3e-2, "bf16 autocast")
     assert seen["norm"] == torch.bfloat16
+    # the decoder's final norm gives the model's output: its dtype is the model's own
+    assert got[0].dtype == want[0].dtype == torch.float32
 
 
 def test_activation_checkpointing_recomputes_with_the_fused_ops(ids):
@@ -308,3 +310,60 @@ def test_fullgraph_compile_of_fused_and_unfused_models(ids):
                 input_ids=ids).last_hidden_state
             assert_rel(got, want, 1e-6, type(model.norm).__name__)
     torch._dynamo.reset()
+
+
+def test_forward_mode_derivatives_take_the_models_own_code(ids, monkeypatch):
+    """torch.func.jvp through a fused model: auto (here made to prefer the kernels, as on
+    a GPU) gives the unfused model's tangent, not a silent zero; an explicit triton
+    refuses."""
+    import dataclasses
+
+    monkeypatch.setattr(backends, "_TABLE", [dataclasses.replace(i, prefer=None)
+                                             for i in backends._TABLE])
+    plain = tiny_decoder(attention="eager")   # SDPA on a CPU has no forward-mode rule
+    fused = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(fused, impl="auto")
+    embeds = plain.embed_tokens(ids).detach()
+    tangent = torch.randn_like(embeds)
+    _, want = torch.func.jvp(lambda e: plain(inputs_embeds=e).last_hidden_state,
+                             (embeds,), (tangent,))
+    _, got = torch.func.jvp(lambda e: fused(inputs_embeds=e).last_hidden_state,
+                            (embeds,), (tangent,))
+    assert_rel(got, want, 1e-5, "jvp")
+    uf.hf.set_decoder_impl(fused, "triton")
+    with pytest.raises(ValueError, match="torch.func transform"):
+        torch.func.jvp(lambda e: fused(inputs_embeds=e).last_hidden_state, (embeds,), (tangent,))
+
+
+def _backwards_rotation(original):
+    """A variant's rotary: the other way round."""
+    return lambda q, k, cos, sin, unsqueeze_dim=1: original(q, k, cos, -sin, unsqueeze_dim)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_family_code_patched_before_or_after_fusing_runs(family, ids, monkeypatch):
+    """A variant patched into the modeling file (its rotary, a class's forward) is what
+    the model computes: fusing must neither replace it nor, fusing another model later,
+    wrap it away."""
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    norm_cls = getattr(modeling, {"qwen2": "Qwen2", "llama": "Llama"}[family] + "RMSNorm")
+    plain = tiny_decoder(family)
+    before_patch = copy.deepcopy(plain)
+    uf.hf.fuse_decoder_ops(before_patch, impl="triton")
+    variant = _backwards_rotation(modeling.apply_rotary_pos_emb.unimrg_fast_original)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", variant)
+    own_norm = norm_cls.forward
+    monkeypatch.setattr(norm_cls, "forward", lambda self, x: own_norm(self, x) * 2)
+    want = run(plain, ids)
+    fused = copy.deepcopy(plain)
+    counts = uf.hf.fuse_decoder_ops(fused, impl="triton")   # patched before fusing
+    assert counts == {"rms_norm": 0, "swiglu": LAYERS, "rotary_embedding": 0}
+    assert modeling.apply_rotary_pos_emb is variant           # not wrapped
+    assert_same_run(run(fused, ids), want, 1e-5, "patched before fusing")
+    assert_same_run(run(before_patch, ids), want, 1e-5, "patched after fusing")
+    counts = uf.hf.fuse_decoder_ops(before_patch, impl="triton")   # fused again: not counted
+    assert counts == {"rms_norm": 0, "swiglu": LAYERS, "rotary_embedding": 0}
+    monkeypatch.undo()   # the family's own code again: fused again
+    assert uf.hf.fuse_decoder_ops(fused, impl="triton") == {
+        "rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS, "rotary_embedding": LAYERS}
+    assert_same_run(run(fused, ids), run(plain, ids), 1e-5, "unpatched")

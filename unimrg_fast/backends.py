@@ -26,7 +26,7 @@ import sys
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -236,6 +236,10 @@ class Implementation:
     prefer: Optional[Callable[..., Optional[str]]] = None
     auto: bool = True
     planned: Optional[str] = None
+    # Differentiable under torch.func (jvp, grad, jacrev, vmap) and forward-mode AD: only
+    # code made of PyTorch ops. A kernel's autograd knows the backward alone: under jvp
+    # its tangent would come back zero, silently, so resolve() passes such entries by.
+    transforms: bool = False
 
     def load(self) -> Callable:
         return _load(self.target)
@@ -303,13 +307,14 @@ _TABLE: List[Implementation] = [
     # Order within an op is the "auto" priority.
     Implementation("linear_cross_entropy", "triton", "unimrg_fast.ops.linear_cross_entropy:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu),
-    Implementation("linear_cross_entropy", "reference", f"{_REF}:linear_cross_entropy"),
+    Implementation("linear_cross_entropy", "reference", f"{_REF}:linear_cross_entropy",
+                   transforms=True),
     Implementation("regression_loss", "triton", "unimrg_fast.ops.regression_loss:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu),
-    Implementation("regression_loss", "reference", f"{_REF}:regression_loss"),
+    Implementation("regression_loss", "reference", f"{_REF}:regression_loss", transforms=True),
     Implementation("joint_loss", "triton", "unimrg_fast.ops.joint_loss:_triton",
                    ("triton",), prefer=_not_interpreted_on_cpu),
-    Implementation("joint_loss", "reference", f"{_REF}:joint_loss"),
+    Implementation("joint_loss", "reference", f"{_REF}:joint_loss", transforms=True),
     # FlashAttention / xFormers come first where their one-flag-per-pack masks suffice;
     # flex is a benchmark peer and an explicit fallback, never picked by "auto".
     Implementation("packed_attention", "flash", f"{_PEERS}:flash", ("flash_attn",),
@@ -322,19 +327,19 @@ _TABLE: List[Implementation] = [
     # shared memory (fp32 at D > 128 on small GPUs): "auto" then takes the reference.
     Implementation("packed_attention", "triton", f"{_ATTN}:_triton", ("triton",),
                    accepts=_predicate(f"{_ATTN}:triton_accepts"), prefer=_not_interpreted_on_cpu),
-    Implementation("packed_attention", "reference", f"{_REF}:packed_attention"),
+    Implementation("packed_attention", "reference", f"{_REF}:packed_attention", transforms=True),
     # The decoder's elementwise ops (RMSNorm, SwiGLU, rotary): row-wise fused kernels.
     Implementation("rms_norm", "triton", "unimrg_fast.ops.rms_norm:_triton", ("triton",),
                    accepts=_predicate("unimrg_fast.ops.rms_norm:triton_accepts"),
                    prefer=_not_interpreted_on_cpu),
-    Implementation("rms_norm", "reference", f"{_REF}:rms_norm"),
+    Implementation("rms_norm", "reference", f"{_REF}:rms_norm", transforms=True),
     Implementation("swiglu", "triton", "unimrg_fast.ops.swiglu:_triton", ("triton",),
                    accepts=kernel_dtype, prefer=_not_interpreted_on_cpu),
-    Implementation("swiglu", "reference", f"{_REF}:swiglu"),
+    Implementation("swiglu", "reference", f"{_REF}:swiglu", transforms=True),
     Implementation("rotary_embedding", "triton", "unimrg_fast.ops.rotary:_triton", ("triton",),
                    accepts=_predicate("unimrg_fast.ops.rotary:triton_accepts"),
                    prefer=_not_interpreted_on_cpu),
-    Implementation("rotary_embedding", "reference", f"{_REF}:rotary_embedding"),
+    Implementation("rotary_embedding", "reference", f"{_REF}:rotary_embedding", transforms=True),
 ]
 
 
@@ -382,28 +387,53 @@ def forced_impl(op: str) -> Optional[str]:
 _logged_choices: set = set()
 
 
+def derivative_transform(tensors: Sequence[object] = ()) -> Optional[str]:
+    """Why this call needs derivatives a kernel's autograd does not give, or None: it runs
+    under a torch.func transform (jvp, grad, jacrev, vmap, ...), or one of `tensors`
+    carries a forward-mode tangent (torch.autograd.forward_ad). Either way a kernel's
+    custom autograd, which knows the backward pass alone, would drop the tangent silently.
+    Not checked while torch.compile traces (it cannot trace these private queries)."""
+    if torch.compiler.is_compiling():
+        return None
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        return "it runs under a torch.func transform (jvp / grad / jacrev / vmap)"
+    forward_ad = torch.autograd.forward_ad
+    if getattr(forward_ad, "_current_level", -1) >= 0:   # inside a dual_level()
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+                return "an input carries a forward-mode tangent (torch.autograd.forward_ad)"
+    return None
+
+
 def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = None,
-            **call) -> Tuple[str, Callable]:
+            tensors: Sequence[object] = (), **call) -> Tuple[str, Callable]:
     """Returns (name, function) of the implementation to run for this call.
 
     `device` and `call` describe the call for the `accepts` predicates, which read what
     concerns them and ignore the rest. The public ops pass what they know before any
     work: packed_attention `layout`, `dtype` (q's), `head_dim` (q's D) and
     `deterministic`. A key left out (or None) means "unknown": a predicate then accepts,
-    and the implementation's own argument checks decide when it runs.
+    and the implementation's own argument checks decide when it runs. `tensors`: the
+    call's differentiable inputs, looked at for forward-mode tangents only; under a
+    derivative transform (derivative_transform) only `transforms` entries can run.
     """
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a string, got {type(impl).__name__}")
     table = implementations(op)
+    transform = derivative_transform(tensors)
     if impl == "auto":
         forced = forced_impl(op)
         if forced is not None:
-            return _explicit(op, forced, table, device, call, source=f"{ENV_IMPL}")
+            return _explicit(op, forced, table, device, call, f"{ENV_IMPL}", transform)
         reasons = []
         for cand in table:
             if not cand.auto:
                 continue
             why = cand.unavailable_reason(device)
+            if why is None and transform is not None and not cand.transforms:
+                why = f"{transform}, whose derivatives its kernels do not give"
             for predicate in (cand.accepts, cand.prefer):
                 if why is None and predicate is not None:
                     why = predicate(device=device, **call)
@@ -418,7 +448,7 @@ def resolve(op: str, impl: str = "auto", *, device: Optional[torch.device] = Non
                 return cand.name, cand.load()
             reasons.append(f"{cand.name}: {why}")
         raise RuntimeError(f"no implementation of {op} can run this call: " + "; ".join(reasons))
-    return _explicit(op, impl, table, device, call, source="impl")
+    return _explicit(op, impl, table, device, call, "impl", transform)
 
 
 def check_impl_name(op: str, impl: str, source: str = "impl", allow_auto: bool = True,
@@ -432,9 +462,13 @@ def check_impl_name(op: str, impl: str, source: str = "impl", allow_auto: bool =
                          f"choose one of {', '.join(['auto'] + names)}")
 
 
-def _explicit(op, impl, table, device, call, source) -> Tuple[str, Callable]:
+def _explicit(op, impl, table, device, call, source, transform=None) -> Tuple[str, Callable]:
     check_impl_name(op, impl, source, allow_auto=False, table=table)   # refuses op=auto too
     cand = next(i for i in table if i.name == impl)
+    if transform is not None and not cand.transforms:
+        raise ValueError(f"{op}(impl={impl!r}) cannot compute this call: {transform}, "
+                         f"and its kernels give the backward pass alone (the tangent would "
+                         f"be dropped); use impl='reference' or 'auto'")
     why = cand.unavailable_reason(device)
     if why is not None:
         if cand.planned:

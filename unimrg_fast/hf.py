@@ -24,13 +24,18 @@ backward runs the same code as the forward did.
 
 Under autocast the fused ops return the autocast dtype: the eager norm and rotary return
 fp32 there (fp32 residual stream, fp32 cos / sin) and the next matmul casts them, so the
-fused result is that value rounded once, in the kernel.
+fused result is that value rounded once, in the kernel. Not the decoder's final norm:
+its output is the model's, in the dtype the model's own code gives.
+
+Only the family's own code is fused: a rotary patched into the modeling file, or a norm /
+MLP class whose forward was replaced (before fusing or since), runs as patched.
 """
 from __future__ import annotations
 
 import contextvars
 import functools
 import importlib
+import sys
 from typing import Callable, Dict, Optional
 
 import torch
@@ -60,8 +65,11 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def _resolve(op: str, impl: str, x: torch.Tensor, **call):
-    return backends.resolve(op, impl, device=x.device, dtype=x.dtype, **call)
+def _resolve(op: str, impl: str, x: torch.Tensor, *more: torch.Tensor, **call):
+    """backends.resolve for a call on x (and the other inputs `more`, whose forward-mode
+    tangents steer it to the model's own code as well)."""
+    return backends.resolve(op, impl, device=x.device, dtype=x.dtype, tensors=(x, *more),
+                            **call)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -79,14 +87,22 @@ def _hooked(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- mixins
 class _FusedRMSNorm:
     fused_impl = "reference"
+    # Set by fuse_decoder_ops on a decoder layer's two norms, whose output only a
+    # projection reads: under autocast they return the autocast dtype (see the module
+    # docstring). Any other norm (the decoder's final one, whose output is the model's)
+    # returns the dtype the model's own code gives.
+    fused_feeds_projection = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        name, fn = _resolve("rms_norm", self.fused_impl, hidden_states,
+        if not _own_forward_intact(self):
+            return super().forward(hidden_states)
+        name, fn = _resolve("rms_norm", self.fused_impl, hidden_states, self.weight,
                             hidden=hidden_states.shape[-1])
         if name == "reference":
             return super().forward(hidden_states)
+        out_dtype = _autocast_dtype(hidden_states) if self.fused_feeds_projection else None
         return fn(hidden_states, self.weight, eps=float(self.variance_epsilon),
-                  out_dtype=_autocast_dtype(hidden_states))
+                  out_dtype=out_dtype)
 
 
 class _FusedSwiGLUMLP:
@@ -95,9 +111,10 @@ class _FusedSwiGLUMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # act_fn is looked at per call: swapped after fusing (ReLU-fication, ablations) or
         # hooked, the model's own forward runs it
-        if not _is_silu(self.act_fn) or _hooked(self.act_fn):
+        if not _is_silu(self.act_fn) or _hooked(self.act_fn) or not _own_forward_intact(self):
             return super().forward(x)
-        name, fn = _resolve("swiglu", self.fused_impl, x)
+        name, fn = _resolve("swiglu", self.fused_impl, x, self.gate_proj.weight,
+                            self.up_proj.weight)
         if name == "reference":
             return super().forward(x)
         return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
@@ -141,7 +158,7 @@ def _fused_rotary(original: Callable) -> Callable:
                 or q.dim() != 4 or cos.dim() != 3 or cos.shape[0] not in (1, q.shape[0]) \
                 or cos.shape[1] != q.shape[2]:
             return original(q, k, cos, sin, *args, **kwargs)
-        name, fn = _resolve("rotary_embedding", impl, q)
+        name, fn = _resolve("rotary_embedding", impl, q, k, cos, sin)
         if name == "reference":
             return original(q, k, cos, sin, *args, **kwargs)
         out_dtype = _autocast_dtype(q)
@@ -155,6 +172,8 @@ def _fused_rotary(original: Callable) -> Callable:
 _MIXINS = {"RMSNorm": _FusedRMSNorm, "MLP": _FusedSwiGLUMLP, "Attention": _FusedRotaryAttention}
 _OPS = {"RMSNorm": "rms_norm", "MLP": "swiglu", "Attention": "rotary_embedding"}
 _subclasses: Dict[type, type] = {}
+# a decoder layer's norms, whose output goes to the attention's / MLP's projections only
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def _family(module: nn.Module) -> Optional[str]:
@@ -173,12 +192,32 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
+def _family_code(fn: object, modeling) -> bool:
+    """Whether `fn` is the family modeling file's own code, not a replacement patched in
+    (a variant's rotary, a class's forward swapped for another): its code lives in that
+    file. The rotary wrapper counts as the function it wraps."""
+    fn = getattr(fn, "unimrg_fast_original", fn)
+    code = getattr(fn, "__code__", None)
+    return code is not None and code.co_filename == getattr(modeling, "__file__", None)
+
+
+def _own_forward_intact(module: nn.Module) -> bool:
+    """Whether the norm / MLP class still has the forward it had when fused, the family's
+    own code, which the fused op computes: a forward patched onto the class since (or
+    before the fused class was made) runs instead."""
+    base, own = type(module).unimrg_fast_base, type(module).unimrg_fast_own_forward
+    return own is not None and base.forward is own   # (Dynamo cannot trace vars(base))
+
+
 def _fused_class(cls: type, part: str) -> type:
     """The fused subclass of a decoder class, made once. It is named `Fused<Name>` in this
     module, where pickle looks it up (see __getattr__ below)."""
     if cls not in _subclasses:
+        forward = vars(cls).get("forward")
+        own = forward if _family_code(forward, sys.modules[cls.__module__]) else None
         _subclasses[cls] = type(f"Fused{cls.__name__}", (_MIXINS[part], cls),
-                                {"__module__": __name__})
+                                {"__module__": __name__, "unimrg_fast_base": cls,
+                                 "unimrg_fast_own_forward": own})
     if part == "Attention":
         _wrap_rotary(importlib.import_module(cls.__module__))
     return _subclasses[cls]
@@ -204,9 +243,28 @@ def __getattr__(name: str) -> type:
 
 
 def _wrap_rotary(modeling) -> None:
+    """Wraps the family's own apply_rotary_pos_emb, once; a replacement patched into the
+    modeling file (a variant's rotary) is left alone, and runs."""
     current = modeling.apply_rotary_pos_emb
-    if not hasattr(current, "unimrg_fast_original"):
+    if not hasattr(current, "unimrg_fast_original") and _family_code(current, modeling):
         modeling.apply_rotary_pos_emb = _fused_rotary(current)
+
+
+def _fusable(module: nn.Module, part: str) -> bool:
+    """Whether the fused op computes what the module's code does now: an MLP's activation
+    is SiLU, a norm's / MLP's forward is the family's own, and the family's rotary is the
+    one the fused attention wraps."""
+    if part == "MLP" and not _is_silu(module.act_fn):
+        return False
+    cls = type(module)
+    if isinstance(module, tuple(_MIXINS.values())):
+        cls = cls.unimrg_fast_base
+    if part == "Attention":
+        modeling = sys.modules[cls.__module__]
+        _wrap_rotary(modeling)
+        return hasattr(modeling.apply_rotary_pos_emb, "unimrg_fast_original")
+    return vars(cls).get("forward") is not None and (
+        _family_code(vars(cls)["forward"], sys.modules[cls.__module__]))
 
 
 def _check_impl(impl: str) -> None:
@@ -226,13 +284,15 @@ def fuse_decoder_ops(model: nn.Module, impl: str = "auto") -> Dict[str, int]:
     """
     _check_impl(impl)
     counts = {op: 0 for op in _OPS.values()}
-    for module in model.modules():
+    for name, module in model.named_modules():
         part = _family(module) or _fused_part(module)
-        if part is None or (part == "MLP" and not _is_silu(module.act_fn)):
+        if part is None or not _fusable(module, part):
             continue
         if not isinstance(module, tuple(_MIXINS.values())):
             _swap(module, part)
         module.fused_impl = impl
+        if part == "RMSNorm":
+            module.fused_feeds_projection = name.rsplit(".", 1)[-1] in _LAYER_NORMS
         counts[_OPS[part]] += 1
     if not any(counts.values()):
         raise ValueError(f"fuse_decoder_ops found no RMSNorm, MLP or attention module of a "

@@ -53,5 +53,7 @@ def joint_loss(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, 
         rows in the pack (no NaN).
     """
     _, fn = backends.resolve("joint_loss", impl, device=hidden.device
-                             if isinstance(hidden, torch.Tensor) else None)
+                             if isinstance(hidden, torch.Tensor) else None,
+                             tensors=(hidden, *(getattr(h, name, None) for h in heads
+                                                for name in ("weight", "bias"))))
     return fn(hidden, heads, num_tasks, task_weights=task_weights)

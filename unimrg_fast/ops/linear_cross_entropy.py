@@ -653,7 +653,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         fp32 scalar, or [N] fp32 for reduction="none".
     """
     _, fn = backends.resolve("linear_cross_entropy", impl, device=hidden.device
-                             if isinstance(hidden, torch.Tensor) else None)
+                             if isinstance(hidden, torch.Tensor) else None,
+                             tensors=(hidden, weight, bias))
     return fn(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
               token_weight=token_weight)
@@ -678,7 +679,8 @@ def linear_cross_entropy_with_stats(hidden: torch.Tensor, weight: torch.Tensor,
     rounding step may count differently. A logged metric only; loss and gradients agree.
     """
     name, fn = backends.resolve("linear_cross_entropy", impl, device=hidden.device
-                                if isinstance(hidden, torch.Tensor) else None)
+                                if isinstance(hidden, torch.Tensor) else None,
+                                tensors=(hidden, weight, bias))
     kwargs = dict(bias=bias, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                   token_weight=token_weight)

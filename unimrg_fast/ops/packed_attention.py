@@ -739,5 +739,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     _, fn = backends.resolve("packed_attention", impl, device=q.device if is_tensor else None,
                              layout=layout, dtype=q.dtype if is_tensor else None,
                              head_dim=q.shape[-1] if is_tensor and q.dim() == 3 else None,
-                             deterministic=deterministic, lse_grad=lse_grad)
+                             deterministic=deterministic, lse_grad=lse_grad,
+                             tensors=(q, k, v))
     return fn(q, k, v, layout, scale=scale, return_lse=return_lse, deterministic=deterministic)

@@ -390,6 +390,7 @@ def regression_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Te
         fp32 scalar, or [N] fp32 for reduction="none".
     """
     _, fn = backends.resolve("regression_loss", impl, device=hidden.device
-                             if isinstance(hidden, torch.Tensor) else None)
+                             if isinstance(hidden, torch.Tensor) else None,
+                             tensors=(hidden, weight, bias, target))
     return fn(hidden, weight, target, bias=bias, token_weight=token_weight,
               reduction=reduction)

@@ -248,5 +248,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6,
     tensor = isinstance(x, torch.Tensor)
     hidden = x.shape[-1] if tensor and x.dim() else None
     _, fn = backends.resolve("rms_norm", impl, device=x.device if tensor else None,
-                             hidden=hidden, dtype=x.dtype if tensor else None)
+                             hidden=hidden, dtype=x.dtype if tensor else None,
+                             tensors=(x, weight))
     return fn(x, weight, eps=eps, out_dtype=out_dtype)

@@ -292,5 +292,5 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
         isinstance(t, torch.Tensor) and t.requires_grad for t in (cos, sin))
     _, fn = backends.resolve("rotary_embedding", impl, device=x.device if tensor else None,
                              dtype=x.dtype if tensor else None,
-                             tables_need_grad=tables_need_grad)
+                             tables_need_grad=tables_need_grad, tensors=(x, cos, sin))
     return fn(x, cos, sin, out_dtype=out_dtype)

@@ -245,5 +245,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out_dtype: Optional[torch.dt
     """
     tensor = isinstance(gate, torch.Tensor)
     _, fn = backends.resolve("swiglu", impl, device=gate.device if tensor else None,
-                             dtype=gate.dtype if tensor else None)
+                             dtype=gate.dtype if tensor else None, tensors=(gate, up))
     return fn(gate, up, out_dtype=out_dtype)

@@ -44,6 +44,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         deterministic: on CUDA, restricts SDPA to its math backend, whose backward is
             plain matmuls (the memory-efficient backend, which takes masks, is not
             deterministic by default). On CPU the reference is deterministic either way.
+            Under torch.func transforms and forward-mode AD the math backend is used too.
 
     Returns:
         out [T, Hq, D] in q's dtype, or (out, lse) when return_lse.
@@ -58,7 +59,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     scale = head_dim ** -0.5 if scale is None else float(scale)
     group = q.shape[1] // k.shape[1]
 
-    math_only = deterministic and q.is_cuda
+    # SDPA's fused backends have no forward-mode derivative (torch.func.jvp raises); its
+    # math backend, plain matmuls, has
+    from unimrg_fast.backends import derivative_transform
+
+    math_only = (deterministic and q.is_cuda) or derivative_transform((q, k, v)) is not None
     with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
         out, lse = _per_sample(q, k, v, layout, scale, group, return_lse)
     return (out, lse) if return_lse else out
