@@ -292,7 +292,9 @@ def test_sam_settings_reach_transformers(models, monkeypatch):
     assert calls["points"] == [100] * 10 + [24]  # 1,024 points, 100 per decoder call
     assert len(calls["filter"]) == 11
     for kw in calls["filter"]:
-        assert kw == {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+        # the float32 below 0.95: transformers keeps scores > it, segment-anything >= 0.95
+        assert kw == {"pred_iou_thresh": 0.88,
+                      "stability_score_thresh": float(np.nextafter(np.float32(0.95), 0)),
                       "mask_threshold": 0.0, "stability_score_offset": 1.0}, kw
     assert calls["nms"] == [0.7]
     assert masks and all(m.shape == (23, 31) and m.dtype == bool for m in masks)
@@ -487,7 +489,8 @@ def test_depth_normalisation():
     np.testing.assert_allclose(teachers.normalise_depth(depth), [[0.0, 0.5], [0.25, 1.0]])
     assert (teachers.normalise_depth(torch.full((3, 3), 7.0)) == 0).all()
     png = teachers.depth_to_png_array(np.array([[0.0, 0.5], [0.25, 1.0]], np.float32))
-    np.testing.assert_array_equal(png, [[0, 128], [64, 255]])
+    # x 255 truncated, as Depth-Anything-V2's run.py writes the maps (0.5 -> 127.5 -> 127)
+    np.testing.assert_array_equal(png, [[0, 127], [63, 255]])
 
 
 # ---------------------------------------------------------------------------- errors
@@ -605,12 +608,13 @@ def save_noise(path, h, w, seed=0):
 
 def test_thin_and_extreme_images_never_stop_the_run(tmp_path, models, capsys):
     """1-pixel strips used to lose a side in the depth post-processing's squeeze(); past an
-    aspect ratio the processor (the tiny one: 42 px, sides multiples of 14) resizes a side
-    to 0 and raises. Sorted by aspect, such an image shares the first batch: the batch is
-    retried image by image and only the one that fails alone is left out, run after run."""
+    aspect ratio the model's input (the tiny one: shorter side 42 px) would be more than
+    16 times its area, which raises. Sorted by aspect, such an image shares the first
+    batch: the batch is retried image by image and only the one that fails alone is left
+    out, run after run."""
     root = tmp_path / "tuning_data"
     sizes = {"a.png": (20, 30), "dot.png": (1, 1), "tall.png": (5, 1), "wide.png": (1, 5),
-             "strip.png": (5, 60)}                        # (h, w); strip: 3.5 px -> 0
+             "strip.png": (1, 200)}                       # (h, w); strip: a 42 x 8,400 input
     for i, (name, (h, w)) in enumerate(sizes.items()):
         save_noise(root / name, h, w, seed=i)
     summary = run(root, models, tasks="depth", batch_size=8)
@@ -754,3 +758,153 @@ def test_mask_folder_records_its_style_and_refuses_the_other(images, models, mon
     with pytest.raises(prep.PrepareError, match="--seg-style sgt"):
         run(images, models, tasks="seg")                           # unimrg into sgt: refused
     assert run(images, models, tasks="seg", seg_style="sgt").written == {"seg": len(SIZES) - 1}
+
+
+def test_stability_score_at_the_threshold_is_kept_as_segment_anything_keeps_it():
+    """segment-anything keeps stability >= 0.95; a mask whose eroded / dilated pixel
+    counts are 19 : 20 scores exactly float32(0.95), which transformers' '>' dropped."""
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    # logits of 3 masks over 20 pixels: 19 above +1 and 20 above -1 (0.95 exactly); 18 of
+    # 20 (0.9); 20 of 20 (1.0)
+    logits = torch.full((3, 4, 5), -5.0)
+    logits[0].view(-1)[:19], logits[0].view(-1)[19] = 5.0, 0.5
+    logits[1].view(-1)[:18], logits[1].view(-1)[18:] = 5.0, 0.5
+    logits[2].fill_(5.0)
+    kept, _, _ = SamImageProcessorPil().filter_masks(
+        logits[None], torch.ones(1, 3), [4, 5], [0, 0, 5, 4], pred_iou_thresh=0.5,
+        stability_score_thresh=teachers._below(0.95), mask_threshold=0.0,
+        stability_score_offset=1.0)
+    assert len(kept) == 2   # the 0.95 and the 1.0 mask, as segment-anything keeps them
+    kept, _, _ = SamImageProcessorPil().filter_masks(
+        logits[None], torch.ones(1, 3), [4, 5], [0, 0, 5, 4], pred_iou_thresh=0.5,
+        stability_score_thresh=0.95, mask_threshold=0.0, stability_score_offset=1.0)
+    assert len(kept) == 1   # transformers' own rule at 0.95 drops the first
+
+
+# ------------------------------------- the teachers run as the released inference runs
+def _v2_depth_teacher(model=None):
+    """A DepthTeacher with Depth Anything V2's processor settings (518, multiples of 14)."""
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    processor = DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True,
+                                     ensure_multiple_of=14, do_pad=False)
+    return DepthTeacher(model or torch.nn.Identity(), processor)
+
+
+@pytest.mark.parametrize("height, width, want", [
+    ((427), 640, (518, 770)),     # COCO's common size: transformers' processor gave 350 x 518
+    (500, 333, (784, 518)),       # Visual Genome's: 518 x 350
+    (300, 800, (518, 1386)), (518, 518, (518, 518)), (1000, 1000, (518, 518))])
+def test_depth_input_is_sized_as_depth_anythings_own_inference(height, width, want):
+    """Depth-Anything-V2's infer_image scales the SHORTER side to 518 ("lower_bound"),
+    sides rounded to multiples of 14; transformers' processor scales as little as possible."""
+    assert _v2_depth_teacher().input_size(height, width) == want
+    with pytest.raises(ValueError, match="aspect ratio too extreme"):
+        _v2_depth_teacher().input_size(1, 1000)
+
+
+def test_depth_pixels_are_bicubic_without_antialiasing_then_normalised(seed):
+    """The [0, 1] image resized with Keys' cubic (a = -0.75, OpenCV's INTER_CUBIC), no
+    antialiasing on the way down and no clipping, then normalised with the processor's
+    mean / std; compared with OpenCV where it is installed."""
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    # halving 8 columns [0 0 1 0 0 0 0 0]: output j samples x = 2j + 0.5, taps 2j - 1 ..
+    # 2j + 2 (clamped) weighted -0.09375, 0.59375, 0.59375, -0.09375
+    row = np.array([0, 0, 255, 0, 0, 0, 0, 0], np.uint8)
+    image = Image.fromarray(np.repeat(np.repeat(row[None, :, None], 2, 0), 3, 2))
+    teacher = DepthTeacher(torch.nn.Identity(), DPTImageProcessorPil(
+        size={"height": 1, "width": 4}, ensure_multiple_of=1, image_mean=[0.5] * 3,
+        image_std=[2.0] * 3))
+    pixels = teacher.pixels(image)
+    assert pixels.shape == (1, 3, 1, 4) and pixels.dtype == torch.float32
+    want = (np.array([-0.09375, 0.59375, 0.0, 0.0]) - 0.5) / 2.0
+    np.testing.assert_allclose(pixels[0, :, 0].numpy(), np.broadcast_to(want, (3, 4)), atol=1e-7)
+    try:
+        import cv2
+    except ImportError:
+        return
+    teacher = _v2_depth_teacher()
+    image = np.random.default_rng(seed).integers(0, 256, (600, 700, 3), np.uint8)
+    pixels = teacher.pixels(Image.fromarray(image))
+    mean = np.array(teacher.processor.image_mean).reshape(3, 1, 1)
+    std = np.array(teacher.processor.image_std).reshape(3, 1, 1)
+    want = cv2.resize(image / 255.0, (602, 518), interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_allclose((pixels[0].double().numpy() * std + mean).transpose(1, 2, 0),
+                               want, atol=1e-4)
+
+
+def test_depth_prediction_is_resized_back_bilinearly_with_aligned_corners():
+    """infer_image: F.interpolate(bilinear, align_corners=True) to the image size, then
+    min-max: a prediction that is a linear ramp stays exactly linear, ends included."""
+    class Ramp(torch.nn.Module):
+        def forward(self, pixel_values):
+            from types import SimpleNamespace
+
+            b, _, h, w = pixel_values.shape
+            ramp = torch.linspace(0.0, 5.0, w).expand(b, h, w).clone()
+            return SimpleNamespace(predicted_depth=ramp)
+
+    teacher = _v2_depth_teacher(Ramp())
+    teacher.model.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))  # a dtype
+    (depth,) = teacher.predict([Image.new("RGB", (50, 40))])
+    assert depth.shape == (40, 50)
+    np.testing.assert_allclose(depth, np.broadcast_to(np.linspace(0, 1, 50), (40, 50)),
+                               atol=2e-6)
+
+
+def test_sam_size_cap_is_unimrgs(seed):
+    """run_mask.py: a longer side past 2,048 px shrinks the image (sides truncated, area
+    interpolation), and the edge map comes back with OpenCV's nearest neighbour."""
+    assert teachers.work_size(3000, 4000, 2048) == (1536, 2048)
+    assert teachers.work_size(2049, 1000, 2048) == (2048, 999)
+    assert teachers.work_size(2048, 2048, 2048) == (2048, 2048)
+    assert teachers.work_size(5000, 3000, 0) == (5000, 3000)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (12, 9, 3), np.uint8)
+    # an integer factor: the mean of each block
+    np.testing.assert_array_equal(
+        np.asarray(teachers.shrink(Image.fromarray(a), 4, 3)),
+        np.rint(a.reshape(4, 3, 3, 3, 3).astype(float).mean(axis=(1, 3))))
+    # a partial pixel counts by its share: 3 pixels [0, 90, 30] to 2 (1.5 each)
+    row = np.array([[[0] * 3, [90] * 3, [30] * 3]], np.uint8)
+    np.testing.assert_array_equal(np.asarray(teachers.shrink(Image.fromarray(row), 1, 2))[0, :, 0],
+                                  [30, 50])   # (0 + 45) / 1.5, (45 + 30) / 1.5
+    edges = rng.integers(0, 2, (7, 5)).astype(np.uint8)
+    big = teachers.enlarge(edges, 654, 310)
+    assert big.shape == (654, 310) and big[327, 0] == edges[3, 0]   # 327 x 7/654 = 3.5
+    try:
+        import cv2
+    except ImportError:
+        return
+    for h, w, nh, nw in [(88, 162, 654, 310), (37, 53, 100, 400)]:
+        small = rng.integers(0, 256, (h, w), np.uint8)
+        np.testing.assert_array_equal(teachers.enlarge(small, nh, nw),
+                                      cv2.resize(small, (nw, nh), interpolation=cv2.INTER_NEAREST))
+    for h, w, nh, nw in [(300, 200, 123, 77), (64, 48, 32, 24), (99, 101, 50, 50)]:
+        image = rng.integers(0, 256, (h, w, 3), np.uint8)
+        got = np.asarray(teachers.shrink(Image.fromarray(image), nh, nw)).astype(int)
+        want = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA).astype(int)
+        assert np.abs(got - want).max() <= 1   # OpenCV's fixed-point rounding apart
+
+
+def test_sam_runs_on_the_shrunk_image_and_the_target_has_the_images_size(
+        tmp_path, models, monkeypatch):
+    images = tmp_path / "tuning_data"
+    for i, (h, w) in enumerate([(20, 30), (40, 17), (10, 10)]):
+        save_noise(images / f"{i}.png", h, w, seed=i)
+    seen = []
+
+    def fake_masks(self, ims):
+        seen.extend(im.size for im in ims)
+        return [[np.ones((im.height, im.width), bool)] for im in ims]
+
+    monkeypatch.setattr(MaskGenerator, "masks", fake_masks)
+    run(images, models, tasks="seg", sam_max_size=16)
+    out = images.parent / "tuning_data_mask"
+    for i, (h, w) in enumerate([(20, 30), (40, 17), (10, 10)]):
+        with Image.open(out / f"{i}.png") as target:
+            assert target.size == (w, h)
+    # 30 x 20 -> 16 x 10 (truncated), 17 x 40 -> 6 x 16, 10 x 10 as it is
+    assert sorted(seen) == sorted([(16, 10), (6, 16), (10, 10)]), seen

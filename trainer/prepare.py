@@ -232,7 +232,7 @@ def _resolve_device(device: Optional[str]) -> str:
 def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=None,
          tasks=TASKS, batch_size: int = 8, points_per_batch: int = 64,
          device: Optional[str] = None, seg_style: str = "unimrg",
-         limit: Optional[int] = None) -> _Plan:
+         limit: Optional[int] = None, sam_max_size: int = 2048) -> _Plan:
     """Checks everything that can be checked without loading a model; PrepareError if not."""
     from trainer.teachers import TeacherError, _check_model_dir
 
@@ -250,6 +250,8 @@ def plan(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=No
             raise PrepareError(f"{flag} must be >= 1, got {value}")
     if limit is not None and int(limit) < 1:
         raise PrepareError(f"--limit must be >= 1, got {limit}")
+    if int(sam_max_size) < 0:
+        raise PrepareError(f"--sam-max-size must be >= 0 (0: never shrink), got {sam_max_size}")
     device = _resolve_device(device)
 
     defaults = {"depth": root.parent / f"{root.name}_depth",
@@ -367,7 +369,7 @@ def _infer_each(infer: Callable, good: List[tuple]) -> Tuple[List[tuple], Dict[s
 
 
 def _load_teachers(p: _Plan, pending: Dict[str, List[Path]], batch_size: int,
-                   points_per_batch: int) -> dict:
+                   points_per_batch: int, sam_max_size: int) -> dict:
     """Loads (on the CPU) every teacher that has work, so a model that does not load stops
     the run before any output is written."""
     from trainer.teachers import DepthTeacher, MaskGenerator, MaskSettings, TeacherError
@@ -377,7 +379,8 @@ def _load_teachers(p: _Plan, pending: Dict[str, List[Path]], batch_size: int,
         if pending.get("depth"):
             teachers["depth"] = DepthTeacher.load(p.models["depth"], batch_size=batch_size)
         if pending.get("seg"):
-            settings = MaskSettings(points_per_batch=points_per_batch)
+            settings = MaskSettings(points_per_batch=points_per_batch,
+                                    max_size=int(sam_max_size))
             teachers["seg"] = MaskGenerator.load(p.models["seg"], settings, batch_size=batch_size)
     except TeacherError as exc:
         raise PrepareError(str(exc)) from None
@@ -419,7 +422,8 @@ def _run_task(task: str, infer: Callable, render: Callable, p: _Plan,
 def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model=None,
             tasks=TASKS, batch_size: int = 8, points_per_batch: int = 64,
             device: Optional[str] = None, seg_style: str = "unimrg",
-            limit: Optional[int] = None, progress: bool = True) -> Summary:
+            limit: Optional[int] = None, progress: bool = True,
+            sam_max_size: int = 2048) -> Summary:
     """Writes the missing depth / segmentation targets of the images under `images`.
 
     images       the image folder (.jpg .jpeg .png .webp .gif .bmp .tif .tiff, any nesting)
@@ -431,9 +435,12 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
     tasks        "depth,seg" or a subset, as a string or a sequence
     batch_size   images per depth forward and per SAM image-encoder forward
     points_per_batch  SAM prompts per mask-decoder call (memory only; same masks)
-    device       "cuda" / "cpu"; default cuda when torch sees one. Depth runs in fp16
-                 autocast on cuda; SAM in fp32 (its thresholds act on logits)
+    device       "cuda" / "cpu"; default cuda when torch sees one. Both teachers run in
+                 fp32, as the released inference does (SAM's thresholds act on logits)
     limit        only the first `limit` images (sorted relative paths)
+    sam_max_size SAM works on an image shrunk so its longer side is at most this (area
+                 interpolation), the target scaled back by nearest neighbour (UniMRG's
+                 run_mask.py, default 2048); 0: full size
 
     Raises PrepareError (before any output is written) on a bad argument, a missing folder,
     a seg_out folder of the other seg_style or a teacher that cannot be loaded. Undecodable
@@ -441,12 +448,12 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
     teacher cannot take (`failed`, by task).
     """
     from trainer.datapaths import SEG_STYLE_FILE
-    from trainer.teachers import SEG_RENDERERS, depth_to_png_array
+    from trainer.teachers import SEG_RENDERERS, depth_to_png_array, enlarge, shrink, work_size
 
     p = plan(images, depth_out=depth_out, seg_out=seg_out, depth_model=depth_model,
              sam_model=sam_model, tasks=tasks, batch_size=batch_size,
              points_per_batch=points_per_batch, device=device, seg_style=seg_style,
-             limit=limit)
+             limit=limit, sam_max_size=sam_max_size)
     summary = Summary(images=len(p.images), written={t: 0 for t in p.tasks},
                       existing={t: 0 for t in p.tasks}, skipped=dict(p.passed_over),
                       out_dirs=dict(p.out_dirs),
@@ -467,13 +474,26 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
         pending[task] = [rel for rel in pending[task] if keys[rel] is not None]
     if pending.get("depth"):
         pending["depth"].sort(key=lambda rel: (keys[rel], rel.as_posix()))
-    teachers = _load_teachers(p, pending, batch_size, points_per_batch)
+    teachers = _load_teachers(p, pending, batch_size, points_per_batch, sam_max_size)
 
     def render_depth(depth, shape):
         assert depth.shape == shape, (depth.shape, shape)
         return depth_to_png_array(depth)
 
     seg_renderer = SEG_RENDERERS[seg_style]
+
+    def seg_tasks(generator):
+        """(infer, render) of the seg task: SAM on each image at its work size, the target
+        drawn there and scaled back to the image (UniMRG's order: Canny, then resize)."""
+        max_size = generator.settings.max_size
+
+        def infer(images):
+            return generator.masks([shrink(im, *work_size(im.height, im.width, max_size))
+                                    for im in images])
+
+        def render(masks, shape):
+            return enlarge(seg_renderer(masks, work_size(*shape, max_size)), *shape)
+        return infer, render
     for task in p.tasks:
         if not pending[task]:
             continue
@@ -482,8 +502,8 @@ def prepare(images, *, depth_out=None, seg_out=None, depth_model=None, sam_model
             write_seg_style(p.out_dirs["seg"], seg_style)
         # One teacher on the device at a time.
         teacher = teachers.pop(task).to(p.device)
-        infer = teacher.predict if task == "depth" else teacher.masks
-        render = render_depth if task == "depth" else seg_renderer
+        infer, render = (teacher.predict, render_depth) if task == "depth" else \
+            seg_tasks(teacher)
         try:
             _run_task(task, infer, render, p, pending[task], batch_size, summary,
                       progress)
@@ -526,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unimrg: white mask boundaries on black; sgt: masks filled with "
                              "distinct colours (default unimrg). Recorded in the mask folder's "
                              "seg_style.json, which the trainer checks against its --seg-style")
+    parser.add_argument("--sam-max-size", type=int, default=2048, metavar="PX",
+                        help="SAM works on images shrunk to at most this longer side, the "
+                             "target scaled back (UniMRG's setting; default 2048, 0: never)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="only the first N images (sorted paths)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -540,7 +563,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           tasks=args.tasks, batch_size=args.batch_size,
                           points_per_batch=args.points_per_batch, device=args.device,
                           seg_style=args.seg_style, limit=args.limit,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, sam_max_size=args.sam_max_size)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

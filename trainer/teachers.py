@@ -1,12 +1,19 @@
 """The teachers that make UniMRG / SGT targets from real images, and how their outputs are
 drawn (DESIGN.md 6). Used by `python -m trainer.prepare`.
 
-- Depth: Depth Anything V2 through transformers (AutoImageProcessor, or the processor class
-  the checkpoint names, + AutoModelForDepthEstimation). The prediction (relative inverse depth: near is bright),
-  resized to the image, min-max normalised per image to [0, 1].
+- Depth: Depth Anything V2 through transformers (AutoModelForDepthEstimation; the
+  checkpoint's image processor gives the input size, multiple and normalisation), run as
+  the model's own inference script (Depth-Anything-V2's run.py / infer_image) runs it, which
+  made UniMRG's depth maps: the input scaled so that its SHORTER side is the model's size
+  (518; transformers' processor scales as little as possible, often to a long side of
+  518), bicubic on the [0, 1] image without antialiasing, fp32; the prediction (relative
+  inverse depth: near is bright) resized back bilinearly with aligned corners, min-max
+  normalised per image to [0, 1], written x 255 truncated to 8 bits.
 - Segmentation: SAM automatic masks through transformers (SamModel + SamProcessor) with the
-  UniMRG settings: a 32 x 32 point grid, predicted-IoU > 0.88, stability score > 0.95, box
-  NMS at IoU 0.7, no crop layers. The steps are those of transformers'
+  UniMRG settings: a 32 x 32 point grid, predicted-IoU > 0.88, stability score >= 0.95
+  (segment-anything's rule; transformers' own filter keeps > only), box NMS at IoU 0.7, no
+  crop layers; an image whose longer side exceeds 2,048 px is shrunk to it first and the
+  target scaled back with nearest neighbour (UniMRG's run_mask.py; `shrink` / `enlarge`). The steps are those of transformers'
   MaskGenerationPipeline (same image-processor calls, same order), run here directly
   because (a) the pipeline's NMS needs torchvision, which this project does not depend on,
   and (b) this way the image encoder runs on a batch of images.
@@ -96,16 +103,52 @@ class DepthTeacher:
         self.model.to(self.device)
         return self
 
+    def input_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The model input (height, width) for an image, as Depth-Anything-V2's inference
+        sizes it ("lower_bound"): the larger of the two scales that bring a side to the
+        model's size, so the shorter side reaches it; each side then rounded to a
+        multiple of ensure_multiple_of (half to even), or up to one where rounding went
+        below the model's size. Raises ValueError past MAX_INPUT_AREA times the model's
+        own area (a 1 x 1000 strip would ask for 518 x 518,000)."""
+        size, multiple = self.processor.size, int(getattr(self.processor, "ensure_multiple_of", 1) or 1)
+        target_h, target_w = int(size["height"]), int(size["width"])
+        scale = max(target_h / height, target_w / width)
+
+        def side(length: float, minimum: int) -> int:
+            rounded = int(np.round(length / multiple) * multiple)
+            return rounded if rounded >= minimum else int(np.ceil(length / multiple) * multiple)
+
+        new_h, new_w = side(scale * height, target_h), side(scale * width, target_w)
+        if new_h * new_w > self.MAX_INPUT_AREA * target_h * target_w:
+            raise ValueError(f"a {width} x {height} image would be a {new_w} x {new_h} depth "
+                             f"input, more than {self.MAX_INPUT_AREA} times the model's "
+                             f"{target_w} x {target_h}: aspect ratio too extreme")
+        return new_h, new_w
+
+    MAX_INPUT_AREA = 16
+
+    def pixels(self, image) -> torch.Tensor:
+        """float32 [1, 3, h, w]: the image in [0, 1], resized bicubically (Keys' a = -0.75,
+        OpenCV's INTER_CUBIC, no antialiasing) to input_size, then normalised."""
+        import torch.nn.functional as F
+
+        new_h, new_w = self.input_size(image.height, image.width)
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float64) / 255.0)
+        x = F.interpolate(x.permute(2, 0, 1)[None], (new_h, new_w), mode="bicubic",
+                          align_corners=False)
+        mean = torch.tensor(self.processor.image_mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(self.processor.image_std, dtype=torch.float64).view(1, 3, 1, 1)
+        return ((x - mean) / std).float()
+
     @torch.inference_mode()
     def predict(self, images: Sequence) -> List[np.ndarray]:
         """RGB PIL images -> float32 [H, W] per image, min-max normalised to [0, 1] (a
-        constant prediction gives zeros). An image the processor cannot resize (an aspect
-        ratio past about 74:1 at Depth Anything V2's 518 gives a side of 0) raises, failing
-        the call: trainer.prepare then retries its batch image by image."""
-        from transformers.modeling_outputs import DepthEstimatorOutput
+        constant prediction gives zeros). An image whose input would be too large
+        (input_size) raises, failing the call: trainer.prepare then retries its batch
+        image by image."""
+        import torch.nn.functional as F
 
-        pixels = [self.processor(images=image, return_tensors="pt")["pixel_values"]
-                  for image in images]
+        pixels = [self.pixels(image) for image in images]
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, p in enumerate(pixels):
             groups.setdefault(tuple(p.shape), []).append(i)
@@ -115,17 +158,11 @@ class DepthTeacher:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 batch = torch.cat([pixels[i] for i in chunk]).to(self.device, dtype)
-                # fp16 on the GPU as Depth Anything's own inference does; the min-max below
-                # runs in fp32.
-                with torch.autocast("cuda", torch.float16, enabled=self.device.type == "cuda"):
-                    predicted = self.model(pixel_values=batch).predicted_depth
-                sizes = [(images[i].height, images[i].width) for i in chunk]
-                resized = self.processor.post_process_depth_estimation(
-                    DepthEstimatorOutput(predicted_depth=predicted.float()), target_sizes=sizes)
-                for (h, w), i, result in zip(sizes, chunk, resized):
-                    # reshape, not the post-processing's squeeze(), which also drops the
-                    # side of a 1-pixel-wide or -high image ((60, 1) -> (60,))
-                    depth = result["predicted_depth"].reshape(h, w)
+                # fp32 as the released inference runs (no autocast)
+                predicted = self.model(pixel_values=batch).predicted_depth.float()
+                for i, depth in zip(chunk, predicted):
+                    depth = F.interpolate(depth[None, None], (images[i].height, images[i].width),
+                                          mode="bilinear", align_corners=True)[0, 0]
                     out[i] = normalise_depth(depth).cpu().numpy()
         return out
 
@@ -141,9 +178,11 @@ def normalise_depth(depth: torch.Tensor) -> torch.Tensor:
 
 
 def depth_to_png_array(depth: np.ndarray) -> np.ndarray:
-    """float [H, W] in [0, 1] -> uint8 [H, W] (8-bit grayscale, 0 = far, 255 = near), rounded
-    as trainer.tokenizers.depth_to_image rounds."""
-    return np.rint(np.clip(depth, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """float [H, W] in [0, 1] -> uint8 [H, W] (8-bit grayscale, 0 = far, 255 = near):
+    x 255 and truncated, as Depth-Anything-V2's run.py writes the maps UniMRG trained on
+    (so 255 is the nearest pixel only; rounding would lift half the pixels one level)."""
+    return np.floor(np.clip(depth, 0.0, 1.0).astype(np.float32) * np.float32(255.0)
+                    ).astype(np.uint8)
 
 
 # -------------------------------------------------------------------------- segmentation
@@ -164,10 +203,22 @@ class MaskSettings:
     """Prompts decoded per mask-decoder call (memory vs speed; no effect on the result)."""
     mask_threshold: float = 0.0
     stability_score_offset: float = 1.0
+    max_size: int = 2048
+    """An image whose longer side exceeds this is shrunk to it (area interpolation) before
+    SAM, and its target scaled back with nearest neighbour (UniMRG's run_mask.py); 0: never."""
 
     def __post_init__(self):
         if self.points_per_side < 1 or self.points_per_batch < 1:
             raise ValueError("points_per_side and points_per_batch must be >= 1")
+        if self.max_size < 0:
+            raise ValueError("max_size must be >= 0 (0: never shrink)")
+
+
+def _below(threshold: float) -> float:
+    """The float32 just below `threshold`: transformers' filter_masks keeps a stability
+    score > its threshold, segment-anything one >= it (the score is a float32 ratio of
+    pixel counts, so 19 / 20 equals float32(0.95) exactly)."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
 
 
 def box_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> List[int]:
@@ -276,7 +327,7 @@ class MaskGenerator:
             kept, kept_scores, kept_boxes = ip.filter_masks(
                 logits[0], outputs.iou_scores[0], original_size, crop_box,
                 pred_iou_thresh=s.pred_iou_thresh,
-                stability_score_thresh=s.stability_score_thresh,
+                stability_score_thresh=_below(s.stability_score_thresh),
                 mask_threshold=s.mask_threshold,
                 stability_score_offset=s.stability_score_offset)
             rles += kept
@@ -287,6 +338,54 @@ class MaskGenerator:
         # One crop layer: the pipeline's crops_nms_thresh NMS is segment-anything's box NMS.
         keep = box_nms(torch.cat(boxes), torch.cat(scores), s.box_nms_thresh)
         return [rle_to_mask(rles[k]) for k in keep]
+
+
+# ------------------------------------------------------ UniMRG's size cap for SAM
+def work_size(height: int, width: int, max_size: int) -> Tuple[int, int]:
+    """(height, width) SAM works at: the image's own, or, past max_size, shrunk so its
+    longer side is max_size, each side truncated as UniMRG's run_mask.py does."""
+    if not max_size or max(height, width) <= max_size:
+        return height, width
+    scale = max_size / max(height, width)
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def _area_mean(x: np.ndarray, new: int, axis: int) -> np.ndarray:
+    """x averaged down to `new` along `axis`: output i is the mean of the input over its
+    share [i, i + 1) x size / new of the axis, partly covered pixels weighted by how much
+    of them lies there. From the running sum, exact for pixels constant over their extent."""
+    x = np.moveaxis(x, axis, 0)
+    size = x.shape[0]
+    running = np.concatenate([np.zeros_like(x[:1]), np.cumsum(x, axis=0)])
+    edges = np.arange(new + 1) * (size / new)
+    whole = np.minimum(np.floor(edges).astype(np.int64), size)
+    part = (edges - whole)[(slice(None),) + (None,) * (x.ndim - 1)]
+    covered = running[whole] + part * x[np.minimum(whole, size - 1)]
+    return np.moveaxis((covered[1:] - covered[:-1]) / (size / new), 0, axis)
+
+
+def shrink(image, height: int, width: int):
+    """An RGB PIL image area-averaged down to (height, width), OpenCV's INTER_AREA (each
+    output pixel the mean of the input area it covers, rounded to the nearest level)."""
+    from PIL import Image
+
+    if (image.height, image.width) == (height, width):
+        return image
+    x = np.asarray(image.convert("RGB"), np.float64)
+    x = _area_mean(_area_mean(x, height, 0), width, 1)
+    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def enlarge(target: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A rendered target [h, w, ...] scaled up to (height, width) by nearest neighbour as
+    OpenCV's INTER_NEAREST picks it: source index floor(i x (1 / (height / h))), that
+    double rounding included (i x h / height would pick another row now and then)."""
+    h, w = target.shape[:2]
+    if (h, w) == (height, width):
+        return target
+    rows = np.minimum(np.floor(np.arange(height) * (1.0 / (height / h))).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(width) * (1.0 / (width / w))).astype(np.int64), w - 1)
+    return target[rows[:, None], cols[None, :]]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -369,5 +468,6 @@ SEG_RENDERERS = {"unimrg": render_boundaries, "sgt": render_instances}
 
 
 __all__ = ["DepthTeacher", "MaskGenerator", "MaskSettings", "TeacherError", "box_nms",
-           "depth_to_png_array", "mask_boundary", "normalise_depth", "palette",
-           "render_boundaries", "render_instances", "rle_to_mask", "SEG_RENDERERS"]
+           "depth_to_png_array", "enlarge", "mask_boundary", "normalise_depth", "palette",
+           "render_boundaries", "render_instances", "rle_to_mask", "SEG_RENDERERS", "shrink",
+           "work_size"]
