@@ -337,7 +337,7 @@ def test_forward_mode_derivatives_never_reach_a_kernel(monkeypatch, op):
     assert want.abs().max() > 0
     _, got = torch.func.jvp(lambda x: call(x, "auto"), (x,), (tangent,))
     torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match=rf"{op}\(impl='triton'\).*torch.func transform"):
+    with pytest.raises(ValueError, match=rf"{op}\(impl='triton'\).*torch.func derivative transform"):
         torch.func.jvp(lambda x: call(x, "triton"), (x,), (tangent,))
     forward_ad = torch.autograd.forward_ad
     with forward_ad.dual_level():
@@ -346,3 +346,31 @@ def test_forward_mode_derivatives_never_reach_a_kernel(monkeypatch, op):
         with pytest.raises(ValueError, match="forward-mode tangent"):
             call(dual, "triton")
         call(x, "triton")   # a call without a tangent still runs the kernel
+
+
+def test_a_tangent_on_a_regression_target_or_under_vmap(monkeypatch):
+    """joint_loss looks at its heads' targets too (a regression target can carry a
+    tangent); vmap alone is no derivative transform: an explicit kernel still runs there."""
+    import dataclasses
+
+    from unimrg_fast.specs import RegressionHeadSpec
+
+    monkeypatch.setattr(backends, "_TABLE", [dataclasses.replace(i, prefer=None)
+                                             for i in backends._TABLE])
+    hidden, weight, target = torch.randn(6, 16), torch.randn(3, 16), torch.randn(6, 3)
+    forward_ad = torch.autograd.forward_ad
+
+    def loss(target, impl):
+        head = RegressionHeadSpec(weight=weight, rows=torch.arange(6), target=target, task=0)
+        return uf.joint_loss(hidden, [head], 1, impl=impl).total
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(target, torch.ones_like(target))
+        want = forward_ad.unpack_dual(loss(dual, "reference")).tangent
+        assert want is not None and want.abs() > 0
+        torch.testing.assert_close(forward_ad.unpack_dual(loss(dual, "auto")).tangent, want)
+        with pytest.raises(ValueError, match="forward-mode tangent"):
+            loss(dual, "triton")
+    x = torch.randn(3, 2, 16)
+    got = torch.func.vmap(lambda r: uf.rms_norm(r, weight[0], impl="triton"))(x)
+    torch.testing.assert_close(got, uf.rms_norm(x, weight[0], impl="reference"))

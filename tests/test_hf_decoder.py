@@ -331,7 +331,7 @@ def test_forward_mode_derivatives_take_the_models_own_code(ids, monkeypatch):
                             (embeds,), (tangent,))
     assert_rel(got, want, 1e-5, "jvp")
     uf.hf.set_decoder_impl(fused, "triton")
-    with pytest.raises(ValueError, match="torch.func transform"):
+    with pytest.raises(ValueError, match="torch.func derivative transform"):
         torch.func.jvp(lambda e: fused(inputs_embeds=e).last_hidden_state, (embeds,), (tangent,))
 
 

@@ -908,3 +908,39 @@ def test_sam_runs_on_the_shrunk_image_and_the_target_has_the_images_size(
             assert target.size == (w, h)
     # 30 x 20 -> 16 x 10 (truncated), 17 x 40 -> 6 x 16, 10 x 10 as it is
     assert sorted(seen) == sorted([(16, 10), (6, 16), (10, 10)]), seen
+
+
+def test_only_depth_anything_is_taken_as_the_depth_teacher(models, monkeypatch, tmp_path):
+    """input_size is Depth Anything's own sizing: a DPT / GLPN / ZoeDepth checkpoint (whose
+    processors size inputs otherwise) is refused at load, not run wrongly or failed per image."""
+    import shutil
+
+    import transformers
+
+    real = transformers.AutoModelForDepthEstimation.from_pretrained
+
+    def as_dpt(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.config.model_type = "dpt"
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForDepthEstimation, "from_pretrained", as_dpt)
+    with pytest.raises(teachers.TeacherError, match="'dpt' model.*Depth Anything"):
+        DepthTeacher.load(models["depth"])
+    monkeypatch.undo()
+    folder = tmp_path / "depth"
+    shutil.copytree(models["depth"], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 42}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(teachers.TeacherError, match="height / width size"):
+        DepthTeacher.load(folder)
+
+
+def test_an_exact_halving_rounds_halves_up_as_opencv():
+    """cv2.INTER_AREA at exactly 2x adds in integers: (a + b + c + d + 2) >> 2."""
+    block = np.repeat(np.array([[0, 0], [1, 1]], np.uint8)[:, :, None], 3, axis=2)
+    assert np.asarray(teachers.shrink(Image.fromarray(block), 1, 1))[0, 0, 0] == 1
+    ramp = np.repeat(np.arange(16, dtype=np.uint8).reshape(4, 4)[:, :, None], 3, axis=2)
+    got = np.asarray(teachers.shrink(Image.fromarray(ramp), 2, 2))[:, :, 0]
+    np.testing.assert_array_equal(got, [[3, 5], [11, 13]])   # (0+1+4+5+2)>>2 = 3, ...

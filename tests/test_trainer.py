@@ -537,14 +537,24 @@ def test_an_llm_whose_attention_a_pack_cannot_give_is_refused(tmp_path, setting,
     if "sliding_window" in setting:   # a window as long as a pack never binds: loads
         llm, _ = _load_llm(str(path), tie=False, pack_tokens=64)
         assert llm.config.layer_types == ["sliding_attention"]
-        layout = model_module.uf.PackedLayout.from_spans([[(10, "full"), (30, "causal")],
-                                                          [(24, "causal")]])
-        inputs = dict(inputs_embeds=torch.randn(1, 64, 32), packed_layout=layout,
-                      position_ids=torch.cat([torch.arange(40), torch.arange(24)])[None],
-                      attention_impl="reference", use_cache=False)
-        windowed = llm(**inputs).last_hidden_state
-        llm.layers[0].self_attn.sliding_window = None
-        assert torch.equal(llm(**inputs).last_hidden_state, windowed)
+        # transformers' own rule, which the acceptance rests on: a 64-token window over a
+        # 64-token sample is full causal attention; a 63-token one is not
+        from transformers import Qwen2Model
+
+        def hidden(**config):
+            torch.manual_seed(0)
+            model = Qwen2Model(Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, **config))
+            model.config._attn_implementation = "eager"
+            return model(inputs_embeds=torch.randn(1, 64, 32, generator=torch.Generator()
+                                                   .manual_seed(1))).last_hidden_state
+
+        full = hidden()
+        assert torch.allclose(hidden(**setting), full, atol=1e-6)
+        shorter = hidden(**{**setting, "sliding_window": 63})   # the last query loses a key
+        assert torch.allclose(shorter[:, :63], full[:, :63], atol=1e-6)
+        assert (shorter[:, 63] - full[:, 63]).abs().max() > 1e-4
     # and the attention function itself, for any other caller
     q = torch.randn(1, 2, 8, 16)
     layout = model_module.uf.PackedLayout.from_spans([[(8, "causal")]])

@@ -96,6 +96,18 @@ class DepthTeacher:
         path = _check_model_dir(path, "depth")
         processor = _load("depth", path, _image_processor_from_pretrained)
         model = _load("depth", path, AutoModelForDepthEstimation.from_pretrained)
+        # input_size follows Depth Anything's own inference; other depth models (DPT,
+        # GLPN, ZoeDepth) size their inputs otherwise
+        kind = getattr(model.config, "model_type", None)
+        size = getattr(processor, "size", None)
+        try:   # a dict, or transformers 5's SizeDict (every key present, None if unset)
+            sized = size["height"] is not None and size["width"] is not None
+        except (KeyError, TypeError):
+            sized = False
+        if kind != "depth_anything" or not sized:
+            raise TeacherError(f"depth model folder {str(path)!r} holds a {kind!r} model "
+                               f"with image size {size!r}; prepare runs Depth Anything "
+                               f"(V2): model_type 'depth_anything', a height / width size")
         return cls(model, processor, device, batch_size)
 
     def to(self, device) -> "DepthTeacher":
@@ -204,8 +216,10 @@ class MaskSettings:
     mask_threshold: float = 0.0
     stability_score_offset: float = 1.0
     max_size: int = 2048
-    """An image whose longer side exceeds this is shrunk to it (area interpolation) before
-    SAM, and its target scaled back with nearest neighbour (UniMRG's run_mask.py); 0: never."""
+    """trainer.prepare shrinks an image whose longer side exceeds this to it (`shrink`)
+    before SAM and scales its target back (`enlarge`), as UniMRG's run_mask.py does (the
+    boundaries are drawn at the small size); 0: never. MaskGenerator.masks itself takes
+    the images as given."""
 
     def __post_init__(self):
         if self.points_per_side < 1 or self.points_per_batch < 1:
@@ -372,6 +386,10 @@ def shrink(image, height: int, width: int):
     if (image.height, image.width) == (height, width):
         return image
     x = np.asarray(image.convert("RGB"), np.float64)
+    if (image.height, image.width) == (2 * height, 2 * width):
+        # OpenCV's exact-halving path adds in integers, rounding halves up: (sum + 2) >> 2
+        blocks = x.reshape(height, 2, width, 2, 3).sum(axis=(1, 3))
+        return Image.fromarray(np.floor((blocks + 2) / 4).astype(np.uint8))
     x = _area_mean(_area_mean(x, height, 0), width, 1)
     return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
 

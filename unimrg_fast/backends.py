@@ -236,7 +236,7 @@ class Implementation:
     prefer: Optional[Callable[..., Optional[str]]] = None
     auto: bool = True
     planned: Optional[str] = None
-    # Differentiable under torch.func (jvp, grad, jacrev, vmap) and forward-mode AD: only
+    # Differentiable under torch.func (jvp, grad, jacrev) and forward-mode AD: only
     # code made of PyTorch ops. A kernel's autograd knows the backward alone: under jvp
     # its tangent would come back zero, silently, so resolve() passes such entries by.
     transforms: bool = False
@@ -387,18 +387,31 @@ def forced_impl(op: str) -> Optional[str]:
 _logged_choices: set = set()
 
 
+def _differentiating_transforms() -> bool:
+    """Whether any torch.func transform now running differentiates (grad / jvp and what
+    builds on them); vmap and functionalize alone do not, and kernels run under them."""
+    functorch = getattr(torch._C, "_functorch", None)
+    stack_of = getattr(functorch, "get_interpreter_stack", None)
+    stack = stack_of() if stack_of is not None else None
+    if not stack:
+        return False
+    kinds = getattr(functorch, "TransformType", None)
+    if kinds is None:   # a torch without the enum: any transform counts
+        return True
+    return any(level.key() in (kinds.Grad, kinds.Jvp) for level in stack)
+
+
 def derivative_transform(tensors: Sequence[object] = ()) -> Optional[str]:
     """Why this call needs derivatives a kernel's autograd does not give, or None: it runs
-    under a torch.func transform (jvp, grad, jacrev, vmap, ...), or one of `tensors`
+    under a torch.func derivative transform (jvp, grad, jacrev, ...; not vmap alone), or
+    one of `tensors`
     carries a forward-mode tangent (torch.autograd.forward_ad). Either way a kernel's
     custom autograd, which knows the backward pass alone, would drop the tangent silently.
     Not checked while torch.compile traces (it cannot trace these private queries)."""
     if torch.compiler.is_compiling():
         return None
-    functorch = getattr(torch._C, "_functorch", None)
-    peek = getattr(functorch, "peek_interpreter_stack", None)
-    if peek is not None and peek() is not None:
-        return "it runs under a torch.func transform (jvp / grad / jacrev / vmap)"
+    if _differentiating_transforms():
+        return "it runs under a torch.func derivative transform (jvp / grad / jacrev / ...)"
     forward_ad = torch.autograd.forward_ad
     if getattr(forward_ad, "_current_level", -1) >= 0:   # inside a dual_level()
         for t in tensors:

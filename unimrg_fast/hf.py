@@ -114,7 +114,7 @@ class _FusedSwiGLUMLP:
         if not _is_silu(self.act_fn) or _hooked(self.act_fn) or not _own_forward_intact(self):
             return super().forward(x)
         name, fn = _resolve("swiglu", self.fused_impl, x, self.gate_proj.weight,
-                            self.up_proj.weight)
+                            self.gate_proj.bias, self.up_proj.weight, self.up_proj.bias)
         if name == "reference":
             return super().forward(x)
         return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))

@@ -55,5 +55,5 @@ def joint_loss(hidden: torch.Tensor, heads: Sequence[HeadSpec], num_tasks: int, 
     _, fn = backends.resolve("joint_loss", impl, device=hidden.device
                              if isinstance(hidden, torch.Tensor) else None,
                              tensors=(hidden, *(getattr(h, name, None) for h in heads
-                                                for name in ("weight", "bias"))))
+                                                for name in ("weight", "bias", "target"))))
     return fn(hidden, heads, num_tasks, task_weights=task_weights)
