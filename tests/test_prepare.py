@@ -793,7 +793,7 @@ def _v2_depth_teacher(model=None):
 
 
 @pytest.mark.parametrize("height, width, want", [
-    ((427), 640, (518, 770)),     # COCO's common size: transformers' processor gave 350 x 518
+    (427, 640, (518, 770)),     # COCO's common size: transformers' processor gave 350 x 518
     (500, 333, (784, 518)),       # Visual Genome's: 518 x 350
     (300, 800, (518, 1386)), (518, 518, (518, 518)), (1000, 1000, (518, 518))])
 def test_depth_input_is_sized_as_depth_anythings_own_inference(height, width, want):
@@ -871,9 +871,10 @@ def test_sam_size_cap_is_unimrgs(seed):
     row = np.array([[[0] * 3, [90] * 3, [30] * 3]], np.uint8)
     np.testing.assert_array_equal(np.asarray(teachers.shrink(Image.fromarray(row), 1, 2))[0, :, 0],
                                   [30, 50])   # (0 + 45) / 1.5, (45 + 30) / 1.5
-    edges = rng.integers(0, 2, (7, 5)).astype(np.uint8)
-    big = teachers.enlarge(edges, 654, 310)
-    assert big.shape == (654, 310) and big[327, 0] == edges[3, 0]   # 327 x 7/654 = 3.5
+    rows = np.arange(7, dtype=np.uint8)[:, None].repeat(5, axis=1)   # row i holds i
+    big = teachers.enlarge(rows, 654, 310)
+    assert big.shape == (654, 310) and big[327, 0] == 3   # 327 x 7/654 = 3.5 -> row 3
+    np.testing.assert_array_equal(big[:, 0], np.floor(np.arange(654) * (1 / (654 / 7))))
     try:
         import cv2
     except ImportError:

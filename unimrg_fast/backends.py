@@ -404,9 +404,9 @@ def _differentiating_transforms() -> bool:
 def derivative_transform(tensors: Sequence[object] = ()) -> Optional[str]:
     """Why this call needs derivatives a kernel's autograd does not give, or None: it runs
     under a torch.func derivative transform (jvp, grad, jacrev, ...; not vmap alone), or
-    one of `tensors`
-    carries a forward-mode tangent (torch.autograd.forward_ad). Either way a kernel's
-    custom autograd, which knows the backward pass alone, would drop the tangent silently.
+    one of `tensors` carries a forward-mode tangent (torch.autograd.forward_ad). Either way
+    a kernel's custom autograd, which knows the backward pass alone, would drop the
+    tangent silently.
     Not checked while torch.compile traces (it cannot trace these private queries)."""
     if torch.compiler.is_compiling():
         return None

@@ -201,6 +201,12 @@ def _family_code(fn: object, modeling) -> bool:
     return code is not None and code.co_filename == getattr(modeling, "__file__", None)
 
 
+def _own_forward(cls: type) -> Optional[Callable]:
+    """The norm / MLP class's forward when it is the family's own code, else None."""
+    forward = vars(cls).get("forward")
+    return forward if _family_code(forward, sys.modules[cls.__module__]) else None
+
+
 def _own_forward_intact(module: nn.Module) -> bool:
     """Whether the norm / MLP class still has the forward it had when fused, the family's
     own code, which the fused op computes: a forward patched onto the class since (or
@@ -213,11 +219,9 @@ def _fused_class(cls: type, part: str) -> type:
     """The fused subclass of a decoder class, made once. It is named `Fused<Name>` in this
     module, where pickle looks it up (see __getattr__ below)."""
     if cls not in _subclasses:
-        forward = vars(cls).get("forward")
-        own = forward if _family_code(forward, sys.modules[cls.__module__]) else None
         _subclasses[cls] = type(f"Fused{cls.__name__}", (_MIXINS[part], cls),
                                 {"__module__": __name__, "unimrg_fast_base": cls,
-                                 "unimrg_fast_own_forward": own})
+                                 "unimrg_fast_own_forward": _own_forward(cls)})
     if part == "Attention":
         _wrap_rotary(importlib.import_module(cls.__module__))
     return _subclasses[cls]
@@ -263,8 +267,7 @@ def _fusable(module: nn.Module, part: str) -> bool:
         modeling = sys.modules[cls.__module__]
         _wrap_rotary(modeling)
         return hasattr(modeling.apply_rotary_pos_emb, "unimrg_fast_original")
-    return vars(cls).get("forward") is not None and (
-        _family_code(vars(cls)["forward"], sys.modules[cls.__module__]))
+    return _own_forward(cls) is not None
 
 
 def _check_impl(impl: str) -> None:
